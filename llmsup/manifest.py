@@ -1,0 +1,595 @@
+"""The manifest (`models.yaml`): schema, loading, and located errors.
+
+`load_manifest(path)` returns a validated `Manifest` or raises `ManifestError`
+carrying every problem of the file at once, each with `file:line:column` and
+the key path. No effects beyond reading the file (and `api_key_file`s' existence).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from llmsup.errors import ManifestError, Problem
+from llmsup.yamlsrc import KeyPath, Source, dotted, read_yaml
+
+# ---------------------------------------------------------------- value types
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`10s`, `5m`, `1h30m`, `500ms`, or a number of seconds (`0.5`)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"must not be negative, got {value}")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            return float(text)
+        if text and re.fullmatch(f"(?:{_DURATION_PART.pattern})+", text):
+            return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+    raise ValueError(
+        f"must be a duration such as 10s, 5m, 1h, 500ms, or a number of seconds, got {value!r}"
+    )
+
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> int:
+    """`10M`, `512KiB`, `1G`, or a number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and (m := _SIZE_RE.fullmatch(value.strip())):
+        unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I") or "B"
+        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
+        return int(float(m.group(1)) * 1024**power)
+    raise ValueError(f"must be a size such as 10M, 512K, 1G, or a number of bytes, got {value!r}")
+
+
+_LEN_RE = re.compile(r"(\d+(?:\.\d+)?)([kKmMgG]?)")
+_LEN_UNIT = {"": 1, "k": 1000, "K": 1024, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30}
+
+
+def parse_model_len(value: Any) -> int:
+    """vLLM's `--max-model-len`: an int, `32k` (x1000), `32K` (x1024), or -1/`auto`."""
+    if isinstance(value, int) and not isinstance(value, bool) and (value > 0 or value == -1):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text in ("auto", "-1"):
+            return -1
+        if m := _LEN_RE.fullmatch(text):
+            n = int(float(m.group(1)) * _LEN_UNIT[m.group(2)])
+            if n > 0:
+                return n
+    raise ValueError(
+        f"must be a positive number of tokens (27768, 32k = 32000, 32K = 32768) "
+        f"or -1/auto, got {value!r}"
+    )
+
+
+def _scalar_to_str(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$|^\d+(\.\d+)?$"},
+            ],
+            "description": "10s, 5m, 1h, 500ms, or seconds",
+        }
+    ),
+]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]}),
+]
+ModelLen = Annotated[
+    int,
+    BeforeValidator(parse_model_len),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}]}),
+]
+EnvValue = Annotated[str, BeforeValidator(_scalar_to_str)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def parse_gpu(value: Any) -> int | str:
+    """A GPU index (`0`) or UUID (`GPU-8f0e...`, `MIG-...`)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        if value.isdigit():
+            return int(value)
+        if re.fullmatch(r"(GPU|MIG)-[A-Za-z0-9/_-]+", value):
+            return value
+    raise ValueError(f"must be a GPU index (0, 1, ...) or a UUID (GPU-..., MIG-...), got {value!r}")
+
+
+GpuId = Annotated[
+    int | str,
+    BeforeValidator(parse_gpu),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^(GPU|MIG)-"}]}
+    ),
+]
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ------------------------------------------------------------------- policies
+
+
+class HealthOverride(_Strict):
+    """Health settings; unset fields fall back to `defaults.health`."""
+
+    interval: Duration | None = Field(None, description="seconds between liveness probes")
+    timeout: Duration | None = Field(None, description="timeout of one probe")
+    failures: int | None = Field(None, ge=1, description="failed probes in a row = unhealthy")
+    startup_timeout: Duration | None = Field(None, description="deadline to become ready")
+    deep_probe: bool | None = Field(
+        None, description="also send a 1-token completion (catches a hung engine)"
+    )
+    deep_interval: Duration | None = None
+
+
+class Health(_Strict):
+    interval: float = 10.0
+    timeout: float = 5.0
+    failures: int = 3
+    startup_timeout: float = 1200.0
+    deep_probe: bool = False
+    deep_interval: float = 60.0
+
+
+RestartPolicyName = Literal["always", "on-failure", "never"]
+
+
+class RestartOverride(_Strict):
+    """Restart settings; unset fields fall back to `defaults.restart`."""
+
+    policy: RestartPolicyName | None = None
+    backoff_initial: Duration | None = None
+    backoff_max: Duration | None = None
+    max_restarts: int | None = Field(None, ge=0)
+    window: Duration | None = None
+
+
+class Restart(_Strict):
+    policy: RestartPolicyName = "on-failure"
+    backoff_initial: float = 5.0
+    backoff_max: float = 300.0
+    max_restarts: int = 5
+    window: float = 600.0
+
+
+class LogSettings(_Strict):
+    max_size: Size = 50 * 2**20
+    backups: int = Field(3, ge=0)
+
+
+class Defaults(_Strict):
+    host: str = "127.0.0.1"
+    health: HealthOverride = HealthOverride()
+    restart: RestartOverride = RestartOverride()
+    stop_timeout: Duration = Field(30.0, description="grace between SIGTERM and SIGKILL")
+    log: LogSettings = LogSettings()
+
+
+# --------------------------------------------------------------------- models
+
+
+class _ModelBase(_Strict):
+    gpus: list[GpuId] = Field(default_factory=list, description="GPU indices or UUIDs")
+    host: str | None = None
+    env: dict[str, EnvValue] = Field(default_factory=dict)
+    health: HealthOverride = HealthOverride()
+    restart: RestartOverride = RestartOverride()
+    stop_timeout: Duration | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return env
+
+
+class VllmModel(_ModelBase):
+    backend: Literal["vllm"]
+    model: str = Field(min_length=1, description="HF id, ModelScope id or local path")
+    served_name: str | list[str] | None = None
+    port: Port = 8000
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    pipeline_parallel_size: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float | None = None
+    max_model_len: ModelLen | None = None
+    kv_cache_dtype: str | None = None
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = None
+    quantization: str | None = None
+    trust_remote_code: bool = False
+    tool_call_parser: str | None = None
+    api_key: SecretStr | None = None
+    api_key_file: str | None = None
+    source: Literal["huggingface", "modelscope"] = "huggingface"
+    extra_args: list[str] = Field(default_factory=list)
+
+    @field_validator("gpu_memory_utilization")
+    @classmethod
+    def _util(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("served_name")
+    @classmethod
+    def _names(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and not v:
+            raise ValueError("must not be an empty list")
+        return v
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key(cls, v: Any) -> Any:
+        return None if v == "" else v  # `${VLLM_API_KEY:-}`: no key
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> VllmModel:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set api_key or api_key_file, not both")
+        return self
+
+    @property
+    def served_names(self) -> list[str]:
+        if self.served_name is None:
+            return [self.model]
+        return [self.served_name] if isinstance(self.served_name, str) else list(self.served_name)
+
+
+class OllamaModel(_ModelBase):
+    backend: Literal["ollama"]
+    model: str = Field(min_length=1, description="qwen2.5:7b, hf.co/user/repo:Q8_0, ...")
+    port: Port = 11434
+    keep_alive: int | str = Field(-1, description="seconds (negative: forever) or Go duration")
+    num_parallel: int | None = Field(None, ge=1)
+    context_length: int | None = Field(None, ge=1)
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] | None = None
+    flash_attention: bool | None = None
+    max_loaded_models: int | None = Field(None, ge=1)
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, v: int | str) -> int | str:
+        if isinstance(v, str) and not re.fullmatch(r"-?(\d+(\.\d+)?(ns|us|ms|s|m|h))+", v):
+            raise ValueError(
+                f"must be a number of seconds (-1: forever) or a Go duration "
+                f"such as 5m, -1m, 1h30m, got {v!r}"
+            )
+        return v
+
+    @property
+    def served_names(self) -> list[str]:
+        return [self.model]
+
+
+class CommandModel(_ModelBase):
+    backend: Literal["command"]
+    command: list[str] = Field(min_length=1, description="argv of an OpenAI-compatible server")
+    port: Port
+    health_path: str = Field("/health", pattern=r"^/")
+    served_name: str | list[str] | None = None
+
+    @property
+    def served_names(self) -> list[str]:
+        if self.served_name is None:
+            return []
+        return [self.served_name] if isinstance(self.served_name, str) else list(self.served_name)
+
+
+AnyModel = Annotated[Union[VllmModel, OllamaModel, CommandModel], Field(discriminator="backend")]  # noqa: UP007
+BACKENDS = {"vllm": VllmModel, "ollama": OllamaModel, "command": CommandModel}
+
+
+class Gateway(_Strict):
+    host: str = "127.0.0.1"
+    port: Port
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    api_key_file: str | None = None
+    aliases: dict[str, str] = Field(default_factory=dict)
+
+
+class Manifest(_Strict):
+    """A validated manifest. `source` keeps positions for cross-model checks."""
+
+    version: Literal[1] = 1
+    state_dir: str | None = None
+    defaults: Defaults = Defaults()
+    gateway: Gateway | None = None
+    models: dict[ModelName, AnyModel]
+
+    def health(self, name: str) -> Health:
+        return _resolve(Health, self.defaults.health, self.models[name].health)
+
+    def restart(self, name: str) -> Restart:
+        return _resolve(Restart, self.defaults.restart, self.models[name].restart)
+
+    def stop_timeout(self, name: str) -> float:
+        own = self.models[name].stop_timeout
+        return self.defaults.stop_timeout if own is None else own
+
+    def host(self, name: str) -> str:
+        return self.models[name].host or self.defaults.host
+
+
+_T = TypeVar("_T", bound=BaseModel)
+
+
+def _resolve(cls: type[_T], *layers: BaseModel) -> _T:
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({k: v for k, v in layer.model_dump().items() if v is not None})
+    return cls(**merged)
+
+
+# -------------------------------------------------------------------- loading
+
+
+class LoadedManifest:
+    """A manifest with where it came from (for located cross-model problems)."""
+
+    def __init__(self, manifest: Manifest, source: Source, path: Path) -> None:
+        self.manifest = manifest
+        self.source = source
+        self.path = path
+
+    def problem(self, path: KeyPath, message: str, severity: str = "error") -> Problem:
+        pos = self.source.pos(path)
+        return Problem(self.source.file, pos.line, pos.column, dotted(path), message, severity)
+
+
+SECRET_KEYS = frozenset({"api_key", "api_keys"})
+
+
+def default_manifest_path(env: Mapping[str, str] | None = None) -> Path:
+    """`$LLMSUP_MANIFEST`, else `./models.yaml`, else `/etc/llmsup/models.yaml`."""
+    env = os.environ if env is None else env
+    if env.get("LLMSUP_MANIFEST"):
+        return Path(env["LLMSUP_MANIFEST"])
+    local = Path("models.yaml")
+    return local if local.exists() else Path("/etc/llmsup/models.yaml")
+
+
+def load_manifest(path: str | Path, env: Mapping[str, str] | None = None) -> LoadedManifest:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(
+            [Problem(str(path), 1, 1, "", "no such file (pass -f FILE or set LLMSUP_MANIFEST)")]
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError([Problem(str(path), 1, 1, "", f"cannot read: {e}")]) from None
+    return parse_manifest(text, str(path), env)
+
+
+def parse_manifest(
+    text: str, file: str = "models.yaml", env: Mapping[str, str] | None = None
+) -> LoadedManifest:
+    env = os.environ if env is None else env
+    src = read_yaml(text, file, env)
+    problems = [_located(src, p, m, pos.line, pos.column) for p, m, pos in src.problems]
+    if problems and src.data is None:
+        raise ManifestError(problems)
+    if src.data is None:
+        raise ManifestError(
+            [Problem(file, 1, 1, "", "the manifest is empty: it needs at least `models:`")]
+        )
+    if not isinstance(src.data, dict):
+        raise ManifestError(
+            [Problem(file, 1, 1, "", "the manifest must be a mapping with a `models:` key")]
+        )
+    if problems:  # a bad ${VAR} or a duplicate key: do not validate half-read data
+        raise ManifestError(problems)
+    try:
+        manifest = Manifest.model_validate(src.data)
+    except ValidationError as e:
+        problems = _translate(src, e)
+        raise ManifestError(sorted(problems, key=lambda p: (p.line, p.column))) from None
+    loaded = LoadedManifest(manifest, src, Path(file))
+    file_problems = _check_files(loaded)
+    if any(p.severity == "error" for p in file_problems):
+        raise ManifestError(file_problems)
+    return loaded
+
+
+def _located(src: Source, path: KeyPath, msg: str, line: int, col: int) -> Problem:
+    return Problem(src.file, line, col, dotted(path), msg)
+
+
+def _check_files(loaded: LoadedManifest) -> list[Problem]:
+    out = []
+    for name, m in loaded.manifest.models.items():
+        if isinstance(m, VllmModel) and m.api_key_file and not Path(m.api_key_file).is_file():
+            out.append(
+                loaded.problem(
+                    ("models", name, "api_key_file"),
+                    f"no such file: {m.api_key_file} (create it with the key, mode 0600)",
+                )
+            )
+    gw = loaded.manifest.gateway
+    if gw and gw.api_key_file and not Path(gw.api_key_file).is_file():
+        out.append(loaded.problem(("gateway", "api_key_file"), f"no such file: {gw.api_key_file}"))
+    return out
+
+
+# ------------------------------------------------------- pydantic -> Problems
+
+
+def _strip_tags(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """Drop the discriminator tag pydantic inserts: models.x.vllm.port -> models.x.port."""
+    if len(loc) >= 3 and loc[0] == "models" and loc[2] in BACKENDS:
+        return (*loc[:2], *loc[3:])
+    return loc
+
+
+def _class_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at `loc` (tags kept)."""
+    cls: Any = Manifest
+    i = 0
+    while i < len(loc):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+        field = cls.model_fields.get(str(loc[i]))
+        if field is None:
+            return None
+        ann: Any = field.annotation
+        i += 1
+        while True:
+            origin = get_origin(ann)
+            if origin in (Union, types.UnionType):
+                models = [a for a in get_args(ann) if isinstance(a, type) and a is not type(None)]
+                if all(issubclass(a, BaseModel) for a in models) and len(models) > 1:
+                    if i < len(loc) and loc[i] in BACKENDS:
+                        ann = BACKENDS[str(loc[i])]
+                        i += 1
+                        continue
+                    return None
+                ann = models[0] if models else None
+            elif origin is Annotated:
+                ann = get_args(ann)[0]
+            elif origin is dict:
+                ann = get_args(ann)[1]
+                i += 1  # the dict key (a model's name)
+            else:
+                break
+        cls = ann
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing (null)"
+    return repr(value)
+
+
+def _translate(src: Source, err: ValidationError) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: set[tuple[str, str]] = set()
+    for e in err.errors(include_url=False):
+        raw_loc = tuple(e["loc"])
+        loc = _strip_tags(raw_loc)
+        kind = e["type"]
+        secret = any(part in SECRET_KEYS for part in loc)
+        got = "" if secret else f", got {_describe(e.get('input'))}"
+        pos = src.pos(loc)
+        if loc and loc[-1] == "[key]":  # a model's name failed its pattern
+            loc = loc[:-1]
+            pos = src.pos(loc, key=True)
+        if kind == "extra_forbidden":
+            key = str(loc[-1])
+            cls = _class_at(raw_loc[:-1])
+            allowed = sorted(cls.model_fields) if cls else []
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if not close and allowed:
+                hint = f" (allowed: {', '.join(allowed)})"
+            msg = f"unknown key {key!r}{hint}"
+            pos = src.pos(loc, key=True)
+            loc = loc[:-1]
+        elif kind == "missing":
+            msg = f"missing required key {loc[-1]!r}"
+            loc = loc[:-1]
+            pos = src.pos(loc, key=True)
+        elif kind == "union_tag_not_found":
+            msg = "missing required key 'backend' (one of: vllm, ollama, command)"
+            pos = src.pos(loc, key=True)
+        elif kind == "union_tag_invalid":
+            tag = e.get("ctx", {}).get("tag")
+            msg = f"unknown backend {tag!r} (one of: vllm, ollama, command)"
+            loc = (*loc, "backend")
+            pos = src.pos(loc)
+        elif kind == "literal_error":
+            msg = f"must be one of {e['ctx']['expected']}{got}"
+        elif kind in ("value_error", "assertion_error"):
+            msg = str(e["msg"]).removeprefix("Value error, ")
+        elif kind == "string_pattern_mismatch":
+            msg = _pattern_message(loc, e.get("input"))
+        elif kind in ("int_type", "int_parsing", "int_from_float"):
+            msg = f"must be an integer{got}"
+        elif kind in ("float_type", "float_parsing"):
+            msg = f"must be a number{got}"
+        elif kind in ("bool_type", "bool_parsing"):
+            msg = f"must be true or false{got}"
+        elif kind in ("string_type",):
+            msg = f"must be a string{got}"
+        elif kind in ("list_type",):
+            msg = f"must be a list{got}"
+        elif kind in ("dict_type", "model_type", "model_attributes_type"):
+            msg = f"must be a mapping{got}"
+        elif kind.startswith(("greater_than", "less_than")):
+            msg = f"{e['msg'].replace('Input should be', 'must be')}{got}"
+        elif kind in ("too_short", "too_long", "string_too_short"):
+            msg = f"{e['msg'].replace('Value should have', 'must have')}"
+        else:
+            msg = str(e["msg"]) + got
+        if (dotted(loc), msg) in seen:
+            continue
+        seen.add((dotted(loc), msg))
+        problems.append(Problem(src.file, pos.line, pos.column, dotted(loc), msg))
+    return problems
+
+
+def _pattern_message(loc: tuple[str | int, ...], value: Any) -> str:
+    if len(loc) == 2 and loc[0] == "models":
+        return (
+            f"model name {value!r} must start with a letter or digit and hold only "
+            "letters, digits, '.', '_' and '-' (at most 64)"
+        )
+    if loc and loc[-1] == "health_path":
+        return f"must start with '/', got {value!r}"
+    return f"has an invalid form, got {_describe(value)}"
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Manifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "llmsup manifest (models.yaml)"
+    return schema

@@ -1,0 +1,369 @@
+"""From a manifest to what to launch: cross-model checks and launch order.
+
+Pure: `make_plan(loaded)` returns the launches, their order, and every problem
+(errors and warnings) located in the manifest. Nothing here touches processes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from llmsup.backends import Launch
+from llmsup.backends import command as command_backend
+from llmsup.backends import ollama as ollama_backend
+from llmsup.backends import vllm as vllm_backend
+from llmsup.errors import ManifestError, Problem
+from llmsup.manifest import CommandModel, LoadedManifest, OllamaModel, VllmModel
+
+GPU_SHARE_WARN = 0.95  # each CUDA context costs a few hundred MiB on top
+
+
+@dataclass(frozen=True)
+class Plan:
+    launches: tuple[Launch, ...]
+    after: dict[str, tuple[str, ...]]  # unit -> units that must be ready first
+    problems: tuple[Problem, ...] = field(default=())
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    def unit_of(self, model: str) -> Launch | None:
+        return next((la for la in self.launches if model in la.models), None)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        out = []
+        for la in self.launches:
+            for model in la.models:
+                out.append(
+                    {
+                        "name": model,
+                        "backend": la.backend,
+                        "unit": la.unit,
+                        "argv": list(la.argv),
+                        "env": la.display_env(),
+                        "after": list(self.after.get(la.unit, ())),
+                        "host": la.host,
+                        "port": la.port,
+                        "gpus": list(la.gpus),
+                        "served_names": list(la.served_names),
+                        "steps": steps(la),
+                    }
+                )
+        return out
+
+
+def steps(la: Launch) -> list[str]:
+    """What happens after the process starts, before it counts as ready."""
+    out = [f"wait for GET {la.ready_path} = 200 on {la.host}:{la.port}"]
+    for load in la.ollama_loads:
+        out += [f"pull {load.model}", f"preload {load.model} (keep_alive {load.keep_alive})"]
+    return out
+
+
+@cache
+def vllm_data() -> tuple[dict[str, Any], dict[str, list[str]]]:
+    pkg = resources.files("llmsup") / "data"
+    flags = json.loads((pkg / "vllm-0.33-serve-flags.json").read_text())["flags"]
+    values = json.loads((pkg / "vllm-0.33-values.json").read_text())
+    return flags, values
+
+
+def make_plan(loaded: LoadedManifest) -> Plan:
+    m = loaded.manifest
+    launches: list[Launch] = []
+    problems: list[Problem] = []
+    ollama_groups: dict[tuple[str, int, str], list[str]] = {}
+    for name, spec in m.models.items():
+        if isinstance(spec, VllmModel):
+            launches.append(vllm_backend.build(name, spec, m))
+            problems += _check_vllm(loaded, name, spec)
+        elif isinstance(spec, CommandModel):
+            launches.append(command_backend.build(name, spec, m))
+        elif isinstance(spec, OllamaModel):
+            ollama_groups.setdefault(ollama_backend.server_key(name, spec, m), []).append(name)
+        problems += _check_env(loaded, name)
+    for i, names in enumerate(ollama_groups.values()):
+        problems += _check_ollama_group(loaded, names)
+        launches.append(ollama_backend.build(names, m, noprune=i > 0))
+    order = {name: i for i, name in enumerate(m.models)}
+    launches.sort(key=lambda la: order[la.unit])
+
+    problems += _check_ports(loaded, launches)
+    problems += _check_served_names(loaded, launches)
+    problems += _check_gpu_shares(loaded)
+    problems += _check_gateway(loaded, launches)
+    return Plan(tuple(launches), _launch_order(loaded, launches), tuple(problems))
+
+
+def plan_or_raise(loaded: LoadedManifest) -> Plan:
+    plan = make_plan(loaded)
+    if plan.errors:
+        raise ManifestError(sorted(plan.problems, key=lambda p: (p.line, p.column)))
+    return plan
+
+
+# -------------------------------------------------------------- GPU placement
+
+
+def physical_gpus(loaded: LoadedManifest, name: str) -> tuple[str, ...]:
+    """The GPUs a model will use, as ids comparable across models.
+
+    A vLLM model without `gpus` uses the first TP x PP visible devices.
+    """
+    spec = loaded.manifest.models[name]
+    if spec.gpus:
+        return tuple(str(g) for g in spec.gpus)
+    if isinstance(spec, VllmModel):
+        n = vllm_backend.tensor_parallel(spec) * (spec.pipeline_parallel_size or 1)
+        return tuple(str(i) for i in range(n))
+    return ()
+
+
+def _launch_order(loaded: LoadedManifest, launches: list[Launch]) -> dict[str, tuple[str, ...]]:
+    """Servers that share a GPU start one after another, in manifest order:
+    vLLM profiles free memory at start, and two starting at once confuse it."""
+    used: dict[str, set[str]] = {}
+    for la in launches:
+        used[la.unit] = {g for model in la.models for g in physical_gpus(loaded, model)}
+    after: dict[str, tuple[str, ...]] = {}
+    for i, la in enumerate(launches):
+        earlier = [o.unit for o in launches[:i] if used[o.unit] & used[la.unit]]
+        if earlier:
+            after[la.unit] = tuple(earlier)
+    return after
+
+
+def _check_gpu_shares(loaded: LoadedManifest) -> list[Problem]:
+    shares: dict[str, list[tuple[str, float]]] = {}
+    for name, spec in loaded.manifest.models.items():
+        if not isinstance(spec, VllmModel):
+            continue
+        util = spec.gpu_memory_utilization or vllm_backend.DEFAULT_GPU_MEMORY_UTILIZATION
+        for gpu in dict.fromkeys(physical_gpus(loaded, name)):
+            shares.setdefault(gpu, []).append((name, util))
+    out = []
+    for gpu, users in shares.items():
+        total = sum(u for _, u in users)
+        if len(users) < 2 or total <= GPU_SHARE_WARN:
+            continue
+        who = " + ".join(f"{n} ({u:g})" for n, u in users)
+        last = users[-1][0]
+        path = ("models", last, "gpu_memory_utilization")
+        if total > 1.0:
+            msg = (
+                f"GPU {gpu} would be asked for {total:.2f} of its memory: {who}; "
+                "lower gpu_memory_utilization so the models on it sum to at most 0.95"
+            )
+            out.append(loaded.problem(path, msg))
+        else:
+            msg = (
+                f"GPU {gpu} is shared at {total:.2f} ({who}); each CUDA context needs "
+                "a few hundred MiB more, so vLLM may not find the memory it asks for"
+            )
+            out.append(loaded.problem(path, msg, "warning"))
+    return out
+
+
+# ------------------------------------------------------------- per-model checks
+
+
+def _check_vllm(loaded: LoadedManifest, name: str, m: VllmModel) -> list[Problem]:
+    out: list[Problem] = []
+    at = ("models", name)
+    if m.gpus:
+        seen: set[str] = set()
+        for i, g in enumerate(m.gpus):
+            if str(g) in seen:
+                out.append(loaded.problem((*at, "gpus", i), f"GPU {g} is listed twice"))
+            seen.add(str(g))
+        tp, pp = vllm_backend.tensor_parallel(m), m.pipeline_parallel_size or 1
+        if tp * pp != len(m.gpus):
+            out.append(
+                loaded.problem(
+                    (*at, "tensor_parallel_size"),
+                    f"tensor_parallel_size x pipeline_parallel_size = {tp} x {pp} = {tp * pp}, "
+                    f"but {len(m.gpus)} GPU(s) are listed in gpus; make them equal",
+                )
+            )
+    _, values = vllm_data()
+    version = vllm_backend.VLLM_VERSION
+    if m.kv_cache_dtype and m.kv_cache_dtype not in values["kv_cache_dtype"]:
+        out.append(
+            loaded.problem(
+                (*at, "kv_cache_dtype"),
+                f"vLLM {version} does not know kv_cache_dtype {m.kv_cache_dtype!r} "
+                f"(known: {', '.join(values['kv_cache_dtype'])}); vLLM fails only after loading",
+                "warning",
+            )
+        )
+    if m.tool_call_parser and m.tool_call_parser not in values["tool_call_parsers"]:
+        out.append(
+            loaded.problem(
+                (*at, "tool_call_parser"),
+                f"vLLM {version} does not know tool_call_parser {m.tool_call_parser!r} "
+                f"(e.g. hermes, llama3_json, mistral, qwen3_xml)",
+                "warning",
+            )
+        )
+    out += _check_extra_args(loaded, name, m)
+    return out
+
+
+def _check_extra_args(loaded: LoadedManifest, name: str, m: VllmModel) -> list[Problem]:
+    flags, _ = vllm_data()
+    by_flag = {f: fld for fld, fs in vllm_backend.FIELD_FLAGS.items() for f in fs}
+    out = []
+    for i, arg in enumerate(m.extra_args):
+        if not arg.startswith("-") or _is_number(arg):
+            continue
+        flag = arg.split("=", 1)[0]
+        path = ("models", name, "extra_args", i)
+        if flag in vllm_backend.SECRET_FLAGS:
+            use = vllm_backend.SECRET_FLAGS[flag]
+            msg = f"{flag} would put a secret on the command line, visible in `ps`; use {use}"
+            out.append(loaded.problem(path, msg))
+        elif flag in by_flag:
+            msg = f"{flag} duplicates the field `{by_flag[flag]}`; set that field instead"
+            out.append(loaded.problem(path, msg))
+        elif flag == "--enable-auto-tool-choice" and not m.tool_call_parser:
+            msg = "--enable-auto-tool-choice needs a parser: set tool_call_parser (e.g. hermes)"
+            out.append(loaded.problem(path, msg))
+        elif flag == "--enable-auto-tool-choice":
+            msg = "--enable-auto-tool-choice is implied by tool_call_parser; remove it"
+            out.append(loaded.problem(path, msg, "warning"))
+        elif flag not in flags:
+            msg = f"vLLM {vllm_backend.VLLM_VERSION} has no flag {flag}; `vllm serve` would exit"
+            out.append(loaded.problem(path, msg, "warning"))
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_env(loaded: LoadedManifest, name: str) -> list[Problem]:
+    spec = loaded.manifest.models[name]
+    out = []
+    owned = {"CUDA_VISIBLE_DEVICES": "gpus"} if spec.gpus else {}
+    if isinstance(spec, OllamaModel):
+        owned["OLLAMA_HOST"] = "host and port"
+        owned.update({var: fld for fld, var in ollama_backend.KNOBS.items()})
+    if isinstance(spec, VllmModel):
+        owned["VLLM_API_KEY"] = "api_key or api_key_file"
+    for var, fld in owned.items():
+        if var in spec.env:
+            out.append(
+                loaded.problem(
+                    ("models", name, "env", var), f"{var} is set by llmsup from {fld}; set that"
+                )
+            )
+    return out
+
+
+def _check_ollama_group(loaded: LoadedManifest, names: list[str]) -> list[Problem]:
+    """Models sharing one `ollama serve` must agree on its server-wide settings."""
+    out = []
+    models = [loaded.manifest.models[n] for n in names]
+    first = models[0]
+    assert isinstance(first, OllamaModel)
+    base = ollama_backend.knob_env(first)
+    for n, m in zip(names[1:], models[1:], strict=True):
+        assert isinstance(m, OllamaModel)
+        for fld, var in ollama_backend.KNOBS.items():
+            mine = ollama_backend.knob_env(m).get(var)
+            if mine is not None and base.get(var) not in (None, mine):
+                out.append(
+                    loaded.problem(
+                        ("models", n, fld),
+                        f"shares one `ollama serve` with {names[0]} (same host, port, gpus), "
+                        f"which sets {fld} to {getattr(first, fld)!r}; server-wide settings "
+                        "must agree, or give this model its own port",
+                    )
+                )
+    for n, m in zip(names, models, strict=True):
+        assert isinstance(m, OllamaModel)
+        if m.kv_cache_type and m.kv_cache_type != "f16" and not m.flash_attention:
+            out.append(
+                loaded.problem(
+                    ("models", n, "kv_cache_type"),
+                    "Ollama ignores kv_cache_type without flash attention; "
+                    "set flash_attention: true",
+                    "warning",
+                )
+            )
+    return out
+
+
+# ------------------------------------------------------------------ collisions
+
+
+def _overlap(a: str, b: str) -> bool:
+    wildcard = ("0.0.0.0", "::", "")
+    return a == b or a in wildcard or b in wildcard
+
+
+def _check_ports(loaded: LoadedManifest, launches: list[Launch]) -> list[Problem]:
+    taken: list[tuple[str, int, str, tuple[str | int, ...]]] = []
+    gw = loaded.manifest.gateway
+    if gw is not None:
+        taken.append((gw.host, gw.port, "the gateway", ("gateway", "port")))
+    out = []
+    for la in launches:
+        path = ("models", la.unit, "port")
+        for host, port, who, _ in taken:
+            if port == la.port and _overlap(host, la.host):
+                out.append(
+                    loaded.problem(
+                        path, f"{la.host}:{la.port} is already used by {who}; pick another port"
+                    )
+                )
+                break
+        taken.append((la.host, la.port, f"model {la.unit}", path))
+    return out
+
+
+def _check_served_names(loaded: LoadedManifest, launches: list[Launch]) -> list[Problem]:
+    owner: dict[str, str] = {}
+    out = []
+    for la in launches:
+        for model in la.models:
+            spec = loaded.manifest.models[model]
+            for served in spec.served_names:
+                if served in owner and owner[served] != model:
+                    named = isinstance(spec, VllmModel | CommandModel) and spec.served_name
+                    out.append(
+                        loaded.problem(
+                            ("models", model, "served_name" if named else "model"),
+                            f"served name {served!r} is already served by {owner[served]}; "
+                            "requests could not tell them apart",
+                        )
+                    )
+                owner.setdefault(served, model)
+    return out
+
+
+def _check_gateway(loaded: LoadedManifest, launches: list[Launch]) -> list[Problem]:
+    gw = loaded.manifest.gateway
+    if gw is None:
+        return []
+    served = {s for la in launches for s in la.served_names}
+    out = []
+    for alias, target in gw.aliases.items():
+        path = ("gateway", "aliases", alias)
+        if target not in served:
+            known = ", ".join(sorted(served)) or "none"
+            out.append(
+                loaded.problem(path, f"alias target {target!r} is no served name (known: {known})")
+            )
+        if alias in served:
+            out.append(loaded.problem(path, f"alias {alias!r} hides a served name of that name"))
+    return out
