@@ -220,14 +220,6 @@ class _ModelBase(_Strict):
     restart: RestartOverride = RestartOverride()
     stop_timeout: Duration | None = None
 
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
-        for name in env:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-                raise ValueError(f"{name!r} is not a valid environment variable name")
-        return env
-
 
 class VllmModel(_ModelBase):
     backend: Literal["vllm"]
@@ -376,8 +368,10 @@ class LoadedManifest:
         self.source = source
         self.path = path
 
-    def problem(self, path: KeyPath, message: str, severity: str = "error") -> Problem:
-        pos = self.source.pos(path)
+    def problem(
+        self, path: KeyPath, message: str, severity: str = "error", *, key: bool = False
+    ) -> Problem:
+        pos = self.source.pos(path, key=key)
         return Problem(self.source.file, pos.line, pos.column, dotted(path), message, severity)
 
 
@@ -550,6 +544,8 @@ def _translate(src: Source, err: ValidationError) -> list[Problem]:
             msg = f"must be one of {e['ctx']['expected']}{got}"
         elif kind in ("value_error", "assertion_error"):
             msg = str(e["msg"]).removeprefix("Value error, ")
+            if isinstance(e.get("input"), dict):  # a rule about a whole mapping
+                pos = src.pos(loc, key=True)
         elif kind == "string_pattern_mismatch":
             msg = _pattern_message(loc, e.get("input"))
         elif kind in ("int_type", "int_parsing", "int_from_float"):
@@ -566,8 +562,10 @@ def _translate(src: Source, err: ValidationError) -> list[Problem]:
             msg = f"must be a mapping{got}"
         elif kind.startswith(("greater_than", "less_than")):
             msg = f"{e['msg'].replace('Input should be', 'must be')}{got}"
-        elif kind in ("too_short", "too_long", "string_too_short"):
-            msg = f"{e['msg'].replace('Value should have', 'must have')}"
+        elif kind == "too_short":
+            msg = f"must have at least {e['ctx']['min_length']} item(s)"
+        elif kind == "string_too_short":
+            msg = "must not be empty"
         else:
             msg = str(e["msg"]) + got
         if (dotted(loc), msg) in seen:

@@ -7,6 +7,7 @@ Pure: `make_plan(loaded)` returns the launches, their order, and every problem
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -259,6 +260,10 @@ def _check_env(loaded: LoadedManifest, name: str) -> list[Problem]:
         owned.update({var: fld for fld, var in ollama_backend.KNOBS.items()})
     if isinstance(spec, VllmModel):
         owned["VLLM_API_KEY"] = "api_key or api_key_file"
+    for var in spec.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
+            msg = f"{var!r} is not a valid environment variable name"
+            out.append(loaded.problem(("models", name, "env", var), msg, key=True))
     for var, fld in owned.items():
         if var in spec.env:
             out.append(

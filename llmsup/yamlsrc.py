@@ -131,8 +131,9 @@ class _Reader:
                 )
                 continue
             first[key] = kpos
-            self.src.keys[path + (key,)] = kpos
-            out[key] = self.node(v_node, (*path, key))
+            key_path = (*path, key)
+            self.src.keys[key_path] = kpos
+            out[key] = self.node(v_node, key_path)
         return out
 
 
