@@ -7,8 +7,10 @@ Heavy modules (pydantic, aiohttp, psutil) are imported inside commands so that
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from llmsup import __version__
-from llmsup.errors import ExitCode, LlmsupError, ManifestError
+from llmsup.errors import DaemonError, ExitCode, LlmsupError, ManifestError, NoDaemonError
 
 if TYPE_CHECKING:
     from llmsup.manifest import LoadedManifest
@@ -116,6 +118,271 @@ def plan(manifest_file: Path | None, as_json: bool, names: tuple[str, ...]) -> N
         for step in e["steps"]:
             click.echo(f"#   then {step}")
         click.echo("")
+
+
+# ------------------------------------------------------------ the daemon
+
+
+def _socket(manifest_file: Path | None) -> Path:
+    from llmsup.manifest import default_manifest_path
+    from llmsup.paths import default_state_dir, socket_path, state_dir_from_file
+
+    if manifest_file is not None:
+        return socket_path(state_dir_from_file(manifest_file))
+    if os.environ.get("LLMSUP_STATE_DIR"):
+        return socket_path(default_state_dir())
+    return socket_path(state_dir_from_file(default_manifest_path()))
+
+
+def _call(sock: Path, method: str, url: str, body: Any = None) -> Any:
+    from llmsup.client import call
+
+    code, data = call(sock, method, url, body)
+    if code >= 400:
+        if isinstance(data, dict) and data.get("problems"):
+            for line in data["problems"]:
+                click.echo(line, err=True)
+        msg = data.get("error", f"HTTP {code}") if isinstance(data, dict) else f"HTTP {code}"
+        raise DaemonError(msg)
+    return data
+
+
+def _stamp() -> str:
+    return time.strftime("%H:%M:%S")
+
+
+class _Progress:
+    """Prints state changes; says once when every server is ready or failed."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+        self.states: dict[str, str] = {}
+        self.settled = False
+
+    def __call__(self, unit: str, state: Any, detail: str) -> None:
+        self.states[unit] = state.value
+        if not self.quiet:
+            click.echo(f"{_stamp()} {unit:<24} {state.value:<9} {detail}", err=True)
+        busy = {"WAITING", "STARTING", "LOADING", "BACKOFF"}
+        if not self.settled and self.states and not busy & set(self.states.values()):
+            self.settled = True
+            ready = sum(v == "READY" for v in self.states.values())
+            failed = sum(v == "FAILED" for v in self.states.values())
+            click.echo(
+                f"{_stamp()} {ready} ready, {failed} failed, "
+                f"after {time.monotonic() - self.t0:.1f}s; supervising (Ctrl-C stops all)",
+                err=True,
+            )
+
+
+@main.command()
+@manifest_option
+@click.option("-d", "--detach", is_flag=True, help="Start the daemon in the background.")
+@click.option("--foreground", is_flag=True, help="Run the daemon here (the default; systemd).")
+@click.option("--quiet", is_flag=True, hidden=True)
+def up(manifest_file: Path | None, detach: bool, foreground: bool, quiet: bool) -> None:
+    """Start the daemon with the manifest, or hand the manifest to the running one."""
+    import asyncio
+
+    from llmsup.client import alive
+    from llmsup.daemon import Daemon, state_dir_of
+    from llmsup.manifest import default_manifest_path
+    from llmsup.paths import socket_path
+
+    if detach and foreground:
+        raise click.UsageError("-d and --foreground exclude each other")
+    path = (manifest_file or default_manifest_path()).resolve()
+    loaded, plan = _load(path)
+    state_dir = state_dir_of(loaded)
+    sock = socket_path(state_dir)
+    if alive(sock):
+        result = _call(sock, "POST", "/v1/reload", {"manifest": str(path)})
+        _print_reload(result)
+        return
+    if detach:
+        _detach(path, state_dir, sock)
+        return
+    progress = _Progress(quiet)
+    daemon = Daemon(path, loaded, plan, listener=progress)
+    asyncio.run(daemon.run())
+
+
+def _detach(path: Path, state_dir: Path, sock: Path) -> None:
+    import subprocess
+
+    from llmsup.client import alive
+
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log = state_dir / "daemon.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmsup.cli", "up", "--foreground", "--quiet", "-f", str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if alive(sock):
+            click.echo(f"llmsup daemon started (pid {proc.pid}); follow it with `llmsup status`")
+            return
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").splitlines()[-10:]
+            click.echo("\n".join(tail), err=True)
+            raise DaemonError(f"the daemon exited with code {proc.returncode} (log: {log})")
+        time.sleep(0.05)
+    raise DaemonError(f"the daemon did not answer within 60s (log: {log})")
+
+
+def _print_reload(result: dict[str, list[str]]) -> None:
+    for key in ("added", "removed", "restarted", "unchanged"):
+        if result.get(key):
+            click.echo(f"{key}: {', '.join(result[key])}")
+
+
+@main.command()
+@manifest_option
+def reload(manifest_file: Path | None) -> None:
+    """Apply the manifest: only changed models restart; an invalid one changes nothing."""
+    sock = _socket(manifest_file)
+    body = {"manifest": str(manifest_file.resolve())} if manifest_file else {}
+    _print_reload(_call(sock, "POST", "/v1/reload", body))
+
+
+def _fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+@main.command()
+@manifest_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("name", required=False)
+def status(manifest_file: Path | None, as_json: bool, name: str | None) -> None:
+    """Per model: state, pid, port, uptime, restarts, last exit, health, progress."""
+    data = _call(_socket(manifest_file), "GET", "/v1/status")
+    rows = [r for r in data["models"] if name is None or name in (r["name"], r["unit"])]
+    if name is not None and not rows:
+        raise DaemonError(f"no model named {name!r}")
+    if as_json:
+        click.echo(json.dumps({**data, "models": rows}, indent=2))
+        return
+    head = ("NAME", "BACKEND", "STATE", "PID", "PORT", "UPTIME", "RESTARTS", "HEALTH", "DETAIL")
+    table = [head]
+    for r in rows:
+        health = "-" if r["health_latency_ms"] is None else f"{r['health_latency_ms']:.0f}ms"
+        detail = r["progress"] or r["reason"] or r["detail"]
+        if r["last_exit"] and r["state"] != "FAILED":
+            detail = f"{detail} (last: {r['last_exit']})" if detail else f"last: {r['last_exit']}"
+        table.append(
+            (
+                r["name"],
+                r["backend"],
+                r["state"],
+                str(r["pid"] or "-"),
+                str(r["port"]),
+                _fmt_age(r["uptime"]),
+                str(r["restarts"]),
+                health,
+                detail,
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    for row in table:
+        click.echo(
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        )
+    for r in rows:
+        if r["state"] == "FAILED" and r["tail"]:
+            click.echo(f"\n{r['name']}: last log lines:")
+            for line in r["tail"][-10:]:
+                click.echo(f"  {line}")
+
+
+def _model_action(action: str, manifest_file: Path | None, name: str) -> None:
+    data = _call(_socket(manifest_file), "POST", f"/v1/models/{name}/{action}")
+    for r in data["models"]:
+        click.echo(f"{r['name']}: {r['state']}")
+
+
+for _action, _doc in (
+    ("start", "Start a stopped model."),
+    ("stop", "Stop a model; returns when none of its processes remains."),
+    ("restart", "Restart a model (also clears FAILED)."),
+):
+
+    def _make(action: str, doc: str) -> None:
+        @main.command(name=action, help=doc)
+        @manifest_option
+        @click.argument("name")
+        def _cmd(manifest_file: Path | None, name: str) -> None:
+            _model_action(action, manifest_file, name)
+
+    _make(_action, _doc)
+
+
+@main.command()
+@manifest_option
+@click.option("--timeout", default=900.0, show_default=True, help="Seconds to wait.")
+def down(manifest_file: Path | None, timeout: float) -> None:
+    """Stop every model and the daemon; returns when no process is left."""
+    data = _call(_socket(manifest_file), "POST", "/v1/down")
+    pid = int(data["pid"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            click.echo("llmsup: every model stopped, daemon exited")
+            return
+        except PermissionError:
+            pass
+        time.sleep(0.05)
+    raise DaemonError(f"the daemon (pid {pid}) is still stopping after {timeout:g}s")
+
+
+@main.command()
+@manifest_option
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "lines", default=50, show_default=True, help="Lines to show.")
+@click.argument("name")
+def logs(manifest_file: Path | None, follow: bool, lines: int, name: str) -> None:
+    """Show a model's server log (stdout and stderr)."""
+    from llmsup.client import call
+
+    sock = _socket(manifest_file)
+    path = sock.parent / "logs" / f"{name}.log"
+    try:
+        _, data = call(sock, "GET", "/v1/status", timeout=5.0)
+        row = next((r for r in data["models"] if name in (r["name"], r["unit"])), None)
+        if row is None:
+            raise DaemonError(f"no model named {name!r}")
+        path = Path(row["log"])
+    except NoDaemonError:
+        pass  # the log files outlive the daemon
+    if not path.exists():
+        raise DaemonError(f"no log for {name!r} at {path}")
+    with open(path, "rb") as f:
+        tail = f.read().splitlines()[-lines:] if lines > 0 else []
+        for raw in tail:
+            click.echo(raw.decode("utf-8", "replace"))
+        while follow:
+            chunk = f.read()
+            if chunk:
+                click.echo(chunk.decode("utf-8", "replace"), nl=False)
+            elif path.exists() and path.stat().st_ino != os.fstat(f.fileno()).st_ino:
+                f.close()
+                f = open(path, "rb")  # noqa: SIM115 - rotated: follow the new file
+            else:
+                time.sleep(0.2)
 
 
 @main.command()

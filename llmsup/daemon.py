@@ -1,0 +1,510 @@
+"""The event loop: one task per server, wired to processes, probes and signals.
+
+Decisions (restart or not, how long to wait) come from `llmsup.state`; this
+module only carries them out. A server's exit is awaited, never polled, so a
+crash is seen at once and respawn latency is the backoff, not a loop period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from llmsup import probe, process
+from llmsup.backends import Launch
+from llmsup.errors import DaemonError, ManifestError
+from llmsup.manifest import LoadedManifest, load_manifest
+from llmsup.paths import default_state_dir, socket_path
+from llmsup.plan import Plan, plan_or_raise
+from llmsup.state import (
+    Fail,
+    ProbeCounter,
+    Respawn,
+    RestartTracker,
+    State,
+    Stay,
+    describe_exit,
+    vllm_phase,
+)
+
+Listener = Callable[[str, State, str], None]
+
+
+def state_dir_of(loaded: LoadedManifest) -> Path:
+    sd = loaded.manifest.state_dir
+    return Path(sd) if sd else default_state_dir()
+
+
+@dataclass
+class Outcome:
+    """How one life of a server ended."""
+
+    failed: bool
+    reason: str
+    fatal: bool = False  # retrying cannot help (port held, no executable)
+
+
+class Server:
+    """Keeps one server process (one `Launch`) alive."""
+
+    def __init__(self, daemon: Daemon, launch: Launch) -> None:
+        self.daemon = daemon
+        self.launch = launch
+        self.state = State.STOPPED
+        self.detail = ""
+        self.reason = ""  # why it is FAILED / last failure
+        self.last_exit = ""
+        self.progress = ""
+        self.latency: float | None = None
+        self.started_at: float | None = None  # wall clock, for uptime
+        self.child: process.Child | None = None
+        self.tracker = RestartTracker()
+        self.task: asyncio.Task[None] | None = None
+        self.tail: list[str] = []
+        self._wake = asyncio.Event()
+
+    # -------------------------------------------------------- control
+
+    def start(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run(), name=f"server:{self.launch.unit}")
+
+    async def stop(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.task = None
+
+    async def restart(self) -> None:
+        await self.stop()
+        self.tracker.reset()
+        self.reason = ""
+        self.start()
+
+    def set_state(self, state: State, detail: str = "") -> None:
+        changed = state != self.state or detail != self.detail
+        self.state, self.detail = state, detail
+        if changed:
+            self.daemon.changed(self.launch.unit, state, detail)
+
+    # -------------------------------------------------------- status
+
+    def status(self) -> list[dict[str, Any]]:
+        la = self.launch
+        pid = self.child.proc.pid if self.child and self.child.proc.returncode is None else None
+        up = time.time() - self.started_at if self.started_at and self.state.running else None
+        return [
+            {
+                "name": model,
+                "unit": la.unit,
+                "backend": la.backend,
+                "state": self.state.value,
+                "detail": self.detail,
+                "pid": pid,
+                "host": la.host,
+                "port": la.port,
+                "gpus": list(la.gpus),
+                "served_names": list(la.served_names),
+                "uptime": up,
+                "restarts": self.tracker.total,
+                "last_exit": self.last_exit,
+                "reason": self.reason,
+                "health_latency_ms": None if self.latency is None else self.latency * 1000,
+                "progress": self.progress,
+                "log": str(self.daemon.log_path(la.unit)),
+                "tail": self.tail if self.state == State.FAILED else [],
+            }
+            for model in la.models
+        ]
+
+    # -------------------------------------------------------- life
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._wait_for_predecessors()
+                outcome = await self._one_life()
+                m = self.daemon.loaded.manifest
+                if outcome.fatal:
+                    self.reason = outcome.reason
+                    self.set_state(State.FAILED, outcome.reason)
+                    return
+                decision = self.tracker.decide(
+                    m.restart(self.launch.unit),
+                    time.monotonic(),
+                    outcome.failed,
+                    outcome.reason,
+                    self.daemon.rand,
+                )
+                if isinstance(decision, Fail):
+                    self.reason = decision.reason
+                    self.set_state(State.FAILED, decision.reason)
+                    return
+                if isinstance(decision, Stay):
+                    self.set_state(State.STOPPED, decision.reason)
+                    return
+                assert isinstance(decision, Respawn)
+                self.set_state(State.BACKOFF, f"{outcome.reason}; restart in {decision.delay:.1f}s")
+                await asyncio.sleep(decision.delay)
+        except asyncio.CancelledError:
+            self.set_state(State.STOPPED, "stopped")
+            raise
+
+    async def _wait_for_predecessors(self) -> None:
+        """Servers that share a GPU start one after another (the plan's `after`)."""
+        before = self.daemon.plan.after.get(self.launch.unit, ())
+        busy = (State.WAITING, State.STARTING, State.LOADING)
+
+        def blocking() -> list[str]:
+            return [
+                u
+                for u in before
+                if u in self.daemon.servers and self.daemon.servers[u].state in busy
+            ]
+
+        async with self.daemon.cond:
+            while names := blocking():
+                self.set_state(State.WAITING, f"after {', '.join(names)} (shared GPU)")
+                await self.daemon.cond.wait()
+
+    async def _one_life(self) -> Outcome:
+        la = self.launch
+        m = self.daemon.loaded.manifest
+        try:
+            env = process.child_env(os.environ, la.resolve_env())
+        except OSError as e:
+            return Outcome(True, f"cannot read a secret: {e}", fatal=True)
+        exe = process.find_executable(la.argv[0], env)
+        if exe is None:
+            return Outcome(
+                True,
+                f"{la.argv[0]}: not found on PATH (searched: {env.get('PATH', '')})",
+                fatal=True,
+            )
+        if await asyncio.to_thread(process.port_in_use, la.host, la.port):
+            holder = await asyncio.to_thread(process.port_holder, la.port)
+            return Outcome(
+                True,
+                f"port {la.port} on {la.host} is held by {holder}; "
+                "stop that process or change the model's port",
+                fatal=True,
+            )
+        self.progress = ""
+        self.set_state(State.STARTING, "")
+        log = process.RotatingLog(
+            self.daemon.log_path(la.unit), m.defaults.log.max_size, m.defaults.log.backups
+        )
+        try:
+            child = await process.spawn(
+                la.unit, [exe, *la.argv[1:]], env, self.daemon.key, log, self._on_line
+            )
+        except OSError as e:
+            log.close()
+            return Outcome(True, f"cannot start {exe}: {e}", fatal=True)
+        self.child = child
+        self.started_at = time.time()
+        process.save_record(self.daemon.state_dir, child.record)
+        self.set_state(State.STARTING, f"pid {child.proc.pid}")
+        watch = asyncio.create_task(self._ready_then_watch(child))
+        exited = asyncio.create_task(child.wait())
+        try:
+            done, _ = await asyncio.wait({watch, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if exited in done:
+                self.last_exit = describe_exit(exited.result())
+                return Outcome(True, self.last_exit)  # a server is meant to run forever
+            outcome = watch.result()
+            self.last_exit = outcome.reason
+            return outcome
+        finally:
+            watch.cancel()
+            exited.cancel()
+            self.set_state(State.STOPPING, f"pid {child.proc.pid}")
+            await process.terminate(
+                lambda: process.members(child.record), m.stop_timeout(la.unit), child
+            )
+            self.tail = list(child.tail)
+            await child.close()
+            process.drop_record(self.daemon.state_dir, child.record)
+            self.child = None
+
+    def _on_line(self, line: str) -> None:
+        if self.launch.backend == "vllm" and (phase := vllm_phase(line)):
+            self.progress = f"{phase[0]} ({phase[1]}%)"
+            self._wake.set()  # the server says it is nearly up: probe now
+
+    def _headers(self) -> dict[str, str]:
+        if self.launch.auth_env and self.launch.auth_env in self.launch.secrets:
+            return {"Authorization": f"Bearer {self.launch.secrets[self.launch.auth_env].read()}"}
+        return {}
+
+    async def _ready_then_watch(self, child: process.Child) -> Outcome:
+        la = self.launch
+        m = self.daemon.loaded.manifest
+        health = m.health(la.unit)
+        base = f"http://{_connect_host(la.host)}:{la.port}"
+        session = self.daemon.session
+        deadline = time.monotonic() + health.startup_timeout
+        timeout_msg = f"not ready within {health.startup_timeout:g}s (health.startup_timeout)"
+        pause = 0.05
+        while True:  # until the port answers 200 on the readiness path
+            r = await probe.get_ok(session, base + la.ready_path, min(health.timeout, 5.0))
+            if r.ok:
+                break
+            if r.detail.startswith("HTTP") and self.state == State.STARTING:
+                self.set_state(State.LOADING, f"pid {child.proc.pid}")
+            if time.monotonic() > deadline:
+                return Outcome(True, timeout_msg)
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), pause)
+            pause = min(1.0, pause * 1.5)
+        self.latency = r.latency
+        if la.ollama_loads:
+            self.set_state(State.LOADING, f"pid {child.proc.pid}")
+            try:
+                await asyncio.wait_for(self._ollama_steps(base), deadline - time.monotonic())
+            except (probe.StepError, aiohttp.ClientError) as e:
+                return Outcome(True, str(e) or type(e).__name__)
+            except TimeoutError:
+                return Outcome(True, timeout_msg)
+        self.tracker.ready()
+        self.progress = ""
+        self.set_state(State.READY, f"pid {child.proc.pid}")
+        return await self._watch(base, child)
+
+    async def _ollama_steps(self, base: str) -> None:
+        session = self.daemon.session
+        timeout = self.daemon.loaded.manifest.health(self.launch.unit).startup_timeout
+        for load in self.launch.ollama_loads:
+
+            def note(text: str) -> None:
+                self.progress = text
+
+            await probe.ollama_pull(session, base, load.model, note)
+            self.progress = f"loading {load.model}"
+            await probe.ollama_preload(session, base, load.model, load.keep_alive, timeout)
+        loaded = await probe.ollama_loaded(session, base, 10.0)
+        missing = [x.model for x in self.launch.ollama_loads if x.model not in loaded]
+        if missing:
+            raise probe.StepError(f"not in /api/ps after preload: {', '.join(missing)}")
+
+    async def _watch(self, base: str, child: process.Child) -> Outcome:
+        la = self.launch
+        m = self.daemon.loaded.manifest
+        session = self.daemon.session
+        health = m.health(la.unit)
+        counter = ProbeCounter(health.failures)
+        last_deep = time.monotonic()
+        while True:
+            await asyncio.sleep(health.interval)
+            r = await probe.get_ok(session, base + la.ready_path, health.timeout, self._headers())
+            if r.ok and health.deep_probe and time.monotonic() - last_deep >= health.deep_interval:
+                last_deep = time.monotonic()
+                name = la.served_names[0] if la.served_names else la.unit
+                r = await probe.completion_ok(session, base, name, health.timeout, self._headers())
+            if r.ok and la.ollama_loads:
+                r = await self._ollama_still_loaded(base, health.timeout)
+            self.latency = r.latency if r.ok else self.latency
+            if counter.record(r.ok):
+                return Outcome(
+                    True,
+                    f"unhealthy: {counter.misses} probes failed in a row (last: {r.detail})",
+                )
+            if r.ok:
+                self.set_state(State.READY, f"pid {child.proc.pid}")
+            else:
+                self.set_state(State.UNHEALTHY, f"{counter.misses} probe(s) failed: {r.detail}")
+
+    async def _ollama_still_loaded(self, base: str, timeout: float) -> probe.ProbeResult:
+        """A runner that died unloads its model: load it again, as `ollama run` would."""
+        start = time.monotonic()
+        try:
+            loaded = await probe.ollama_loaded(self.daemon.session, base, timeout)
+            for load in self.launch.ollama_loads:
+                if load.model not in loaded:
+                    await probe.ollama_preload(
+                        self.daemon.session, base, load.model, load.keep_alive, timeout
+                    )
+        except (probe.StepError, aiohttp.ClientError, TimeoutError) as e:
+            return probe.ProbeResult(False, time.monotonic() - start, str(e) or type(e).__name__)
+        return probe.ProbeResult(True, time.monotonic() - start, "loaded")
+
+
+def _connect_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class Daemon:
+    """Owns the servers of one manifest, the control socket, and the signals."""
+
+    def __init__(
+        self,
+        manifest_path: Path,
+        loaded: LoadedManifest,
+        plan: Plan,
+        *,
+        listener: Listener | None = None,
+        rand: random.Random | None = None,
+    ) -> None:
+        self.manifest_path = manifest_path
+        self.loaded = loaded
+        self.plan = plan
+        self.state_dir = state_dir_of(loaded)
+        self.key = process.state_key(self.state_dir)
+        self.rand = rand or random.Random()
+        self.listener = listener
+        self.servers: dict[str, Server] = {}
+        self.cond = asyncio.Condition()
+        self.stopping = asyncio.Event()
+        self.started = time.time()
+        self._session: aiohttp.ClientSession | None = None
+        self._lock_fd: int | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    @property
+    def socket_path(self) -> Path:
+        return socket_path(self.state_dir)
+
+    def log_path(self, unit: str) -> Path:
+        return self.state_dir / "logs" / f"{unit}.log"
+
+    def changed(self, unit: str, state: State, detail: str) -> None:
+        if self.listener:
+            self.listener(unit, state, detail)
+
+        async def notify() -> None:
+            async with self.cond:
+                self.cond.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    # -------------------------------------------------------- lifecycle
+
+    def _lock(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DaemonError(
+                f"another llmsup daemon already runs on {self.state_dir} "
+                "(use `llmsup reload` or `llmsup up` to hand it a manifest)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    async def clean_leftovers(self) -> list[int]:
+        """Stop what a daemon that was killed left behind: recorded groups, marked processes."""
+        records = process.load_records(self.state_dir)
+        pids: list[int] = []
+        for rec in records:
+            pids += await process.terminate(lambda r=rec: process.members(r), 5.0)  # type: ignore[misc]
+            process.drop_record(self.state_dir, rec)
+        pids += await process.terminate(lambda: process.marked_with(self.key + ":"), 5.0)
+        return pids
+
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Run until SIGTERM/SIGINT or `down`. `ready` is called once launches are under way."""
+        from llmsup import api
+
+        self._lock()
+        loop = asyncio.get_running_loop()
+        runner = None
+        try:
+            await self.clean_leftovers()
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, force_close=True)
+            )
+            runner = await api.serve(self, self.socket_path)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._sighup()))
+            for la in self.plan.launches:
+                self.servers[la.unit] = Server(self, la)
+                self.servers[la.unit].start()
+            if ready:
+                ready()
+            await self.stopping.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await asyncio.gather(*(s.stop() for s in self.servers.values()))
+            if runner is not None:
+                await runner.cleanup()
+            self.socket_path.unlink(missing_ok=True)
+            if self._session is not None:
+                await self._session.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+
+    async def _sighup(self) -> None:
+        try:
+            await self.reload(self.manifest_path)
+        except ManifestError as e:
+            if self.listener:
+                for p in e.problems:
+                    self.listener("reload", State.FAILED, str(p))
+
+    async def reload(self, path: Path) -> dict[str, list[str]]:
+        """Apply a manifest: restart changed servers only; an invalid one changes nothing."""
+        loaded = load_manifest(path)
+        plan = plan_or_raise(loaded)
+        if state_dir_of(loaded).resolve() != self.state_dir.resolve():
+            raise DaemonError("state_dir cannot change on reload; run `llmsup down` first")
+        old = {u: s.launch for u, s in self.servers.items()}
+        new = {la.unit: la for la in plan.launches}
+        removed = [u for u in old if u not in new]
+        added = [u for u in new if u not in old]
+        changed = [u for u in new if u in old and new[u].fingerprint() != old[u].fingerprint()]
+        self.manifest_path, self.loaded, self.plan = path, loaded, plan
+        await asyncio.gather(*(self.servers[u].stop() for u in removed + changed))
+        for u in removed:
+            del self.servers[u]
+        for u in changed + added:
+            self.servers[u] = Server(self, new[u])
+        for u in new:
+            self.servers[u].launch = new[u]
+        for u in [la.unit for la in plan.launches if la.unit in changed + added]:
+            self.servers[u].start()
+        unchanged = [u for u in new if u not in changed and u not in added]
+        return {"added": added, "removed": removed, "restarted": changed, "unchanged": unchanged}
+
+    def server_of(self, model: str) -> Server:
+        for s in self.servers.values():
+            if model in s.launch.models or model == s.launch.unit:
+                return s
+        known = ", ".join(m for s in self.servers.values() for m in s.launch.models)
+        raise DaemonError(f"no model named {model!r} (known: {known})")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "manifest": str(self.manifest_path),
+                "state_dir": str(self.state_dir),
+                "uptime": time.time() - self.started,
+            },
+            "models": [row for s in self.servers.values() for row in s.status()],
+        }
