@@ -350,7 +350,13 @@ def down(manifest_file: Path | None, timeout: float) -> None:
 
 
 @main.command()
-@manifest_option
+@click.option(
+    "--file",
+    "manifest_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Manifest (to find the state directory).",
+)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("-n", "lines", default=50, show_default=True, help="Lines to show.")
 @click.argument("name")

@@ -202,7 +202,6 @@ class Server:
                 fatal=True,
             )
         self.progress = ""
-        self.set_state(State.STARTING, "")
         log = process.RotatingLog(
             self.daemon.log_path(la.unit), m.defaults.log.max_size, m.defaults.log.backups
         )
