@@ -329,6 +329,17 @@ for _action, _doc in (
     _make(_action, _doc)
 
 
+def _alive_pid(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
 @main.command()
 @manifest_option
 @click.option("--timeout", default=900.0, show_default=True, help="Seconds to wait.")
@@ -338,13 +349,9 @@ def down(manifest_file: Path | None, timeout: float) -> None:
     pid = int(data["pid"])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive_pid(pid):
             click.echo("llmsup: every model stopped, daemon exited")
             return
-        except PermissionError:
-            pass
         time.sleep(0.05)
     raise DaemonError(f"the daemon (pid {pid}) is still stopping after {timeout:g}s")
 

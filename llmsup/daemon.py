@@ -217,7 +217,7 @@ class Server:
         process.save_record(self.daemon.state_dir, child.record)
         self.set_state(State.STARTING, f"pid {child.proc.pid}")
         watch = asyncio.create_task(self._ready_then_watch(child))
-        exited = asyncio.create_task(child.wait())
+        exited = asyncio.create_task(child.exited())
         try:
             done, _ = await asyncio.wait({watch, exited}, return_when=asyncio.FIRST_COMPLETED)
             if exited in done:

@@ -109,7 +109,37 @@ class Child:
                 self.tail.append(line)
                 self._on_line(line)
 
+    async def exited(self) -> int:
+        """The exit status of the server process itself.
+
+        asyncio's `Process.wait()` also waits for the output pipe to close, and
+        an orphaned vLLM EngineCore keeps it open forever: a pidfd tells us of
+        the exit at once. Without pidfds (Linux < 5.3), poll every 50 ms.
+        """
+        loop = asyncio.get_running_loop()
+        fd = None
+        if self.proc.returncode is None:
+            with contextlib.suppress(AttributeError, OSError):
+                fd = os.pidfd_open(self.proc.pid)
+        if fd is not None:
+            gone: asyncio.Future[None] = loop.create_future()
+
+            def on_exit() -> None:
+                if not gone.done():
+                    gone.set_result(None)
+
+            loop.add_reader(fd, on_exit)
+            try:
+                await gone
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+        while self.proc.returncode is None:  # the child watcher reaps it within moments
+            await asyncio.sleep(0.005 if fd is not None else 0.05)
+        return self.proc.returncode
+
     async def wait(self) -> int:
+        """Until the process has exited and its output is drained."""
         return await self.proc.wait()
 
     async def close(self) -> None:

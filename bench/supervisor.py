@@ -1,0 +1,295 @@
+"""Supervisor benchmarks: respawn latency, readiness lag, idle footprint.
+
+    .venv/bin/python bench/supervisor.py [--kills 30] [--starts 20] [--models 32]
+
+Runs real daemons against the fake servers and writes
+bench/results/supervisor.json and .md. Figures are medians (and p90), each
+next to a baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.supervisor_util import Daemon  # noqa: E402
+from tests.util import free_port, wait_for  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+STAMP = "date +%s.%N >> {file}; exec python3 -m http.server {port} --bind 127.0.0.1"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "median_ms": statistics.median(values) * 1000,
+        "p90_ms": pct(values, 0.9) * 1000,
+        "max_ms": max(values) * 1000,
+    }
+
+
+def last_stamp(file: Path, count: int) -> float | None:
+    lines = file.read_text().split() if file.exists() else []
+    return float(lines[-1]) if len(lines) >= count else None
+
+
+# ------------------------------------------------------------ respawn latency
+
+
+def respawn_llmsup(tmp: Path, kills: int) -> list[float]:
+    """SIGKILL a server; time until its replacement process runs (backoff 0)."""
+    stamps = tmp / "stamps"
+    port = free_port()
+    cmd = STAMP.format(file=stamps, port=port)
+    models = f"""\
+    web:
+      backend: command
+      command: [sh, -c, "{cmd}"]
+      port: {port}
+      health_path: /
+      restart: {{backoff_initial: 0s, backoff_max: 0s, max_restarts: 100000, window: 1s}}
+    """
+    out = []
+    d = Daemon(tmp, models)
+    try:
+        d.start()
+        d.wait_all_ready()
+        for i in range(kills):
+            pid = d.status()["web"]["pid"]
+            t0 = time.time()
+            os.kill(pid, signal.SIGKILL)
+            started = wait_for(lambda i=i: last_stamp(stamps, i + 2), 10)
+            out.append(started - t0)
+            d.wait_state("web", "READY")
+    finally:
+        d.stop()
+    return out
+
+
+def respawn_vllm_tree(tmp: Path, kills: int) -> list[float]:
+    """The same for a fake vLLM with TP=2: the orphaned EngineCore and workers
+    must be gone before the new server starts."""
+    port = free_port()
+    models = f"""\
+    m:
+      backend: vllm
+      model: org/m
+      gpus: [0, 1]
+      port: {port}
+      env: {{FAKE_LOAD_TIME: "0.1"}}
+      restart: {{backoff_initial: 0s, backoff_max: 0s, max_restarts: 100000, window: 1s}}
+    """
+    out = []
+    d = Daemon(tmp, models)
+    try:
+        d.start()
+        d.wait_all_ready()
+        for _ in range(kills):
+            pid = d.status()["m"]["pid"]
+            t0 = time.time()
+            os.kill(pid, signal.SIGKILL)
+
+            def new_pid(pid: int = pid) -> int | None:
+                p = d.status()["m"]["pid"]
+                return p if p and p != pid else None
+
+            new = wait_for(new_pid, 10, interval=0.002)
+            out.append(psutil.Process(new).create_time() - t0)
+            d.wait_state("m", "READY")
+    finally:
+        d.stop()
+    return out
+
+
+async def _bare_respawner(cmd: str, kills: int, stamps: Path) -> list[float]:
+    """The floor: an asyncio loop that only awaits exit and spawns again."""
+    out: list[float] = []
+    proc = await asyncio.create_subprocess_exec("sh", "-c", cmd, start_new_session=True)
+    for i in range(kills):
+        while last_stamp(stamps, i + 1) is None:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.3)
+        t0 = time.time()
+        proc.kill()
+        await proc.wait()
+        proc = await asyncio.create_subprocess_exec("sh", "-c", cmd, start_new_session=True)
+        while (started := last_stamp(stamps, i + 2)) is None:
+            await asyncio.sleep(0.001)
+        out.append(started - t0)
+    proc.kill()
+    await proc.wait()
+    return out
+
+
+def respawn_baseline(tmp: Path, kills: int) -> list[float]:
+    stamps = tmp / "stamps-bare"
+    return asyncio.run(_bare_respawner(STAMP.format(file=stamps, port=free_port()), kills, stamps))
+
+
+# ------------------------------------------------------------- readiness lag
+
+
+def readiness_lag(tmp: Path, starts: int) -> tuple[list[float], list[float]]:
+    """From the fake's first 200 on /health to `status` saying READY.
+
+    Both are watched by polling every 2 ms; the second list is how long one
+    status call takes (the measuring floor)."""
+    port = free_port()
+    models = f"""\
+    m:
+      backend: vllm
+      model: org/m
+      port: {port}
+      env: {{FAKE_LOAD_TIME: "1.0"}}
+    """
+    lags, calls = [], []
+    d = Daemon(tmp, models)
+    try:
+        d.start()
+        d.wait_all_ready()
+        for _ in range(starts):
+            d.cli("stop", "-f", str(d.manifest), "m")
+            first_200: list[float] = []
+
+            def watch_health(first_200: list[float] = first_200) -> None:
+                deadline = time.time() + 20
+                while time.time() < deadline:
+                    try:
+                        with urllib.request.urlopen(
+                            f"http://127.0.0.1:{port}/health", timeout=1
+                        ) as r:
+                            if r.status == 200:
+                                first_200.append(time.time())
+                                return
+                    except OSError:
+                        pass
+                    time.sleep(0.002)
+
+            t = threading.Thread(target=watch_health)
+            d.cli("start", "-f", str(d.manifest), "m")
+            t.start()
+            while True:
+                c0 = time.time()
+                state = d.status()["m"]["state"]
+                calls.append(time.time() - c0)
+                if state == "READY":
+                    ready = time.time()
+                    break
+                time.sleep(0.002)
+            t.join()
+            lags.append(max(0.0, ready - first_200[0]))
+    finally:
+        d.stop()
+    return lags, calls
+
+
+# ------------------------------------------------------------------ footprint
+
+
+def cpu_seconds(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def footprint(tmp: Path, n: int, idle: float) -> dict[str, Any]:
+    models = "".join(
+        f"m{i}: {{backend: vllm, model: org/m{i}, port: {free_port()}, "
+        f"health: {{interval: 10s, timeout: 5s, failures: 3}}, "
+        f"env: {{FAKE_LOAD_TIME: '0.5'}}}}\n"
+        for i in range(n)
+    )
+    d = Daemon(tmp, models)
+    bare = subprocess.Popen(
+        [sys.executable, "-c", "import asyncio, aiohttp, psutil; asyncio.run(asyncio.sleep(3600))"]
+    )
+    try:
+        t0 = time.monotonic()
+        d.start()
+        d.wait_all_ready(timeout=120)
+        up = time.monotonic() - t0
+        assert d.proc is not None
+        daemon = psutil.Process(d.proc.pid)
+        base = psutil.Process(bare.pid)
+        time.sleep(2)
+        c0, b0 = cpu_seconds(daemon), cpu_seconds(base)
+        time.sleep(idle)
+        cpu = (cpu_seconds(daemon) - c0) / idle
+        cpu_bare = (cpu_seconds(base) - b0) / idle
+        t = time.monotonic()
+        r = d.cli("status", "-f", str(d.manifest))
+        status_wall = time.monotonic() - t
+        assert r.returncode == 0
+        return {
+            "models": n,
+            "up_to_all_ready_s": up,
+            "fake_load_time_s": 0.5,
+            "daemon_rss_mib": daemon.memory_info().rss / 2**20,
+            "bare_python_aiohttp_rss_mib": base.memory_info().rss / 2**20,
+            "daemon_idle_cpu_percent": cpu * 100,
+            "bare_idle_cpu_percent": cpu_bare * 100,
+            "status_cli_wall_s": status_wall,
+            "open_fds": daemon.num_fds(),
+        }
+    finally:
+        bare.kill()
+        bare.wait()
+        d.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--kills", type=int, default=30)
+    ap.add_argument("--starts", type=int, default=20)
+    ap.add_argument("--models", type=int, default=32)
+    ap.add_argument("--idle", type=float, default=20.0)
+    args = ap.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {
+        "machine": f"{platform.node()} {os.cpu_count()} cpus, {platform.python_version()}",
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    with tempfile.TemporaryDirectory(prefix="llmsup-bench-") as tmp:
+        t = Path(tmp)
+        for sub in ("a", "b", "c", "d", "e"):
+            (t / sub).mkdir()
+        ours = respawn_llmsup(t / "a", args.kills)
+        bare = respawn_baseline(t / "b", args.kills)
+        res["respawn_command_server"] = summary(ours)
+        res["respawn_bare_asyncio_baseline"] = summary(bare)
+        res["respawn_ratio_vs_baseline"] = statistics.median(ours) / statistics.median(bare)
+        res["respawn_vllm_tp2_with_orphan_cleanup"] = summary(
+            respawn_vllm_tree(t / "c", args.kills)
+        )
+        lags, calls = readiness_lag(t / "d", args.starts)
+        res["readiness_lag"] = summary(lags)
+        res["status_call"] = summary(calls)
+        res["footprint"] = footprint(t / "e", args.models, args.idle)
+    (RESULTS / "supervisor.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""The daemon against real fake servers: processes, ports, signals, HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from tests.supervisor_util import Daemon, gone, names, running
+from tests.util import free_port, wait_for
+
+FAKE_LOAD = "0.3"
+
+
+def three_models() -> str:
+    return f"""\
+    big:
+      backend: vllm
+      model: org/big
+      gpus: [0, 1]
+      gpu_memory_utilization: 0.9
+      port: {free_port()}
+      env: {{FAKE_LOAD_TIME: "{FAKE_LOAD}"}}
+    small:
+      backend: vllm
+      model: org/small
+      served_name: small-chat
+      gpus: [2]
+      port: {free_port()}
+      api_key: sekrit-key
+      env: {{FAKE_LOAD_TIME: "{FAKE_LOAD}"}}
+    llama:
+      backend: ollama
+      model: hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q8_0
+      gpus: [3]
+      port: {free_port()}
+    """
+
+
+def server_pid(d: Daemon, name: str) -> int:
+    pid = d.status()[name]["pid"]
+    assert pid, d.status()[name]
+    return int(pid)
+
+
+def test_three_models_reach_ready_and_down_leaves_nothing(tmp_path: Path) -> None:
+    with running(tmp_path, three_models()) as d:
+        d.wait_all_ready()
+        r = d.cli("status", "--json", "-f", str(d.manifest))
+        assert r.returncode == 0, r.stderr
+        rows = {m["name"]: m for m in json.loads(r.stdout)["models"]}
+        assert {n: m["state"] for n, m in rows.items()} == {
+            "big": "READY",
+            "small": "READY",
+            "llama": "READY",
+        }
+        # TP=2: the API server, its EngineCore and one worker per rank.
+        assert (
+            names(d.processes("big"))
+            == sorted(["vllm", "VLLM::EngineCor", "VLLM::Worker_TP", "VLLM::Worker_TP"])
+            or len(d.processes("big")) == 4
+        )
+        assert any("runner" in " ".join(p.cmdline()) for p in d.processes("llama"))
+        table = d.cli("status", "-f", str(d.manifest)).stdout
+        assert "READY" in table and "small" in table
+        # the key reached vLLM through its environment, not argv
+        small = psutil.Process(server_pid(d, "small"))
+        assert small.environ()["VLLM_API_KEY"] == "sekrit-key"
+        assert "sekrit-key" not in " ".join(small.cmdline())
+        assert "NOTIFY_SOCKET" not in small.environ()
+        assert "sekrit-key" not in table
+        pids = [p.pid for p in d.processes()]
+        assert len(pids) >= 8
+        r = d.cli("down", "-f", str(d.manifest))
+        assert r.returncode == 0, r.stderr
+        assert gone(pids)
+        assert d.processes() == []
+        assert d.proc is not None and d.proc.wait(5) == 0
+
+
+def test_sigkill_of_server_restarts_and_reaps_orphans(tmp_path: Path) -> None:
+    port = free_port()
+    models = f"""\
+    m:
+      backend: vllm
+      model: org/m
+      gpus: [0, 1]
+      port: {port}
+      env: {{FAKE_LOAD_TIME: "{FAKE_LOAD}"}}
+    """
+    with running(tmp_path, models) as d:
+        d.wait_all_ready()
+        old = server_pid(d, "m")
+        old_tree = [p.pid for p in d.processes("m")]
+        assert len(old_tree) == 4
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: d.status()["m"]["restarts"] == 1, 10)
+        row = d.wait_state("m", "READY")
+        assert row["pid"] != old
+        assert "killed by SIGKILL" in row["last_exit"]
+        assert gone(old_tree), "the orphaned EngineCore and workers must be gone"
+        assert len(d.processes("m")) == 4
+
+
+def test_sigkill_of_engine_core_is_detected(tmp_path: Path) -> None:
+    models = f"""\
+    m: {{backend: vllm, model: org/m, port: {free_port()}}}
+    """
+    with running(tmp_path, models) as d:
+        d.wait_all_ready()
+        old = server_pid(d, "m")
+        core = next(p for p in d.processes("m") if p.pid != old)
+        core.kill()
+        wait_for(lambda: d.status()["m"]["restarts"] == 1, 15)
+        row = d.wait_state("m", "READY")
+        assert row["pid"] != old
+        assert gone([old, core.pid])
+
+
+def test_sigstop_hang_is_detected_and_nothing_stays(tmp_path: Path) -> None:
+    models = f"""\
+    m: {{backend: vllm, model: org/m, port: {free_port()}}}
+    """
+    with running(tmp_path, models) as d:
+        d.wait_all_ready()
+        old = server_pid(d, "m")
+        tree = [p.pid for p in d.processes("m")]
+        os.kill(old, signal.SIGSTOP)
+        wait_for(lambda: d.status()["m"]["restarts"] == 1, 15)
+        row = d.wait_state("m", "READY")
+        assert "unhealthy" in row["last_exit"]
+        assert gone(tree)
+
+
+def test_hung_engine_behind_healthy_health_needs_the_deep_probe(tmp_path: Path) -> None:
+    models = f"""\
+    m:
+      backend: vllm
+      model: org/m
+      port: {free_port()}
+      health: {{deep_probe: true, deep_interval: 300ms}}
+      env: {{FAKE_LOAD_TIME: "{FAKE_LOAD}", FAKE_HEALTH_OK_BUT_HUNG_AFTER: "0.5"}}
+    """
+    with running(tmp_path, models) as d:
+        d.wait_all_ready()
+        wait_for(lambda: d.status()["m"]["restarts"] >= 1, 15)
+        assert (
+            "completion" in d.status()["m"]["last_exit"]
+            or "unhealthy" in (d.status()["m"]["last_exit"])
+        )
+
+
+def test_crash_loop_ends_in_failed_with_reason_and_log(tmp_path: Path) -> None:
+    models = f"""\
+    m:
+      backend: vllm
+      model: org/m
+      port: {free_port()}
+      env: {{FAKE_EXIT_CODE: "3", FAKE_EXIT_AFTER: "0"}}
+    """
+    with running(tmp_path, models) as d:
+        row = d.wait_state("m", "FAILED", 20)
+        assert "exited with code 3" in row["reason"]
+        assert "gave up after 3 restarts" in row["reason"]
+        assert row["restarts"] == 3
+        assert row["tail"], "the last log lines come with FAILED"
+        r = d.cli("status", "-f", str(d.manifest))
+        assert "FAILED" in r.stdout and "last log lines" in r.stdout
+        assert d.processes("m") == []
+        # stays FAILED until `llmsup restart`
+        r = d.cli("restart", "-f", str(d.manifest), "m")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: d.status()["m"]["restarts"] >= 4, 10)
+
+
+def test_startup_deadline_is_a_failed_start(tmp_path: Path) -> None:
+    models = f"""\
+    m:
+      backend: vllm
+      model: org/m
+      port: {free_port()}
+      health: {{startup_timeout: 1s}}
+      restart: {{policy: never}}
+      env: {{FAKE_LOAD_TIME: "30"}}
+    """
+    with running(tmp_path, models) as d:
+        row = d.wait_state("m", "FAILED", 15)
+        assert "not ready within 1s" in row["reason"]
+        assert d.processes("m") == []
+
+
+def test_reload_restarts_only_the_changed_model(tmp_path: Path) -> None:
+    pa, pb = free_port(), free_port()
+    base = f"""\
+    a: {{backend: vllm, model: org/a, port: {pa}, gpus: [0]}}
+    b: {{backend: vllm, model: org/b, port: {pb}, gpus: [1]}}
+    """
+    with running(tmp_path, base) as d:
+        rows = d.wait_all_ready()
+        before = {n: r["pid"] for n, r in rows.items()}
+        d.write(base.replace("org/b", "org/b2"))
+        r = d.cli("reload", "-f", str(d.manifest))
+        assert r.returncode == 0, r.stderr
+        assert "restarted: b" in r.stdout
+        rows = d.wait_all_ready()
+        assert rows["a"]["pid"] == before["a"]
+        assert rows["b"]["pid"] != before["b"]
+        assert gone([before["b"]])
+        # an invalid manifest changes nothing and its errors reach the CLI
+        d.manifest.write_text(d.manifest.read_text().replace("port: " + str(pa), "port: x"))
+        r = d.cli("reload", "-f", str(d.manifest))
+        assert r.returncode != 0
+        assert "models.a.port: must be an integer" in r.stderr
+        assert {n: x["pid"] for n, x in d.status().items()} == {
+            n: x["pid"] for n, x in rows.items()
+        }
+
+
+def test_daemon_killed_then_up_again_leaves_no_duplicate_or_orphan(tmp_path: Path) -> None:
+    models = f"""\
+    m: {{backend: vllm, model: org/m, port: {free_port()}, gpus: [0, 1]}}
+    o: {{backend: ollama, model: "qwen2.5:0.5b", port: {free_port()}}}
+    """
+    d = Daemon(tmp_path, models)
+    try:
+        d.start()
+        d.wait_all_ready()
+        old = [p.pid for p in d.processes()]
+        assert len(old) >= 6
+        d.kill_daemon()
+        assert not gone(old), "servers outlive a SIGKILLed daemon (that is the danger)"
+        d.start()
+        rows = d.wait_all_ready()
+        assert gone(old)
+        assert rows["m"]["pid"] not in old
+        assert len(d.processes("m")) == 4
+        servers = [p for p in d.processes("o") if "runner" not in " ".join(p.cmdline())]
+        assert len(servers) == 1
+    finally:
+        d.stop()
+
+
+def test_foreign_process_on_the_port_fails_without_a_loop(tmp_path: Path) -> None:
+    port = free_port()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", port))
+    holder.listen()
+    try:
+        models = f"m: {{backend: vllm, model: org/m, port: {port}}}\n"
+        with running(tmp_path, models) as d:
+            row = d.wait_state("m", "FAILED")
+            assert f"port {port} on 127.0.0.1 is held by pid {os.getpid()}" in row["reason"]
+            assert row["restarts"] == 0
+            assert d.processes("m") == []
+    finally:
+        holder.close()
+
+
+def test_missing_executable_names_the_path(tmp_path: Path) -> None:
+    models = f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n"
+    d = Daemon(tmp_path, models, extra_env={"PATH": "/nonexistent/bin"})
+    d.env["PATH"] = "/nonexistent/bin"
+    try:
+        d.start()
+        row = d.wait_state("m", "FAILED")
+        assert "vllm: not found on PATH (searched: /nonexistent/bin)" in row["reason"]
+    finally:
+        d.stop()
+
+
+def test_stop_and_start_one_model(tmp_path: Path) -> None:
+    models = f"""\
+    a: {{backend: vllm, model: org/a, port: {free_port()}, gpus: [0]}}
+    b: {{backend: vllm, model: org/b, port: {free_port()}, gpus: [1]}}
+    """
+    with running(tmp_path, models) as d:
+        d.wait_all_ready()
+        tree = [p.pid for p in d.processes("a")]
+        r = d.cli("stop", "-f", str(d.manifest), "a")
+        assert r.returncode == 0, r.stderr
+        assert "a: STOPPED" in r.stdout
+        assert gone(tree)  # `stop` returns only once none of its processes remain
+        assert d.state_of("b") == "READY"
+        d.cli("start", "-f", str(d.manifest), "a")
+        d.wait_state("a", "READY")
+
+
+def test_logs_show_the_servers_output(tmp_path: Path) -> None:
+    models = f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n"
+    with running(tmp_path, models) as d:
+        d.wait_all_ready()
+        r = d.cli("logs", "--file", str(d.manifest), "m", "-n", "200")
+        assert r.returncode == 0, r.stderr
+        assert "Starting vLLM server on" in r.stdout
+
+
+def test_invalid_manifest_starts_nothing(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, "m: {backend: vllm, model: x, port: 0}\n")
+    r = d.cli("up", "-d", "-f", str(d.manifest))
+    assert r.returncode == 2
+    assert "models.m.port" in r.stderr
+    assert not d.sock.exists()
+    assert d.processes() == []
+
+
+def test_no_daemon_exits_3(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, "m: {backend: vllm, model: x}\n")
+    for args in (["status"], ["down"], ["restart", "m"], ["reload"]):
+        r = d.cli(*args[:1], "-f", str(d.manifest), *args[1:])
+        assert r.returncode == 3, (args, r.stderr)
+        assert "no llmsup daemon is running" in r.stderr
+        assert "llmsup up" in r.stderr
+
+
+def test_detached_up_returns_once_the_daemon_answers(tmp_path: Path) -> None:
+    models = f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n"
+    d = Daemon(tmp_path, models)
+    try:
+        r = d.cli("up", "-d", "-f", str(d.manifest))
+        assert r.returncode == 0, r.stderr
+        assert d.answers()
+        d.wait_all_ready()
+        # `up` again hands the manifest to the running daemon
+        r = d.cli("up", "-d", "-f", str(d.manifest))
+        assert r.returncode == 0 and "unchanged: m" in r.stdout
+        r = d.cli("down", "-f", str(d.manifest))
+        assert r.returncode == 0
+        assert d.processes() == []
+    finally:
+        d.stop()
+
+
+def test_control_socket_is_private(tmp_path: Path) -> None:
+    models = f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n"
+    with running(tmp_path, models) as d:
+        assert d.sock.stat().st_mode & 0o777 == 0o600
+
+
+def test_up_with_a_running_daemon_hands_it_the_manifest(tmp_path: Path) -> None:
+    models = f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n"
+    with running(tmp_path, models) as d:
+        r = subprocess.run(
+            [sys.executable, "-m", "llmsup.cli", "up", "--foreground", "-f", str(d.manifest)],
+            env=d.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 0, r.stderr
+        assert "unchanged: m" in r.stdout
