@@ -72,7 +72,7 @@ async def down(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "pid": os.getpid()}, status=202)
 
 
-async def serve(daemon: Daemon, path: Path) -> web.AppRunner:
+async def serve(daemon: Daemon, path: Path, group: str | None = None) -> web.AppRunner:
     app = web.Application()
     app[DAEMON_KEY] = daemon
     app.add_routes(
@@ -91,4 +91,9 @@ async def serve(daemon: Daemon, path: Path) -> web.AppRunner:
         await web.UnixSite(runner, str(path)).start()
     finally:
         os.umask(old)
+    if group is not None:
+        import grp
+
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o660)
     return runner

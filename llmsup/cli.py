@@ -158,11 +158,16 @@ class _Progress:
         self.quiet = quiet
         self.t0 = time.monotonic()
         self.states: dict[str, str] = {}
+        self.printed: dict[str, float] = {}
         self.settled = False
 
     def __call__(self, unit: str, state: Any, detail: str) -> None:
+        # Progress within one state (pull percentages) is printed at most once a second.
+        now = time.monotonic()
+        same = self.states.get(unit) == state.value
         self.states[unit] = state.value
-        if not self.quiet:
+        if not self.quiet and (not same or now - self.printed.get(unit, 0.0) >= 1.0):
+            self.printed[unit] = now
             click.echo(f"{_stamp()} {unit:<24} {state.value:<9} {detail}", err=True)
         busy = {"WAITING", "STARTING", "LOADING", "BACKOFF"}
         if not self.settled and self.states and not busy & set(self.states.values()):

@@ -78,6 +78,9 @@ class Server:
 
     def start(self) -> None:
         if self.task is None or self.task.done():
+            # Busy from now on, so that servers ordered after this one wait for it
+            # even before its task first runs.
+            self.set_state(State.STARTING, "launching")
             self.task = asyncio.create_task(self._run(), name=f"server:{self.launch.unit}")
 
     async def stop(self) -> None:
@@ -201,7 +204,7 @@ class Server:
                 "stop that process or change the model's port",
                 fatal=True,
             )
-        self.progress = ""
+        self.set_progress("")
         log = process.RotatingLog(
             self.daemon.log_path(la.unit), m.defaults.log.max_size, m.defaults.log.backups
         )
@@ -238,9 +241,15 @@ class Server:
             process.drop_record(self.daemon.state_dir, child.record)
             self.child = None
 
+    def set_progress(self, text: str) -> None:
+        if text != self.progress:
+            self.progress = text
+            if text:
+                self.daemon.changed(self.launch.unit, self.state, text)
+
     def _on_line(self, line: str) -> None:
         if self.launch.backend == "vllm" and (phase := vllm_phase(line)):
-            self.progress = f"{phase[0]} ({phase[1]}%)"
+            self.set_progress(f"{phase[0]} ({phase[1]}%)")
             self._wake.set()  # the server says it is nearly up: probe now
 
     def _headers(self) -> dict[str, str]:
@@ -279,7 +288,7 @@ class Server:
             except TimeoutError:
                 return Outcome(True, timeout_msg)
         self.tracker.ready()
-        self.progress = ""
+        self.set_progress("")
         self.set_state(State.READY, f"pid {child.proc.pid}")
         return await self._watch(base, child)
 
@@ -287,12 +296,8 @@ class Server:
         session = self.daemon.session
         timeout = self.daemon.loaded.manifest.health(self.launch.unit).startup_timeout
         for load in self.launch.ollama_loads:
-
-            def note(text: str) -> None:
-                self.progress = text
-
-            await probe.ollama_pull(session, base, load.model, note)
-            self.progress = f"loading {load.model}"
+            await probe.ollama_pull(session, base, load.model, self.set_progress)
+            self.set_progress(f"loading {load.model}")
             await probe.ollama_preload(session, base, load.model, load.keep_alive, timeout)
         loaded = await probe.ollama_loaded(session, base, 10.0)
         missing = [x.model for x in self.launch.ollama_loads if x.model not in loaded]
@@ -401,6 +406,12 @@ class Daemon:
 
     def _lock(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        group = self.loaded.manifest.control.group
+        if group is not None:  # members of the group must reach the socket inside
+            import grp
+
+            os.chown(self.state_dir, -1, grp.getgrnam(group).gr_gid)
+            os.chmod(self.state_dir, 0o750)
         fd = os.open(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -436,7 +447,7 @@ class Daemon:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, force_close=True)
             )
-            runner = await api.serve(self, self.socket_path)
+            runner = await api.serve(self, self.socket_path, self.loaded.manifest.control.group)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stopping.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._sighup()))

@@ -324,11 +324,18 @@ class Gateway(_Strict):
     aliases: dict[str, str] = Field(default_factory=dict)
 
 
+class Control(_Strict):
+    """The control socket: 0600 for the daemon's user, 0660 with a group."""
+
+    group: str | None = Field(None, description="group allowed to use the llmsup CLI")
+
+
 class Manifest(_Strict):
     """A validated manifest. `source` keeps positions for cross-model checks."""
 
     version: Literal[1] = 1
     state_dir: str | None = None
+    control: Control = Control()
     defaults: Defaults = Defaults()
     gateway: Gateway | None = None
     models: dict[ModelName, AnyModel]
@@ -443,6 +450,16 @@ def _check_files(loaded: LoadedManifest) -> list[Problem]:
                     ("models", name, "api_key_file"),
                     f"no such file: {m.api_key_file} (create it with the key, mode 0600)",
                 )
+            )
+    group = loaded.manifest.control.group
+    if group is not None:
+        import grp
+
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            out.append(
+                loaded.problem(("control", "group"), f"no such group {group!r} (create it first)")
             )
     gw = loaded.manifest.gateway
     if gw and gw.api_key_file and not Path(gw.api_key_file).is_file():

@@ -65,7 +65,10 @@ class Daemon:
                 stderr=out,
                 start_new_session=True,
             )
-        wait_for(self.answers, 20, message=f"daemon never answered: {self.log()}")
+        proc = self.proc
+        wait_for(lambda: self.answers() or proc.poll() is not None, 30)
+        if not self.answers():
+            raise AssertionError(f"daemon exited with {proc.poll()}: {self.log()}")
 
     def answers(self) -> bool:
         try:

@@ -354,3 +354,69 @@ def test_up_with_a_running_daemon_hands_it_the_manifest(tmp_path: Path) -> None:
         )
         assert r.returncode == 0, r.stderr
         assert "unchanged: m" in r.stdout
+
+
+def test_control_group_opens_the_socket_to_that_group(tmp_path: Path) -> None:
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    models = f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n"
+    d = Daemon(tmp_path, models)
+    d.manifest.write_text(f"control: {{group: {group}}}\n" + d.manifest.read_text())
+    try:
+        d.start()
+        st = d.sock.stat()
+        assert st.st_mode & 0o777 == 0o660
+        assert st.st_gid == grp.getgrnam(group).gr_gid
+        assert d.state.stat().st_mode & 0o777 == 0o750
+    finally:
+        d.stop()
+
+
+def test_unknown_control_group_is_a_manifest_error(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, "m: {backend: vllm, model: org/m}\n")
+    d.manifest.write_text("control: {group: no-such-group-x}\n" + d.manifest.read_text())
+    r = d.cli("check", "-f", str(d.manifest))
+    assert r.returncode == 2
+    assert "1:18: control.group: no such group 'no-such-group-x'" in r.stderr
+
+
+def test_models_sharing_a_gpu_start_one_after_another(tmp_path: Path) -> None:
+    models = f"""\
+    first:
+      backend: vllm
+      model: org/a
+      port: {free_port()}
+      gpus: [0]
+      gpu_memory_utilization: 0.45
+      env: {{FAKE_LOAD_TIME: "1.5"}}
+    second: {{backend: vllm, model: org/b, port: {free_port()}, gpus: [0],
+             gpu_memory_utilization: 0.45}}
+    """
+    with running(tmp_path, models) as d:
+        rows = d.status()
+        assert rows["first"]["state"] in ("STARTING", "LOADING")
+        assert rows["second"]["state"] == "WAITING"
+        assert rows["second"]["pid"] is None
+        assert "after first" in rows["second"]["detail"]
+        ready = d.wait_state("first", "READY")
+        rows = d.wait_all_ready()
+        second = psutil.Process(rows["second"]["pid"])
+        first = psutil.Process(ready["pid"])
+        assert second.create_time() >= first.create_time() + 1.0
+
+
+def test_sighup_reloads_the_manifest(tmp_path: Path) -> None:
+    pa, pb = free_port(), free_port()
+    base = f"""\
+    a: {{backend: vllm, model: org/a, port: {pa}, gpus: [0]}}
+    b: {{backend: vllm, model: org/b, port: {pb}, gpus: [1]}}
+    """
+    with running(tmp_path, base) as d:
+        before = {n: r["pid"] for n, r in d.wait_all_ready().items()}
+        d.write(base.replace("org/a", "org/a2"))
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: d.status()["a"]["pid"] not in (None, before["a"]), 10)
+        rows = d.wait_all_ready()
+        assert rows["b"]["pid"] == before["b"]
