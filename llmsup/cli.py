@@ -202,6 +202,11 @@ def up(manifest_file: Path | None, detach: bool, foreground: bool, quiet: bool) 
     state_dir = state_dir_of(loaded)
     sock = socket_path(state_dir)
     if alive(sock):
+        if foreground:  # systemd's ExecStart: two daemons on one state_dir is a mistake
+            raise DaemonError(
+                f"a daemon already answers on {sock}; stop it (`llmsup down`) first, "
+                "or leave out --foreground to hand it this manifest"
+            )
         result = _call(sock, "POST", "/v1/reload", {"manifest": str(path)})
         _print_reload(result)
         return
@@ -401,6 +406,89 @@ def logs(manifest_file: Path | None, follow: bool, lines: int, name: str) -> Non
                 f = open(path, "rb")  # noqa: SIM115 - rotated: follow the new file
             else:
                 time.sleep(0.2)
+
+
+# ------------------------------------------------------------ systemd
+
+
+def _llmsup_argv() -> list[str]:
+    """How systemd should start this very llmsup (its venv, its interpreter)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "llmsup"
+    if beside.exists():
+        return [str(beside.absolute())]
+    found = shutil.which("llmsup")
+    return [str(Path(found).absolute())] if found else [sys.executable, "-m", "llmsup.cli"]
+
+
+@main.group()
+def systemd() -> None:
+    """Print or install the systemd unit."""
+
+
+def _render(manifest_file: Path | None, user: bool) -> Any:
+    from llmsup.manifest import default_manifest_path
+    from llmsup.systemd import render
+
+    path = (manifest_file or default_manifest_path()).absolute()
+    return render(_llmsup_argv(), str(path), user=user)
+
+
+@systemd.command("print")
+@manifest_option
+@click.option("--user", is_flag=True, help="A user unit (systemctl --user).")
+def systemd_print(manifest_file: Path | None, user: bool) -> None:
+    """Print the unit for this llmsup and manifest."""
+    click.echo(_render(manifest_file, user).text, nl=False)
+
+
+@systemd.command("install")
+@manifest_option
+@click.option("--user", is_flag=True, help="Install for the current user.")
+@click.option("--force", is_flag=True, help="Overwrite a unit that was edited by hand.")
+@click.option("--unit-dir", type=click.Path(file_okay=False, path_type=Path), hidden=True)
+def systemd_install(
+    manifest_file: Path | None, user: bool, force: bool, unit_dir: Path | None
+) -> None:
+    """Write the unit, run daemon-reload, and print the next commands."""
+    import shutil
+    import subprocess
+
+    from llmsup.systemd import edited_by_hand
+
+    path = (manifest_file or Path("/etc/llmsup/models.yaml")).absolute()
+    _load(path)  # refuse to install a unit for a manifest that does not validate
+    unit = _render(path, user)
+    if unit_dir is None:
+        unit_dir = Path.home() / ".config/systemd/user" if user else Path("/etc/systemd/system")
+    target = unit_dir / unit.name
+    if target.exists():
+        current = target.read_text()
+        if current == unit.text:
+            click.echo(f"{target} is up to date")
+            return
+        if edited_by_hand(current) and not force:
+            raise DaemonError(
+                f"{target} was edited by hand; keep your edits in a drop-in "
+                f"(systemctl edit llmsup) or pass --force to overwrite it"
+            )
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(unit.text)
+    tmp.replace(target)
+    click.echo(f"wrote {target}")
+    ctl = ["systemctl", "--user"] if user else ["systemctl"]
+    if shutil.which("systemctl") and Path("/run/systemd/system").exists():
+        r = subprocess.run([*ctl, "daemon-reload"], capture_output=True, text=True)
+        if r.returncode != 0:
+            click.echo(f"{' '.join(ctl)} daemon-reload failed: {r.stderr.strip()}", err=True)
+    else:
+        click.echo("systemd is not running here: run `systemctl daemon-reload` on the host")
+    click.echo(f"next: {' '.join(ctl)} enable --now llmsup")
+    click.echo(
+        f"      {' '.join(ctl)} status llmsup; journalctl {'--user ' if user else ''}-u llmsup"
+    )
 
 
 @main.command()

@@ -25,6 +25,7 @@ from llmsup import probe, process
 from llmsup.backends import Launch
 from llmsup.errors import DaemonError, ManifestError
 from llmsup.manifest import LoadedManifest, load_manifest
+from llmsup.notify import Notifier, status_line
 from llmsup.paths import default_state_dir, socket_path
 from llmsup.plan import Plan, plan_or_raise
 from llmsup.state import (
@@ -365,6 +366,7 @@ class Daemon:
         *,
         listener: Listener | None = None,
         rand: random.Random | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.manifest_path = manifest_path
         self.loaded = loaded
@@ -379,6 +381,8 @@ class Daemon:
         self.started = time.time()
         self._session: aiohttp.ClientSession | None = None
         self._lock_fd: int | None = None
+        self.notifier = notifier or Notifier()
+        self._status_dirty = True
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -393,6 +397,7 @@ class Daemon:
         return self.state_dir / "logs" / f"{unit}.log"
 
     def changed(self, unit: str, state: State, detail: str) -> None:
+        self._status_dirty = True
         if self.listener:
             self.listener(unit, state, detail)
 
@@ -435,32 +440,37 @@ class Daemon:
         pids += await process.terminate(lambda: process.marked_with(self.key + ":"), 5.0)
         return pids
 
-    async def run(self, ready: Callable[[], None] | None = None) -> None:
-        """Run until SIGTERM/SIGINT or `down`. `ready` is called once launches are under way."""
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT or `down`: every server stopped, then return."""
         from llmsup import api
 
         self._lock()
         loop = asyncio.get_running_loop()
         runner = None
+        systemd = asyncio.create_task(self._systemd_loop())
         try:
             await self.clean_leftovers()
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, force_close=True)
             )
-            runner = await api.serve(self, self.socket_path, self.loaded.manifest.control.group)
+            group = self.loaded.manifest.control.group
+            runner = await api.serve(self, self.socket_path, group)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stopping.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._sighup()))
             for la in self.plan.launches:
                 self.servers[la.unit] = Server(self, la)
                 self.servers[la.unit].start()
-            if ready:
-                ready()
+            # Ready = the control socket answers and launches are under way; a model
+            # that loads for twenty minutes must not fail the unit's start.
+            self.notifier.send("READY=1")
             await self.stopping.wait()
         finally:
+            self.notifier.send("STOPPING=1", "STATUS=stopping all models")
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await asyncio.gather(*(s.stop() for s in self.servers.values()))
+            systemd.cancel()
             if runner is not None:
                 await runner.cleanup()
             self.socket_path.unlink(missing_ok=True)
@@ -468,6 +478,29 @@ class Daemon:
                 await self._session.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
+            self.notifier.close()
+
+    async def _systemd_loop(self) -> None:
+        """STATUS= on change, WATCHDOG=1 from this very loop (a stuck loop trips the
+        watchdog), and EXTEND_TIMEOUT_USEC= while stopping models takes its time."""
+        if not self.notifier.enabled:
+            return
+        interval = self.notifier.watchdog_interval
+        tick = min(0.5, interval) if interval else 0.5
+        last_ping = 0.0
+        while True:
+            now = time.monotonic()
+            if self.stopping.is_set():
+                grace = max([self.loaded.manifest.stop_timeout(u) for u in self.servers] or [0])
+                self.notifier.send(f"EXTEND_TIMEOUT_USEC={int((grace + 15) * 1e6)}")
+            elif self._status_dirty and self.servers:
+                self._status_dirty = False
+                rows = [(u, s.state.value, s.progress) for u, s in self.servers.items()]
+                self.notifier.send(f"STATUS={status_line(rows)}")
+            if interval and now - last_ping >= interval:
+                last_ping = now
+                self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(tick)
 
     async def _sighup(self) -> None:
         try:

@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import psutil
@@ -345,15 +343,12 @@ def test_control_socket_is_private(tmp_path: Path) -> None:
 def test_up_with_a_running_daemon_hands_it_the_manifest(tmp_path: Path) -> None:
     models = f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n"
     with running(tmp_path, models) as d:
-        r = subprocess.run(
-            [sys.executable, "-m", "llmsup.cli", "up", "--foreground", "-f", str(d.manifest)],
-            env=d.env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        r = d.cli("up", "-f", str(d.manifest))
         assert r.returncode == 0, r.stderr
         assert "unchanged: m" in r.stdout
+        r = d.cli("up", "--foreground", "-f", str(d.manifest))
+        assert r.returncode == 1
+        assert "a daemon already answers" in r.stderr
 
 
 def test_control_group_opens_the_socket_to_that_group(tmp_path: Path) -> None:
