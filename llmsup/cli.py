@@ -213,6 +213,9 @@ def up(manifest_file: Path | None, detach: bool, foreground: bool, quiet: bool) 
     if detach:
         _detach(path, state_dir, sock)
         return
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     progress = _Progress(quiet)
     daemon = Daemon(path, loaded, plan, listener=progress)
     asyncio.run(daemon.run())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import random
 import signal
@@ -40,6 +41,7 @@ from llmsup.state import (
 )
 
 Listener = Callable[[str, State, str], None]
+log = logging.getLogger("llmsup")
 
 
 def state_dir_of(loaded: LoadedManifest) -> Path:
@@ -165,6 +167,10 @@ class Server:
         except asyncio.CancelledError:
             self.set_state(State.STOPPED, "stopped")
             raise
+        except Exception as e:  # a bug must not leave a model unsupervised in silence
+            log.exception("supervising %s failed", self.launch.unit)
+            self.reason = f"internal error: {e!r} (see the daemon's log)"
+            self.set_state(State.FAILED, self.reason)
 
     async def _wait_for_predecessors(self) -> None:
         """Servers that share a GPU start one after another (the plan's `after`)."""
@@ -286,7 +292,7 @@ class Server:
                 await asyncio.wait_for(self._ollama_steps(base), deadline - time.monotonic())
             except (probe.StepError, aiohttp.ClientError) as e:
                 return Outcome(True, str(e) or type(e).__name__)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 return Outcome(True, timeout_msg)
         self.tracker.ready()
         self.set_progress("")
@@ -342,7 +348,7 @@ class Server:
                     await probe.ollama_preload(
                         self.daemon.session, base, load.model, load.keep_alive, timeout
                     )
-        except (probe.StepError, aiohttp.ClientError, TimeoutError) as e:
+        except (probe.StepError, aiohttp.ClientError, asyncio.TimeoutError) as e:
             return probe.ProbeResult(False, time.monotonic() - start, str(e) or type(e).__name__)
         return probe.ProbeResult(True, time.monotonic() - start, "loaded")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ async def get_ok(
             await r.read()
             ok = r.status == 200
             return ProbeResult(ok, time.monotonic() - start, f"HTTP {r.status}")
-    except TimeoutError:
+    except asyncio.TimeoutError:
         return ProbeResult(False, time.monotonic() - start, f"no answer within {timeout:g}s")
     except aiohttp.ClientError as e:
         return ProbeResult(False, time.monotonic() - start, type(e).__name__)
@@ -57,7 +58,7 @@ async def completion_ok(
         ) as r:
             await r.read()
             return ProbeResult(r.status == 200, time.monotonic() - start, f"HTTP {r.status}")
-    except TimeoutError:
+    except asyncio.TimeoutError:
         return ProbeResult(
             False, time.monotonic() - start, f"completion: no answer within {timeout:g}s"
         )
