@@ -219,6 +219,15 @@ class _ModelBase(_Strict):
     health: HealthOverride = HealthOverride()
     restart: RestartOverride = RestartOverride()
     stop_timeout: Duration | None = None
+    start: Literal["always", "on_demand"] = Field(
+        "always", description="on_demand: started by the gateway on the first request"
+    )
+    idle_timeout: Duration | None = Field(
+        None, description="stop an on_demand model after this long without requests"
+    )
+    exclusive: str | None = Field(
+        None, description="on_demand models of one group never run at the same time"
+    )
 
 
 class VllmModel(_ModelBase):
@@ -322,6 +331,10 @@ class Gateway(_Strict):
     api_keys: list[SecretStr] = Field(default_factory=list)
     api_key_file: str | None = None
     aliases: dict[str, str] = Field(default_factory=dict)
+    max_body: Size = Field(8 * 2**20, description="larger request bodies get 413")
+    start_wait: Duration = Field(
+        120.0, description="how long a request waits for an on_demand model to start"
+    )
 
 
 class Control(_Strict):

@@ -88,6 +88,7 @@ def make_plan(loaded: LoadedManifest) -> Plan:
         elif isinstance(spec, OllamaModel):
             ollama_groups.setdefault(ollama_backend.server_key(name, spec, m), []).append(name)
         problems += _check_env(loaded, name)
+        problems += _check_on_demand(loaded, name)
     for i, names in enumerate(ollama_groups.values()):
         problems += _check_ollama_group(loaded, names)
         launches.append(ollama_backend.build(names, m, noprune=i > 0))
@@ -139,34 +140,92 @@ def _launch_order(loaded: LoadedManifest, launches: list[Launch]) -> dict[str, t
     return after
 
 
-def _check_gpu_shares(loaded: LoadedManifest) -> list[Problem]:
-    shares: dict[str, list[tuple[str, float]]] = {}
+def _utilizations(loaded: LoadedManifest) -> dict[str, dict[str, float]]:
+    """GPU -> {vLLM model: share of that GPU's memory it asks for}."""
+    shares: dict[str, dict[str, float]] = {}
     for name, spec in loaded.manifest.models.items():
-        if not isinstance(spec, VllmModel):
-            continue
-        util = spec.gpu_memory_utilization or vllm_backend.DEFAULT_GPU_MEMORY_UTILIZATION
-        for gpu in dict.fromkeys(physical_gpus(loaded, name)):
-            shares.setdefault(gpu, []).append((name, util))
+        if isinstance(spec, VllmModel):
+            util = spec.gpu_memory_utilization or vllm_backend.DEFAULT_GPU_MEMORY_UTILIZATION
+            for gpu in physical_gpus(loaded, name):
+                shares.setdefault(gpu, {})[name] = util
+    return shares
+
+
+def _check_gpu_shares(loaded: LoadedManifest) -> list[Problem]:
+    """The always-on models must fit together, and each on-demand model must fit
+    beside them (on-demand models that do not fit each other are swapped)."""
+    models = loaded.manifest.models
+    out: list[Problem] = []
+    for gpu, users in _utilizations(loaded).items():
+        always = [n for n in users if models[n].start == "always"]
+        sets = [always] + [[*always, n] for n in users if models[n].start == "on_demand"]
+        for group in sets:
+            total = sum(users[n] for n in group)
+            if len(group) < 2 or total <= GPU_SHARE_WARN:
+                continue
+            who = " + ".join(f"{n} ({users[n]:g})" for n in group)
+            path = ("models", group[-1], "gpu_memory_utilization")
+            if total > 1.0:
+                msg = (
+                    f"GPU {gpu} would be asked for {total:.2f} of its memory: {who}; "
+                    "lower gpu_memory_utilization so the models on it sum to at most 0.95"
+                    + (
+                        ""
+                        if models[group[-1]].start == "on_demand"
+                        else ", or make some of them start: on_demand (swapped as needed)"
+                    )
+                )
+                out.append(loaded.problem(path, msg))
+            else:
+                msg = (
+                    f"GPU {gpu} is shared at {total:.2f} ({who}); each CUDA context needs "
+                    "a few hundred MiB more, so vLLM may not find the memory it asks for"
+                )
+                out.append(loaded.problem(path, msg, "warning"))
+    return out
+
+
+def conflicts(loaded: LoadedManifest, a: str, b: str) -> bool:
+    """Models `a` and `b` cannot run at the same time: one exclusive group, or
+    together (with the always-on models) they ask a GPU for more than it has."""
+    models = loaded.manifest.models
+    ea, eb = models[a].exclusive, models[b].exclusive
+    if a != b and ea is not None and ea == eb:
+        return True
+    for users in _utilizations(loaded).values():
+        if a in users and b in users and a != b:
+            always = sum(u for n, u in users.items() if models[n].start == "always")
+            if always + users[a] + users[b] > 1.0:
+                return True
+    return False
+
+
+def _check_on_demand(loaded: LoadedManifest, name: str) -> list[Problem]:
+    spec = loaded.manifest.models[name]
     out = []
-    for gpu, users in shares.items():
-        total = sum(u for _, u in users)
-        if len(users) < 2 or total <= GPU_SHARE_WARN:
-            continue
-        who = " + ".join(f"{n} ({u:g})" for n, u in users)
-        last = users[-1][0]
-        path = ("models", last, "gpu_memory_utilization")
-        if total > 1.0:
-            msg = (
-                f"GPU {gpu} would be asked for {total:.2f} of its memory: {who}; "
-                "lower gpu_memory_utilization so the models on it sum to at most 0.95"
+    if spec.start != "on_demand":
+        if spec.exclusive is not None:
+            out.append(
+                loaded.problem(
+                    ("models", name, "exclusive"),
+                    "only start: on_demand models can be swapped; add start: on_demand",
+                )
             )
-            out.append(loaded.problem(path, msg))
-        else:
-            msg = (
-                f"GPU {gpu} is shared at {total:.2f} ({who}); each CUDA context needs "
-                "a few hundred MiB more, so vLLM may not find the memory it asks for"
+        if spec.idle_timeout is not None:
+            out.append(
+                loaded.problem(
+                    ("models", name, "idle_timeout"),
+                    "idle_timeout applies to start: on_demand models only",
+                    "warning",
+                )
             )
-            out.append(loaded.problem(path, msg, "warning"))
+    elif loaded.manifest.gateway is None:
+        out.append(
+            loaded.problem(
+                ("models", name, "start"),
+                "an on_demand model is started by the gateway: add a `gateway:` section",
+            )
+        )
     return out
 
 

@@ -523,3 +523,59 @@ def test_sizes() -> None:
     assert parse_size(100) == 100
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+ON_DEMAND = """\
+gateway: {port: 9000}
+models:
+  base: {backend: vllm, model: b, gpus: [0], gpu_memory_utilization: 0.3}
+  big1: {backend: vllm, model: x, gpus: [0], gpu_memory_utilization: 0.6, port: 8001,
+         start: on_demand, idle_timeout: 5m}
+  big2: {backend: vllm, model: y, gpus: [0], gpu_memory_utilization: 0.6, port: 8002,
+         start: on_demand}
+  chat1: {backend: vllm, model: c1, gpus: [1], gpu_memory_utilization: 0.2, port: 8003,
+          start: on_demand, exclusive: chat}
+  chat2: {backend: vllm, model: c2, gpus: [2], gpu_memory_utilization: 0.2, port: 8004,
+          start: on_demand, exclusive: chat}
+"""
+
+
+def test_on_demand_models_that_do_not_fit_together_are_swapped_not_rejected() -> None:
+    from llmsup.plan import conflicts
+
+    loaded = parse_manifest(ON_DEMAND, "m.yaml", ENV)
+    assert [p for p in make_plan(loaded).problems if p.severity == "error"] == []
+    assert conflicts(loaded, "big1", "big2")  # 0.3 + 0.6 + 0.6 > 1 on GPU 0
+    assert conflicts(loaded, "chat1", "chat2")  # one exclusive group
+    assert not conflicts(loaded, "big1", "chat1")
+    assert not conflicts(loaded, "big1", "big1")
+
+
+def test_on_demand_model_that_never_fits_beside_the_always_on_ones() -> None:
+    text = ON_DEMAND.replace(
+        "gpu_memory_utilization: 0.6, port: 8002", "gpu_memory_utilization: 0.8, port: 8002"
+    )
+    found = [p for p in problems_of(text) if p.severity == "error"]
+    assert len(found) == 1
+    assert found[0].path == "models.big2.gpu_memory_utilization"
+    assert "base (0.3) + big2 (0.8)" in found[0].message
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "message"),
+    [
+        (
+            "models:\n  a: {backend: vllm, model: m, start: on_demand}\n",
+            "models.a.start",
+            "add a `gateway:` section",
+        ),
+        (
+            "models:\n  a: {backend: vllm, model: m, exclusive: g}\n",
+            "models.a.exclusive",
+            "only start: on_demand models can be swapped",
+        ),
+    ],
+)
+def test_on_demand_rules(text: str, path: str, message: str) -> None:
+    found = [p for p in problems_of(text) if p.severity == "error"]
+    assert [(p.path, message in p.message) for p in found] == [(path, True)]
