@@ -231,6 +231,8 @@ def _optional(nvml: Any, read: Any) -> int | None:
     """A reading the device may not support; a lost device still raises."""
     try:
         return int(read())
+    except AttributeError:  # a pynvml without the function
+        return None
     except nvml.NVMLError as e:
         if _is(
             nvml,
@@ -244,10 +246,22 @@ def _optional(nvml: Any, read: Any) -> int | None:
         return None
 
 
+def _temperature(nvml: Any, handle: Any) -> int:
+    """nvmlDeviceGetTemperature, or its successor where the driver or pynvml lacks it."""
+    sensor = getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
+    read = getattr(nvml, "nvmlDeviceGetTemperature", None)
+    if read is not None:
+        try:
+            return int(read(handle, sensor))
+        except nvml.NVMLError as e:
+            if not _is(nvml, e, "NVML_ERROR_FUNCTION_NOT_FOUND"):
+                raise
+    return int(nvml.nvmlDeviceGetTemperatureV(handle, sensor))
+
+
 def _nvml_gpu(nvml: Any, index: int, uuid: str, handle: Any) -> Gpu:
     name = _text(nvml.nvmlDeviceGetName(handle))
     memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-    sensor = getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
     return Gpu(
         index=index,
         uuid=uuid,
@@ -256,7 +270,7 @@ def _nvml_gpu(nvml: Any, index: int, uuid: str, handle: Any) -> Gpu:
         memory_used=int(memory.used),
         memory_free=int(memory.free),
         utilization=_optional(nvml, lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-        temperature=_optional(nvml, lambda: nvml.nvmlDeviceGetTemperature(handle, sensor)),
+        temperature=_optional(nvml, lambda: _temperature(nvml, handle)),
     )
 
 
@@ -270,7 +284,10 @@ def _nvml_processes(nvml: Any, gpu: Gpu, handle: Any) -> tuple[list[GpuProcess],
         except nvml.NVMLError as e:
             if _is(nvml, e, "NVML_ERROR_UNINITIALIZED", "NVML_ERROR_DRIVER_NOT_LOADED"):
                 raise _DriverGone(_error_name(nvml, e)) from None
-            note = f"GPU {gpu.index} ({gpu.uuid}): processes unknown: {_error_name(nvml, e)}"
+            graphics = query.endswith("GraphicsRunningProcesses")
+            if not (graphics and _is(nvml, e, "NVML_ERROR_NOT_SUPPORTED")):
+                # Compute-only GPUs need not list graphics processes: no note for that.
+                note = f"GPU {gpu.index} ({gpu.uuid}): processes unknown: {_error_name(nvml, e)}"
             continue
         for info in infos:
             used = getattr(info, "usedGpuMemory", None)

@@ -313,7 +313,7 @@ def _is_number(text: str) -> bool:
 def _check_env(loaded: LoadedManifest, name: str) -> list[Problem]:
     spec = loaded.manifest.models[name]
     out = []
-    owned = {"CUDA_VISIBLE_DEVICES": "gpus"} if spec.gpus else {}
+    owned = {"CUDA_VISIBLE_DEVICES": "gpus", "CUDA_DEVICE_ORDER": "gpus"} if spec.gpus else {}
     if isinstance(spec, OllamaModel):
         owned["OLLAMA_HOST"] = "host and port"
         owned.update({var: fld for fld, var in ollama_backend.KNOBS.items()})

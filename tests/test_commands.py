@@ -118,7 +118,11 @@ def test_qwen_vl_on_gpu_2() -> None:
         "--gpu-memory-utilization 0.5 --max-model-len 5108 --enable-auto-tool-choice "
         "--tool-call-parser hermes --served-model-name Qwen2-VL-7B-Instruct --port 1236",
     )
-    assert la.resolve_env() == {"CUDA_VISIBLE_DEVICES": "2", "VLLM_API_KEY": "123"}
+    assert la.resolve_env() == {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": "2",
+        "VLLM_API_KEY": "123",
+    }
 
 
 def test_qwen32_and_qwen_vl_overcommit_gpu_2() -> None:
@@ -164,6 +168,7 @@ def test_ollama_models_on_one_port_share_a_server() -> None:
     assert first.models == ("a", "b")
     assert first.env == {
         "OLLAMA_HOST": "127.0.0.1:11500",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "CUDA_VISIBLE_DEVICES": "GPU-1234",
         "OLLAMA_FLASH_ATTENTION": "1",
     }
@@ -199,6 +204,7 @@ def test_every_field_reaches_argv_or_env() -> None:
     assert f["--max-model-len"] == ["32768"]
     assert f["--max-num-seqs"] == ["64"]
     assert la.env == {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "CUDA_VISIBLE_DEVICES": "GPU-aaaa,GPU-bbbb,GPU-cccc,GPU-dddd",
         "VLLM_USE_MODELSCOPE": "True",
         "HF_HOME": "/srv/hf",

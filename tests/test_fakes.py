@@ -22,6 +22,8 @@ from typing import Any
 import psutil
 import pytest
 
+from llmsup.gpu import GiB, GpuProcess, SimulatedSource, make_sim, sim_uuid
+from tests.fakes import _fakegpu
 from tests.util import fake_env, free_port, wait_for
 
 FAST = {"FAKE_LOAD_TIME": "0.2", "FAKE_DISCOVERY_TIME": "0.05", "FAKE_PULL_TIME": "0.3"}
@@ -236,7 +238,10 @@ def test_vllm_tensor_parallel_children_outlive_sigkill(spawn: Spawn) -> None:
     server = psutil.Process(fake.pid)
 
     def tree() -> dict[str, psutil.Process] | None:
-        procs = {p.name(): p for p in server.children(recursive=True)}
+        try:
+            procs = {p.name(): p for p in server.children(recursive=True)}
+        except psutil.NoSuchProcess:  # a helper of a python3 launcher shim came and went
+            return None
         expected = {"VLLM::EngineCore", "VLLM::Worker_TP0", "VLLM::Worker_TP1"}
         return procs if set(procs) == expected else None
 
@@ -416,3 +421,114 @@ def test_ollama_sigkill_orphans_runners(spawn: Spawn, tmp_path: Path) -> None:
     tags = json.loads(request(again.port, "GET", "/api/tags")[1])["models"]
     assert [m["name"] for m in tags] == ["m:1b"]
     assert json.loads(request(again.port, "GET", "/api/ps")[1]) == {"models": []}
+
+
+# ---------------------------------------------------------------------------
+# A simulated GPU host (LLMSUP_GPU_SIM)
+
+
+def engine_of(fake: Fake) -> psutil.Process:
+    def find() -> psutil.Process | None:
+        with suppress(psutil.NoSuchProcess):  # a launcher shim's helpers come and go
+            for p in psutil.Process(fake.pid).children():
+                if p.name() == "VLLM::EngineCore":
+                    return p
+        return None
+
+    return wait_for(find, message="no EngineCore")
+
+
+def test_vllm_takes_simulated_gpu_memory_and_an_orphan_keeps_it(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    sim = make_sim(tmp_path / "gpus.json", n=2, total=80 * GiB)
+    source = SimulatedSource(sim)
+    fake = start_vllm(spawn, LLMSUP_GPU_SIM=sim, CUDA_VISIBLE_DEVICES="1")
+    engine = engine_of(fake)
+    wait_ready(fake)
+    snap = source.snapshot()
+    taken = int(80 * GiB * 0.92)
+    assert snap.processes == (GpuProcess(engine.pid, sim_uuid(1), 1, taken),)
+    assert [g.memory_used for g in snap.gpus] == [0, taken]
+
+    os.kill(fake.pid, signal.SIGKILL)
+    fake.proc.wait(timeout=5)
+    time.sleep(0.3)
+    assert engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE
+    assert source.snapshot().processes == (GpuProcess(engine.pid, sim_uuid(1), 1, taken),)
+
+    # The next start on that GPU fails as vLLM's does, after the load time.
+    again = start_vllm(spawn, LLMSUP_GPU_SIM=sim, CUDA_VISIBLE_DEVICES=sim_uuid(1))
+    assert again.proc.wait(timeout=10) == 1
+    assert (
+        "ValueError: Free memory on device (6.40/80.00 GiB) on startup is less than desired "
+        "GPU memory utilization (0.92, 73.60 GiB). Decrease GPU memory utilization or reduce "
+        "GPU memory used by other processes." in again.log()
+    )
+    assert "Starting vLLM server" not in again.log()
+    assert "Loading weights took" in again.log()  # it failed only once "loaded"
+
+    engine.kill()
+    wait_for(lambda: source.snapshot().gpus[1].memory_used == 0, message="memory never freed")
+
+
+def test_vllm_workers_take_memory_on_their_ranks_gpus(spawn: Spawn, tmp_path: Path) -> None:
+    sim = make_sim(tmp_path / "gpus.json", n=4, total=80 * GiB)
+    visible = f"3,{sim_uuid(1)}"
+    fake = start_vllm(
+        spawn,
+        "-tp",
+        "2",
+        "--gpu-memory-utilization",
+        "0.5",
+        LLMSUP_GPU_SIM=sim,
+        CUDA_VISIBLE_DEVICES=visible,
+    )
+    wait_ready(fake)
+    # argv[0] is the title from the start; the comm name is set a moment later.
+    workers = {p.cmdline()[0]: p.pid for p in psutil.Process(fake.pid).children(recursive=True)}
+    held = {(p.pid, p.gpu_index, p.used_memory) for p in SimulatedSource(sim).snapshot().processes}
+    assert held == {
+        (workers["VLLM::Worker_TP0"], 3, 40 * GiB),
+        (workers["VLLM::Worker_TP1"], 1, 40 * GiB),
+    }
+
+
+def test_vllm_gpu_memory_is_freed_after_the_release_delay(spawn: Spawn, tmp_path: Path) -> None:
+    sim = make_sim(tmp_path / "gpus.json", n=1)
+    source = SimulatedSource(sim)
+    fake = start_vllm(spawn, LLMSUP_GPU_SIM=sim, FAKE_GPU_RELEASE_DELAY="1.0")
+    wait_ready(fake)
+    assert source.snapshot().gpus[0].memory_used > 0
+    fake.proc.send_signal(signal.SIGTERM)
+    assert fake.proc.wait(timeout=5) == 0
+    wait_for(lambda: not group_members(fake.pid), timeout=3, message="processes left behind")
+    exited = time.monotonic()
+    snap = source.snapshot()
+    assert snap.processes == ()
+    assert snap.gpus[0].memory_used == int(80 * GiB * 0.92)  # freed memory lags the exit
+    wait_for(lambda: source.snapshot().gpus[0].memory_used == 0, timeout=5)
+    assert time.monotonic() - exited >= 1.0
+
+
+def test_ollama_runners_take_simulated_gpu_memory(spawn: Spawn, tmp_path: Path) -> None:
+    sim = make_sim(tmp_path / "gpus.json", n=2, total=10 * GiB)
+    fake = start_ollama(
+        spawn,
+        tmp_path / "models",
+        LLMSUP_GPU_SIM=sim,
+        CUDA_VISIBLE_DEVICES=sim_uuid(1),
+        FAKE_OLLAMA_VRAM=3 * GiB,
+    )
+    for model in ("a:1b", "b:1b"):
+        request(fake.port, "POST", "/api/pull", {"model": model, "stream": False})
+    request(fake.port, "POST", "/api/generate", {"model": "a:1b", "keep_alive": -1})
+    (runner,) = runners_of(fake)
+    snap = SimulatedSource(sim).snapshot()
+    assert snap.processes == (GpuProcess(runner.pid, sim_uuid(1), 1, 3 * GiB),)
+    # Something else takes most of the GPU: the next model goes partly on the CPU.
+    _fakegpu.allocate(str(sim), os.getpid(), 1, 6 * GiB)
+    request(fake.port, "POST", "/api/generate", {"model": "b:1b", "keep_alive": -1})
+    loaded = json.loads(request(fake.port, "GET", "/api/ps")[1])["models"]
+    sizes = {m["name"]: (m["size"], m["size_vram"]) for m in loaded}
+    assert sizes == {"a:1b": (3 * GiB, 3 * GiB), "b:1b": (3 * GiB, 1 * GiB)}

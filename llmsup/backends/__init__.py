@@ -81,4 +81,14 @@ class Launch:
 
 
 def cuda_devices(gpus: tuple[int | str, ...] | list[int | str]) -> dict[str, str]:
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)} if gpus else {}
+    """CUDA_VISIBLE_DEVICES for `gpus` (indices or UUIDs, both accepted by CUDA).
+
+    CUDA numbers devices fastest-first by default, NVML and nvidia-smi by PCI bus:
+    PCI_BUS_ID makes index 2 in the manifest the GPU that `nvidia-smi` calls 2.
+    """
+    if not gpus:
+        return {}
+    return {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus),
+    }

@@ -24,6 +24,11 @@ Fault injection (environment, read once at start; seconds as floats):
                             load time. Ollama: loading a model answers 500.
     FAKE_PULL_FAIL=1        Ollama: pull streams end with an {"error": ...} line.
     FAKE_CONTROL_FILE=PATH  JSON file polled every 0.2 s, see below.
+    LLMSUP_GPU_SIM=PATH     a simulated GPU host to take memory on (_fakegpu.py).
+    FAKE_GPU_RELEASE_DELAY=T  simulated memory of a dead process is freed T s
+                            after it is first seen dead (default 0).
+    FAKE_OLLAMA_VRAM=N      Ollama: bytes a runner takes on the simulated GPU
+                            (default 2 GiB).
 
 Control file keys (the file may be absent, or rewritten at any time; write it
 atomically, e.g. to a temporary name and then rename):

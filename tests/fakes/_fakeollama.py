@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Any
 
+import _fakegpu
 from _fakecommon import (
     HERE,
     VERSION,
@@ -57,6 +58,7 @@ DEFAULT_KEEP_ALIVE_S = 300.0
 RUNNER_POLL_S = 0.1
 RUNNER_START_TIMEOUT_S = 10.0
 FOREVER_S = 2**63 / 1e9  # Go's largest time.Duration: about 292 years
+DEFAULT_VRAM = 2 * _fakegpu.GiB  # what a runner takes on a simulated GPU
 
 USAGE = """Large language model runner
 
@@ -290,6 +292,8 @@ class Runner:
         self.expires_wall: float = FOREVER_S
         self.active = 0
         self._lock = threading.Lock()
+        # (size, size_vram) on a simulated GPU host; None without one.
+        self.sizes: tuple[int, int] | None = None
 
     def use(self, delta: int) -> None:
         """Count requests in progress: a runner in use does not expire."""
@@ -365,6 +369,13 @@ class OllamaServer:
 
     def end_discovery(self) -> None:
         devices = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        total, available = "80.0 GiB", "79.3 GiB"
+        sim = _fakegpu.sim_path()
+        if sim is not None:
+            with contextlib.suppress(_fakegpu.SimError):
+                free, size = _fakegpu.memory_on(sim, runner_device())
+                total = f"{size / _fakegpu.GiB:.1f} GiB"
+                available = f"{free / _fakegpu.GiB:.1f} GiB"
         slog(
             "INFO",
             "types.go:1",
@@ -372,8 +383,8 @@ class OllamaServer:
             id=devices.split(",")[0] if devices else "GPU-00000000-0000-0000-0000-000000000000",
             library="CUDA",
             name="CUDA0",
-            total="80.0 GiB",
-            available="79.3 GiB",
+            total=total,
+            available=available,
         )
         self.discovered.set()
         if self.cfg.hang_after is not None:
@@ -511,6 +522,10 @@ class OllamaServer:
         if remaining > 0:
             time.sleep(remaining)
         runner = Runner(name, proc, port)
+        sim = _fakegpu.sim_path()
+        if sim is not None:
+            with contextlib.suppress(_fakegpu.SimError):
+                runner.sizes = (runner_vram(), _fakegpu.held_by(sim, {proc.pid}))
         self.runners[name] = runner
         slog(
             "INFO",
@@ -588,6 +603,7 @@ class OllamaServer:
         models = []
         for runner in sorted(self.runners.values(), key=lambda r: r.loaded_at):
             facts = model_facts(runner.name)
+            size, size_vram = runner.sizes or (facts["size"], facts["size"])
             remaining = runner.expires_wall
             if runner.expires is not None:
                 remaining = max(0.0, runner.expires - time.monotonic())
@@ -595,11 +611,11 @@ class OllamaServer:
                 {
                     "name": runner.name,
                     "model": runner.name,
-                    "size": facts["size"],
+                    "size": size,
                     "digest": facts["digest"],
                     "details": facts["details"],
                     "expires_at": now_iso(remaining),
-                    "size_vram": facts["size"],
+                    "size_vram": size_vram,
                     "context_length": int(os.environ.get("OLLAMA_CONTEXT_LENGTH") or 4096),
                 }
             )
@@ -901,6 +917,21 @@ class OllamaServer:
 # The runner child
 
 
+def runner_device() -> str:
+    """The GPU a runner uses: the first of CUDA_VISIBLE_DEVICES, else 0."""
+    devices = _fakegpu.visible_devices()
+    return devices[0] if devices else "0"
+
+
+def runner_vram() -> int:
+    """FAKE_OLLAMA_VRAM: bytes a runner takes on a simulated GPU (2 GiB)."""
+    raw = os.environ.get("FAKE_OLLAMA_VRAM", "").strip()
+    try:
+        return max(0, int(float(raw))) if raw else DEFAULT_VRAM
+    except ValueError:
+        return DEFAULT_VRAM
+
+
 class RunnerApp:
     def access_log(self, h: Handler, code: int) -> None:
         pass
@@ -924,6 +955,12 @@ def runner_main(argv: list[str]) -> int:
     loop = MainLoop()
     watch_control_file(os.environ.get("FAKE_CONTROL_FILE"), faults)
     install_signals(loop, faults, lambda _s: loop.stop(0))
+    sim = _fakegpu.sim_path()
+    if sim is not None:
+        # As much of the model as fits goes on the GPU; the rest stays on the CPU.
+        with contextlib.suppress(_fakegpu.SimError):
+            delay = _fakegpu.release_delay()
+            _fakegpu.allocate(sim, os.getpid(), runner_device(), runner_vram(), delay)
     server = make_server("127.0.0.1", port, GoHandler, RunnerApp())
     start_serving(server)
     slog("INFO", "runner.go:1", "starting go runner", model=opts.get("--model", ""), port=port)

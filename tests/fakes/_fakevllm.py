@@ -10,6 +10,7 @@ _fakecommon's docstring and in README.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import time
 from http import HTTPStatus
 from typing import Any
 
+import _fakegpu
 from _fakecommon import (
     HERE,
     VERSION,
@@ -74,6 +76,10 @@ CHILD_STOP_GRACE_S = 2.0
 ENGINE_POLL_S = 0.5
 EXIT_AFTER_ENGINE_DEATH_S = 1.0
 DEFAULT_DRAIN_S = 0.2
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
+GPU_CLAIM_AT = 0.1  # of the load time: when the workers' devices are initialised
+GPU_CLAIM_RETRY_S = 0.05
+GPU_CLAIM_DEADLINE_S = 10.0
 
 
 # ---------------------------------------------------------------------------
@@ -469,7 +475,12 @@ class ApiServer:
         self.ready = False
         self.stopping = False
         self.engines: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.workers: dict[str, list[str]] = {}  # engine name -> its workers, by rank
         self.pid = os.getpid()
+        # LLMSUP_GPU_SIM: memory taken on the simulated host by each holder process.
+        self.gpu_sim = _fakegpu.sim_path()
+        self.gpu_claimed = self.gpu_sim is None
+        self.gpu_error: str | None = None
 
     # -- logging
 
@@ -520,6 +531,11 @@ class ApiServer:
         load = cfg.load_time
         self.schedule_load_lines(start, load)
         self.loop.call_at(start + load, self.finish_loading)
+        if self.gpu_sim is not None:
+            self.loop.call_at(
+                start + GPU_CLAIM_AT * load,
+                lambda: self.claim_gpus(time.monotonic() + GPU_CLAIM_DEADLINE_S),
+            )
         if cfg.exit_code is not None and cfg.exit_after is not None:
             code = cfg.exit_code
             self.loop.call_at(start + cfg.exit_after, lambda: self.crash(code))
@@ -552,6 +568,7 @@ class ApiServer:
                         if self.tp > 1:
                             w += f"_TP{tp_rank}"
                         workers.append(w)
+            self.workers[name] = workers
             argv = [f"VLLM::{name}", SCRIPT, ENGINE_CMD, name, *workers]
             # argv[0] is the process title, as setproctitle leaves it in vLLM.
             self.engines.append((name, subprocess.Popen(argv, executable=python)))
@@ -597,12 +614,66 @@ class ApiServer:
             emit = self.engine_log if engine else self.log
             self.loop.call_at(start + frac * load, lambda e=emit, m=msg, s=source: e(m, source=s))
 
+    def gpu_holders(self) -> list[tuple[int, int]] | None:
+        """(pid, global rank) of each process that takes GPU memory, as vLLM's: the
+        EngineCore without parallelism, else each worker. None until all exist."""
+        per_engine = self.tp * self.pp
+        out: list[tuple[int, int]] = []
+        for dp_rank, (name, proc) in enumerate(self.engines):
+            workers = self.workers.get(name, [])
+            if not workers:
+                out.append((proc.pid, dp_rank))
+                continue
+            titles = {}
+            for pid in descendants(proc.pid):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                    titles[f.read().split(b"\0", 1)[0].decode(errors="replace")] = pid
+            for local, worker in enumerate(workers):
+                pid = titles.get(f"VLLM::{worker}")
+                if pid is None:
+                    return None
+                out.append((pid, dp_rank * per_engine + local))
+        return out
+
+    def claim_gpus(self, deadline: float) -> None:
+        """Each holder takes utilization x total on its GPU, or the start fails."""
+        if self.stopping or self.gpu_claimed:
+            return
+        holders = self.gpu_holders()
+        if holders is None:
+            if time.monotonic() < deadline and all(p.poll() is None for _, p in self.engines):
+                self.loop.call_later(GPU_CLAIM_RETRY_S, lambda: self.claim_gpus(deadline))
+                return
+            holders = []  # a dead engine is check_engines' business
+        assert self.gpu_sim is not None
+        util = self.ns.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+        delay = _fakegpu.release_delay()
+        gib = float(_fakegpu.GiB)
+        for pid, rank in holders:
+            device = _fakegpu.device_of_rank(rank)
+            try:
+                if device is None:
+                    raise _fakegpu.SimError(f"no visible device for rank {rank}")
+                taken, free, total = _fakegpu.reserve(self.gpu_sim, pid, device, util, delay)
+            except _fakegpu.SimError:
+                self.gpu_error = "RuntimeError: CUDA error: invalid device ordinal"
+                break
+            if not taken:
+                self.gpu_error = (
+                    f"ValueError: Free memory on device ({free / gib:.2f}/{total / gib:.2f} GiB) "
+                    "on startup is less than desired GPU memory utilization "
+                    f"({util}, {total * util / gib:.2f} GiB). Decrease GPU memory utilization "
+                    "or reduce GPU memory used by other processes."
+                )
+                break
+        self.gpu_claimed = True
+
     def load_error(self) -> str | None:
         ns = self.ns
         with open(VALUES_FILE, encoding="utf-8") as f:
             values = json.load(f)
         if self.cfg.fail_load:
-            util = ns.gpu_memory_utilization or 0.92
+            util = ns.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
             return (
                 "ValueError: Free memory on device (10.52/79.19 GiB) on startup is less than "
                 f"desired GPU memory utilization ({util}, {79.19 * util:.2f} GiB). Decrease GPU "
@@ -617,10 +688,13 @@ class ApiServer:
                 f"KeyError: 'invalid tool call parser: {ns.tool_call_parser} "
                 f"(chose from {{ {allowed} }})'"
             )
-        return None
+        return self.gpu_error
 
     def finish_loading(self) -> None:
         if self.stopping:
+            return
+        if not self.gpu_claimed:
+            self.loop.call_later(GPU_CLAIM_RETRY_S, self.finish_loading)
             return
         error = self.load_error()
         if error:
