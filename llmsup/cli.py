@@ -38,16 +38,27 @@ def manifest_option(fn: F) -> F:
     )(fn)
 
 
-def _load(manifest_file: Path | None) -> tuple[LoadedManifest, Plan]:
+def _load(manifest_file: Path | None, *, gpus: bool = False) -> tuple[LoadedManifest, Plan]:
+    """Load and plan; with `gpus`, also check the manifest against this host's GPUs."""
     from llmsup.manifest import default_manifest_path, load_manifest
     from llmsup.plan import make_plan
 
     loaded = load_manifest(manifest_file or default_manifest_path())
     plan = make_plan(loaded)
-    if plan.errors:
-        raise ManifestError(sorted(plan.problems, key=lambda p: (p.line, p.column)))
-    for warning in plan.problems:
-        click.echo(str(warning), err=True)
+    problems = list(plan.problems)
+    note = None
+    if gpus:
+        from llmsup.gpucheck import check_host
+
+        found, note = check_host(loaded)
+        problems += found
+    problems.sort(key=lambda p: (p.line, p.column))
+    if any(p.severity == "error" for p in problems):
+        raise ManifestError(problems)
+    for p in problems:
+        click.echo(str(p), err=True)
+    if note:
+        click.echo(f"note: {note}", err=True)
     return loaded, plan
 
 
@@ -77,8 +88,8 @@ def main() -> None:
 @main.command()
 @manifest_option
 def check(manifest_file: Path | None) -> None:
-    """Validate the manifest and its cross-model rules; exit 2 if invalid."""
-    loaded, plan = _load(manifest_file)
+    """Validate the manifest, its cross-model rules, and its GPUs; exit 2 if invalid."""
+    loaded, plan = _load(manifest_file, gpus=True)
     n = len(loaded.manifest.models)
     warnings = len(plan.problems)
     click.echo(
@@ -169,7 +180,7 @@ class _Progress:
         if not self.quiet and (not same or now - self.printed.get(unit, 0.0) >= 1.0):
             self.printed[unit] = now
             click.echo(f"{_stamp()} {unit:<24} {state.value:<9} {detail}", err=True)
-        busy = {"WAITING", "STARTING", "LOADING", "BACKOFF"}
+        busy = {"WAITING", "WAITING_GPU", "STARTING", "LOADING", "BACKOFF"}
         if not self.settled and self.states and not busy & set(self.states.values()):
             self.settled = True
             ready = sum(v == "READY" for v in self.states.values())
@@ -198,7 +209,7 @@ def up(manifest_file: Path | None, detach: bool, foreground: bool, quiet: bool) 
     if detach and foreground:
         raise click.UsageError("-d and --foreground exclude each other")
     path = (manifest_file or default_manifest_path()).resolve()
-    loaded, plan = _load(path)
+    loaded, plan = _load(path, gpus=True)
     state_dir = state_dir_of(loaded)
     sock = socket_path(state_dir)
     if alive(sock):
@@ -288,7 +299,10 @@ def status(manifest_file: Path | None, as_json: bool, name: str | None) -> None:
     if as_json:
         click.echo(json.dumps({**data, "models": rows}, indent=2))
         return
-    head = ("NAME", "BACKEND", "STATE", "PID", "PORT", "UPTIME", "RESTARTS", "HEALTH", "DETAIL")
+    head = (
+        "NAME", "BACKEND", "STATE", "PID", "PORT", "UPTIME", "RESTARTS", "HEALTH", "GPU MEM",
+        "DETAIL",
+    )  # fmt: skip
     table = [head]
     for r in rows:
         health = "-" if r["health_latency_ms"] is None else f"{r['health_latency_ms']:.0f}ms"
@@ -305,6 +319,7 @@ def status(manifest_file: Path | None, as_json: bool, name: str | None) -> None:
                 _fmt_age(r["uptime"]),
                 str(r["restarts"]),
                 health,
+                _fmt_gpu(r.get("gpu_memory")),
                 detail,
             )
         )
@@ -313,11 +328,84 @@ def status(manifest_file: Path | None, as_json: bool, name: str | None) -> None:
         click.echo(
             "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
         )
+    if data.get("gpu_note"):
+        click.echo(f"note: {data['gpu_note']}")
     for r in rows:
         if r["state"] == "FAILED" and r["tail"]:
             click.echo(f"\n{r['name']}: last log lines:")
             for line in r["tail"][-10:]:
                 click.echo(f"  {line}")
+
+
+def _fmt_gpu(held: dict[str, int] | None) -> str:
+    """`0:71.2G 1:71.2G`, `-` when nothing is held, `n/a` without GPU information."""
+    if held is None:
+        return "n/a"
+    if not held:
+        return "-"
+    return " ".join(f"{i}:{b / 2**30:.1f}G" for i, b in sorted(held.items()))
+
+
+@main.command()
+@manifest_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def gpus(manifest_file: Path | None, as_json: bool) -> None:
+    """Each GPU, its memory, and its processes: which model, an orphan, or foreign."""
+    from llmsup import gpu, gpucheck
+    from llmsup.client import call
+
+    try:
+        snap = gpu.source_from_env().snapshot()
+    except gpu.GpuUnavailable as e:
+        if as_json:
+            click.echo(json.dumps({"gpus": [], "processes": [], "note": str(e)}, indent=2))
+        else:
+            click.echo(f"no GPU information: {e}")
+        return
+    current: dict[str, str] = {}
+    daemon_note = ""
+    try:
+        _, data = call(_socket(manifest_file), "GET", "/v1/status", timeout=5.0)
+        current = {r["instance"]: r["unit"] for r in data["models"] if r.get("instance")}
+    except LlmsupError:
+        if snap.processes:
+            daemon_note = "no llmsup daemon answers: llmsup's processes show as orphans"
+    procs: list[dict[str, Any]] = []
+    for p in snap.processes:
+        info = gpu.process_info(p.pid)
+        procs.append(
+            {
+                "gpu": p.gpu_index,
+                "pid": p.pid,
+                "used_memory": p.used_memory,
+                "owner": gpucheck.label(p.pid, gpucheck.marker_of(p.pid), current),
+                "user": info[0] if info else None,
+                "command": info[1] if info else None,
+            }
+        )
+    if as_json:
+        out = {
+            "gpus": [g.__dict__ for g in snap.gpus],
+            "processes": procs,
+            "notes": [*snap.notes, *([daemon_note] if daemon_note else [])],
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    for g in snap.gpus:
+        util = "-" if g.utilization is None else f"{g.utilization}%"
+        temp = "-" if g.temperature is None else f"{g.temperature}C"
+        click.echo(
+            f"GPU {g.index}  {g.name}  {gpu.fmt_bytes(g.memory_used)} / "
+            f"{gpu.fmt_bytes(g.memory_total)} used, {gpu.fmt_bytes(g.memory_free)} free  "
+            f"util {util}  {temp}  {g.uuid}"
+        )
+        for row in [x for x in procs if x["gpu"] == g.index]:
+            held = row["used_memory"]
+            amount = "?" if held is None else gpu.fmt_bytes(held)
+            who = f"{row['user']}: {row['command']}" if row["user"] else "not visible to this user"
+            click.echo(f"    pid {row['pid']:<8} {amount:>10}  {row['owner']:<24} {who[:90]}")
+    for n in [*snap.notes, *([daemon_note] if daemon_note else [])]:
+        click.echo(f"note: {n}")
 
 
 def _model_action(action: str, manifest_file: Path | None, name: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from llmsup import probe, process
+from llmsup import gpu, gpucheck, probe, process
 from llmsup.backends import Launch
 from llmsup.errors import DaemonError, ManifestError
 from llmsup.manifest import LoadedManifest, load_manifest
@@ -41,6 +41,7 @@ from llmsup.state import (
 )
 
 Listener = Callable[[str, State, str], None]
+GPU_POLL = 5.0  # seconds between GPU memory readings for status and metrics
 log = logging.getLogger("llmsup")
 
 
@@ -76,6 +77,17 @@ class Server:
         self.task: asyncio.Task[None] | None = None
         self.tail: list[str] = []
         self._wake = asyncio.Event()
+        # The gateway's view: requests in flight, the last one, a swap under way.
+        self.in_flight = 0
+        self.last_used = 0.0
+        self.draining = False
+        self.api_key: str | None = None  # the key the server was started with
+        self.gpu_memory: dict[int, int] = {}  # GPU index -> bytes its processes hold
+
+    @property
+    def on_demand(self) -> bool:
+        models = self.daemon.loaded.manifest.models
+        return all(models[m].start == "on_demand" for m in self.launch.models if m in models)
 
     # -------------------------------------------------------- control
 
@@ -131,6 +143,12 @@ class Server:
                 "progress": self.progress,
                 "log": str(self.daemon.log_path(la.unit)),
                 "tail": self.tail if self.state == State.FAILED else [],
+                "gpu_memory": (
+                    {str(k): v for k, v in self.gpu_memory.items()}
+                    if self.daemon.gpu_source is not None
+                    else None
+                ),
+                "instance": self.child.record.instance if self.child else None,
             }
             for model in la.models
         ]
@@ -175,7 +193,7 @@ class Server:
     async def _wait_for_predecessors(self) -> None:
         """Servers that share a GPU start one after another (the plan's `after`)."""
         before = self.daemon.plan.after.get(self.launch.unit, ())
-        busy = (State.WAITING, State.STARTING, State.LOADING)
+        busy = (State.WAITING, State.WAITING_GPU, State.STARTING, State.LOADING)
 
         def blocking() -> list[str]:
             return [
@@ -196,6 +214,7 @@ class Server:
             env = process.child_env(os.environ, la.resolve_env())
         except OSError as e:
             return Outcome(True, f"cannot read a secret: {e}", fatal=True)
+        self.api_key = env.get(la.auth_env) if la.auth_env else None
         exe = process.find_executable(la.argv[0], env)
         if exe is None:
             return Outcome(
@@ -211,6 +230,9 @@ class Server:
                 "stop that process or change the model's port",
                 fatal=True,
             )
+        waited = await self._wait_for_gpus()
+        if waited is not None:
+            return waited
         self.set_progress("")
         log = process.RotatingLog(
             self.daemon.log_path(la.unit), m.defaults.log.max_size, m.defaults.log.backups
@@ -247,6 +269,31 @@ class Server:
             await child.close()
             process.drop_record(self.daemon.state_dir, child.record)
             self.child = None
+
+    async def _wait_for_gpus(self) -> Outcome | None:
+        """Start only into GPUs with the free memory this server will ask for:
+        a predecessor's memory is released late, orphans or other jobs may hold it."""
+        daemon = self.daemon
+        if daemon.gpu_source is None:
+            return None
+        limit = daemon.loaded.manifest.health(self.launch.unit).gpu_wait
+        deadline = time.monotonic() + limit
+        while True:
+            snap = await daemon.gpu_snapshot()
+            if snap is None:
+                return None
+            missing = gpucheck.short(gpucheck.needs(daemon.loaded, self.launch, snap), snap)
+            if not missing:
+                return None
+            msg = await asyncio.to_thread(
+                gpucheck.waiting_message, missing, snap, daemon.instances()
+            )
+            if time.monotonic() >= deadline:
+                return Outcome(
+                    True, f"GPU memory still held after {limit:g}s (health.gpu_wait): {msg}", True
+                )
+            self.set_state(State.WAITING_GPU, msg)
+            await asyncio.sleep(0.5)
 
     def set_progress(self, text: str) -> None:
         if text != self.progress:
@@ -295,6 +342,7 @@ class Server:
             except asyncio.TimeoutError:
                 return Outcome(True, timeout_msg)
         self.tracker.ready()
+        self.last_used = time.monotonic()
         self.set_progress("")
         self.set_state(State.READY, f"pid {child.proc.pid}")
         return await self._watch(base, child)
@@ -389,6 +437,11 @@ class Daemon:
         self._lock_fd: int | None = None
         self.notifier = notifier or Notifier()
         self._status_dirty = True
+        self._gateway: tuple[Any, asyncio.Task[None]] | None = None  # (runner, idle loop)
+        self.gpu_source: gpu.GpuSource | None = None
+        self.gpu_note = ""  # why there is no GPU information, if there is none
+        self.snapshot: gpu.Snapshot | None = None
+        self._gateway_config: Any = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -453,6 +506,7 @@ class Daemon:
         self._lock()
         loop = asyncio.get_running_loop()
         runner = None
+        monitor: asyncio.Task[None] | None = None
         systemd = asyncio.create_task(self._systemd_loop())
         try:
             await self.clean_leftovers()
@@ -464,9 +518,13 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stopping.set)
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._sighup()))
+            await self._init_gpus()
+            monitor = asyncio.create_task(self._gpu_loop())
+            await self._start_gateway()  # a port it cannot have stops us before any launch
             for la in self.plan.launches:
                 self.servers[la.unit] = Server(self, la)
-                self.servers[la.unit].start()
+                if not self.servers[la.unit].on_demand:
+                    self.servers[la.unit].start()
             # Ready = the control socket answers and launches are under way; a model
             # that loads for twenty minutes must not fail the unit's start.
             self.notifier.send("READY=1")
@@ -475,8 +533,11 @@ class Daemon:
             self.notifier.send("STOPPING=1", "STATUS=stopping all models")
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            await self._stop_gateway()
             await asyncio.gather(*(s.stop() for s in self.servers.values()))
             systemd.cancel()
+            if monitor is not None:
+                monitor.cancel()
             if runner is not None:
                 await runner.cleanup()
             self.socket_path.unlink(missing_ok=True)
@@ -508,6 +569,94 @@ class Daemon:
                 self.notifier.send("WATCHDOG=1")
             await asyncio.sleep(tick)
 
+    # -------------------------------------------------------- GPUs
+
+    async def _init_gpus(self) -> None:
+        source = gpu.source_from_env()
+        try:
+            self.snapshot = await asyncio.to_thread(source.snapshot)
+            self.gpu_source = source
+        except gpu.GpuUnavailable as e:
+            self.gpu_note = f"GPU checks skipped: {e}"
+            log.info("%s", self.gpu_note)
+
+    async def gpu_snapshot(self) -> gpu.Snapshot | None:
+        if self.gpu_source is None:
+            return None
+        try:
+            self.snapshot = await asyncio.to_thread(self.gpu_source.snapshot)
+        except gpu.GpuUnavailable as e:  # the driver went away: keep supervising
+            self.gpu_note = f"GPU information unavailable: {e}"
+            return None
+        self.gpu_note = ""
+        return self.snapshot
+
+    def instances(self) -> dict[str, str]:
+        """Current instance marker -> unit, to tell our processes from orphans."""
+        return {
+            s.child.record.instance: s.launch.unit
+            for s in self.servers.values()
+            if s.child is not None
+        }
+
+    async def _gpu_loop(self) -> None:
+        """Keeps each server's GPU memory (its whole process tree) for status and metrics."""
+        while self.gpu_source is not None:
+            snap = await self.gpu_snapshot()
+            if snap is not None:
+                for s in list(self.servers.values()):
+                    pids = process.tree_pids(s.child.proc.pid) if s.child else set()
+                    s.gpu_memory = gpu.memory_by_pids(snap, pids) if pids else {}
+            await asyncio.sleep(GPU_POLL)
+
+    def _gateway_settings(self) -> Any:
+        gw = self.loaded.manifest.gateway
+        if gw is None:
+            return None
+        keys = [k.get_secret_value() for k in gw.api_keys if k.get_secret_value()]
+        if gw.api_key_file:
+            text = Path(gw.api_key_file).read_text(encoding="utf-8")
+            keys += [line.strip() for line in text.splitlines() if line.strip()]
+        return (
+            gw.host,
+            gw.port,
+            tuple(keys),
+            tuple(gw.aliases.items()),
+            gw.max_body,
+            gw.start_wait,
+        )
+
+    async def _start_gateway(self) -> None:
+        from llmsup import gateway
+        from llmsup.registry import DaemonRegistry, ModelCollector
+
+        settings = self._gateway_settings()
+        self._gateway_config = settings
+        if settings is None:
+            return
+        host, port, keys, aliases, max_body, start_wait = settings
+        registry = DaemonRegistry(self)
+        config = gateway.GatewayConfig(
+            api_keys=keys,
+            aliases=dict(aliases),
+            max_body_bytes=max_body,
+            start_wait=start_wait,
+            extra_collector=ModelCollector(self),
+        )
+        try:
+            runner = await gateway.serve(gateway.create_app(registry, config), host, port)
+        except OSError as e:
+            holder = process.port_holder(port)
+            raise DaemonError(f"the gateway cannot listen on {host}:{port}: {e} ({holder})") from e
+        self._gateway = (runner, asyncio.create_task(registry.idle_loop()))
+
+    async def _stop_gateway(self) -> None:
+        if self._gateway is not None:
+            runner, idle = self._gateway
+            idle.cancel()
+            await runner.cleanup()
+            self._gateway = None
+
     async def _sighup(self) -> None:
         try:
             await self.reload(self.manifest_path)
@@ -520,6 +669,12 @@ class Daemon:
         """Apply a manifest: restart changed servers only; an invalid one changes nothing."""
         loaded = load_manifest(path)
         plan = plan_or_raise(loaded)
+        if self.snapshot is not None:
+            errors = [
+                p for p in gpucheck.gpu_problems(loaded, self.snapshot) if p.severity == "error"
+            ]
+            if errors:
+                raise ManifestError(errors)
         if state_dir_of(loaded).resolve() != self.state_dir.resolve():
             raise DaemonError("state_dir cannot change on reload; run `llmsup down` first")
         old = {u: s.launch for u, s in self.servers.items()}
@@ -536,7 +691,11 @@ class Daemon:
         for u in new:
             self.servers[u].launch = new[u]
         for u in [la.unit for la in plan.launches if la.unit in changed + added]:
-            self.servers[u].start()
+            if not self.servers[u].on_demand:
+                self.servers[u].start()
+        if self._gateway_settings() != self._gateway_config:
+            await self._stop_gateway()
+            await self._start_gateway()
         unchanged = [u for u in new if u not in changed and u not in added]
         return {"added": added, "removed": removed, "restarted": changed, "unchanged": unchanged}
 
@@ -556,4 +715,5 @@ class Daemon:
                 "uptime": time.time() - self.started,
             },
             "models": [row for s in self.servers.values() for row in s.status()],
+            "gpu_note": self.gpu_note,
         }

@@ -32,11 +32,11 @@ class Problem:
     column: int
     path: str
     message: str
-    severity: str = "error"  # "error" | "warning"
+    severity: str = "error"  # "error" | "warning" | "note"
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}:{self.column}"
-        prefix = "warning: " if self.severity == "warning" else ""
+        prefix = "" if self.severity == "error" else f"{self.severity}: "
         key = f"{self.path}: " if self.path else ""
         return f"{where}: {prefix}{key}{self.message}"
 

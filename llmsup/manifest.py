@@ -164,6 +164,9 @@ class HealthOverride(_Strict):
         None, description="also send a 1-token completion (catches a hung engine)"
     )
     deep_interval: Duration | None = None
+    gpu_wait: Duration | None = Field(
+        None, description="how long a start waits for its GPUs' memory to be free"
+    )
 
 
 class Health(_Strict):
@@ -173,6 +176,7 @@ class Health(_Strict):
     startup_timeout: float = 1200.0
     deep_probe: bool = False
     deep_interval: float = 60.0
+    gpu_wait: float = 300.0
 
 
 RestartPolicyName = Literal["always", "on-failure", "never"]
@@ -291,6 +295,9 @@ class OllamaModel(_ModelBase):
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] | None = None
     flash_attention: bool | None = None
     max_loaded_models: int | None = Field(None, ge=1)
+    gpu_memory: Size | None = Field(
+        None, description="free GPU memory to wait for before starting (e.g. 6G)"
+    )
 
     @field_validator("keep_alive")
     @classmethod

@@ -219,6 +219,15 @@ def members(record: Record) -> list[psutil.Process]:
     return found
 
 
+def tree_pids(pid: int) -> set[int]:
+    """A process and its descendants (cheap: no environment reads)."""
+    try:
+        root = psutil.Process(pid)
+        return {pid} | {c.pid for c in root.children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
 def marked_with(prefix: str) -> list[psutil.Process]:
     """Processes whose marker starts with `prefix` (a state key: all of one daemon's)."""
     out = []

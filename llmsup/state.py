@@ -21,6 +21,7 @@ from llmsup.manifest import Restart
 class State(str, enum.Enum):
     STOPPED = "STOPPED"
     WAITING = "WAITING"  # for a server it starts after (shared GPU)
+    WAITING_GPU = "WAITING_GPU"  # for free memory on its GPUs
     STARTING = "STARTING"  # process spawned, port not answering yet
     LOADING = "LOADING"  # answering, pulling or loading the model
     READY = "READY"

@@ -1,0 +1,442 @@
+"""The gateway: one OpenAI-compatible endpoint in front of every model.
+
+It runs inside the daemon's event loop, so nothing here blocks: bodies are relayed
+chunk by chunk as they arrive, and large request bodies are parsed in a worker
+thread. The daemon supplies a `Registry` (which names exist, and a READY server
+for a name); the gateway only routes, authenticates, streams and counts.
+
+Errors always have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+`/health` needs no key. `/metrics` needs the key when keys are configured: it names
+every model and their states, which `/v1/models` also guards, and Prometheus can
+send a bearer token (`authorization: {credentials_file: ...}` in the scrape config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.registry import Collector
+from yarl import URL
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """One served name and the server behind it, as the daemon sees it now."""
+
+    served_name: str  # the name clients send as "model"
+    unit: str  # the server (process) that serves it
+    backend: str  # "vllm" | "ollama" | "command"
+    base_url: str  # e.g. "http://127.0.0.1:8000"; the request path (/v1/...) is appended
+    api_key: str | None  # sent upstream as "Authorization: Bearer ..."
+    state: str  # "READY", "STARTING", "LOADING", "BACKOFF", "FAILED", "STOPPED", ...
+    reason: str  # why FAILED / what it is doing
+    on_demand: bool
+
+
+class NotReady(Exception):
+    """The model is starting: the client gets 503 with Retry-After."""
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class Unavailable(Exception):
+    """The model cannot serve (FAILED, or stopped and not on-demand): 503 with the reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Registry(Protocol):
+    """What the daemon gives the gateway. Every method runs on the event loop."""
+
+    def routes(self) -> list[Route]:
+        """Every served name (aliases are the gateway's own, from its config). Called
+        per request: keep it cheap."""
+        ...
+
+    async def acquire(self, served_name: str, wait: float) -> Route:
+        """A READY route. An on-demand model is started (maybe swapping another out)
+        and waited for up to `wait` s. Raises NotReady while still starting, Unavailable
+        when FAILED or stopped. May be cancelled (the client went away): a start it
+        began should go on regardless."""
+        ...
+
+    def release(self, route: Route) -> None:
+        """The request that acquired `route` is over (called exactly once per acquire)."""
+        ...
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    api_keys: Sequence[str] = ()  # resolved keys; empty = no authentication
+    aliases: Mapping[str, str] = field(default_factory=dict)  # alias -> served name
+    max_body_bytes: int = 8 * 1024 * 1024
+    start_wait: float = 120.0  # how long a request waits for an on-demand start
+    connect_timeout: float = 10.0
+    # Until the response headers: a non-streamed completion sends them only when done.
+    first_byte_timeout: float = 900.0
+    read_timeout: float = 300.0  # between two chunks of a response body
+    extra_collector: Collector | None = None  # the daemon's per-model metrics
+
+
+# Headers that belong to one connection (RFC 9110 7.6.1), plus those we set ourselves.
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te"}
+    | {"trailer", "trailers", "transfer-encoding", "upgrade", "expect"}
+)
+_NOT_UPSTREAM = _HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
+_NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length", "date", "server"}
+_THREAD_PARSE_BYTES = 256 * 1024  # json.loads of more than this would stall the loop
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        body = {"message": self.message, "type": self.type, "param": None, "code": self.code}
+        return web.json_response({"error": body}, status=self.status, headers=self.headers)
+
+
+class _Metrics:
+    def __init__(self, extra: Collector | None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "llmsup_gateway_requests", "Requests by model and status", ["model", "code"], registry=r
+        )
+        self.in_flight = Gauge(
+            "llmsup_gateway_in_flight", "Requests being served", ["model"], registry=r
+        )
+        self.latency = Histogram(
+            "llmsup_gateway_upstream_latency_seconds",
+            "Time from forwarding a request to the upstream's response headers",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        if extra is not None:
+            r.register(extra)
+
+
+def create_app(registry: Registry, config: GatewayConfig) -> web.Application:
+    """The gateway's aiohttp application; run it with `serve`."""
+    gw = _Gateway(registry, config)
+    # client_max_size enforces the limit while reading bodies without Content-Length.
+    app = web.Application(middlewares=[gw.errors_and_auth], client_max_size=config.max_body_bytes)
+    app.cleanup_ctx.append(gw.client_session)
+    app.router.add_get("/health", gw.health)
+    app.router.add_get("/metrics", gw.metrics)
+    app.router.add_get("/v1/models", gw.models)
+    app.router.add_get("/v1/models/{model:.+}", gw.model)
+    app.router.add_post("/v1/{tail:.+}", gw.proxy)
+    return app
+
+
+async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Listen on host:port; stop with `await runner.cleanup()`."""
+    # handler_cancellation: a client that disconnects cancels its handler at once,
+    # which closes the upstream request even while no chunk is flowing.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+def _bearer(headers: CIMultiDictProxy[str]) -> str | None:
+    auth = headers.get("Authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key")
+
+
+class _Gateway:
+    def __init__(self, registry: Registry, config: GatewayConfig) -> None:
+        self.registry = registry
+        self.config = config
+        self.keys = [k.encode("utf-8", "surrogatepass") for k in config.api_keys]
+        self.m = _Metrics(config.extra_collector)
+        self.session: aiohttp.ClientSession | None = None
+        self.created = int(time.time())
+
+    async def client_session(self, app: web.Application) -> AsyncIterator[None]:
+        # One pooled session: connections to the backends stay open between requests,
+        # idle for less than uvicorn's 5 s, so we never pick one vLLM is closing.
+        # auto_decompress=False relays compressed bodies as they are, with their headers.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+        yield
+        await self.session.close()
+
+    # -- middleware
+
+    def authorized(self, request: web.Request) -> bool:
+        if not self.keys:
+            return True
+        given = (_bearer(request.headers) or "").encode("utf-8", "surrogatepass")
+        if not given:
+            return False
+        ok = False
+        for key in self.keys:  # every key, so the time does not tell which one matched
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+    @web.middleware
+    async def errors_and_auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            if request.path != "/health" and not self.authorized(request):
+                raise _unauthorized()
+            return await handler(request)
+        except ApiError as e:
+            return e.response()
+        except web.HTTPException as e:  # from the router and the body reader
+            if e.status < 400:
+                raise
+            codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+            headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}
+            message = f"{e.reason}: {request.method} {request.path}"
+            if e.status == 413:
+                message = f"Request body larger than {self.config.max_body_bytes} bytes"
+            code = codes.get(e.status, "invalid_request")
+            return ApiError(e.status, message, "invalid_request_error", code, headers).response()
+        except Exception:
+            log.exception("gateway: %s %s failed", request.method, request.path)
+            error = ApiError(500, "Internal error in the gateway", "server_error", "internal_error")
+            return error.response()
+
+    # -- small endpoints
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.m.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def cards(self) -> dict[str, dict[str, Any]]:
+        routes = {r.served_name: r for r in self.registry.routes()}
+        names = [(n, n) for n in routes] + sorted(self.config.aliases.items())
+        out: dict[str, dict[str, Any]] = {}
+        for name, target in names:
+            r = routes.get(target)
+            if r is None or name in out:
+                continue
+            info: dict[str, Any] = {"state": r.state, "unit": r.unit, "backend": r.backend}
+            info["on_demand"] = r.on_demand
+            if name != target:
+                info["alias_of"] = target
+            out[name] = {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "llmsup",
+                "llmsup": info,
+            }
+        return out
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": list(self.cards().values())})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        card = self.cards().get(name)
+        if card is None:
+            raise self.not_found(name)
+        return web.json_response(card)
+
+    def not_found(self, name: str) -> ApiError:
+        known = sorted(self.cards())
+        message = f"The model `{name}` does not exist. Available models: {', '.join(known)}"
+        return ApiError(404, message, "invalid_request_error", "model_not_found")
+
+    # -- the proxy
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        label, code = "", 500  # label: only known names, so clients cannot grow the series
+        try:
+            if any(seg in (".", "..") for seg in request.path.split("/")):
+                raise web.HTTPNotFound()
+            body, obj = await self.read_json(request)
+            name = obj.get("model")
+            if not isinstance(name, str) or not name:
+                raise _bad("`model` must be a non-empty string")
+            served = self.config.aliases.get(name, name)
+            if not any(r.served_name == served for r in self.registry.routes()):
+                raise self.not_found(name)
+            label = served
+            if served != name:  # the backend knows only its served name
+                obj["model"] = served
+                body = await _off_loop(len(body), lambda: json.dumps(obj).encode())
+            try:
+                route = await self.registry.acquire(served, self.config.start_wait)
+            except NotReady as e:
+                message = f"Model `{name}` is not ready yet: {e.reason}"
+                retry = {"Retry-After": str(max(1, e.retry_after))}
+                raise ApiError(503, message, "server_error", "model_not_ready", retry) from None
+            except Unavailable as e:
+                message = f"Model `{name}` is unavailable: {e.reason}"
+                raise ApiError(503, message, "server_error", "model_unavailable") from None
+            in_flight = self.m.in_flight.labels(served)
+            in_flight.inc()
+            try:
+                response, code = await self.forward(request, route, body, obj.get("stream") is True)
+                return response
+            finally:
+                in_flight.dec()
+                self.registry.release(route)
+        except (ApiError, web.HTTPException) as e:
+            code = e.status
+            raise
+        except asyncio.CancelledError:
+            code = 499  # the client went away (nginx's code for it)
+            raise
+        finally:
+            self.m.requests.labels(label, str(code)).inc()
+
+    async def read_json(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
+        length = request.content_length
+        if length is not None and length > self.config.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(self.config.max_body_bytes, length)
+        body = await request.read()
+        try:
+            obj = await _off_loop(len(body), lambda: json.loads(body))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise _bad(f"Request body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise _bad("Request body must be a JSON object")
+        return body, obj
+
+    async def forward(
+        self, request: web.Request, route: Route, body: bytes, wants_stream: bool
+    ) -> tuple[web.StreamResponse, int]:
+        assert self.session is not None
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in _NOT_UPSTREAM
+        )
+        headers.setdefault("Content-Type", "application/json")  # checked: it is JSON
+        if route.api_key:
+            headers["Authorization"] = f"Bearer {route.api_key}"
+        cfg = self.config
+        # sock_read covers the wait for headers; it is shortened to read_timeout below.
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.first_byte_timeout
+        )
+        url = URL(route.base_url).join(request.rel_url)
+        started = time.monotonic()
+        try:
+            upstream = await self.session.request(
+                request.method, url, data=body, headers=headers, timeout=timeout
+            )
+        except asyncio.TimeoutError:
+            message = f"`{route.served_name}` ({route.unit}) did not answer in time"
+            raise ApiError(504, message, "server_error", "upstream_timeout") from None
+        except aiohttp.ClientError as e:
+            message = f"Cannot reach `{route.served_name}` ({route.unit}): {e}"
+            raise ApiError(502, message, "server_error", "upstream_unreachable") from None
+        self.m.latency.labels(route.served_name).observe(time.monotonic() - started)
+        try:
+            return await self.relay(request, upstream, wants_stream)
+        finally:
+            if upstream.content.is_eof():
+                upstream.release()  # back to the pool, kept alive
+            else:
+                upstream.close()  # unfinished: the backend sees the connection close
+
+    async def relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, wants_stream: bool
+    ) -> tuple[web.StreamResponse, int]:
+        headers = CIMultiDict(
+            (k, v) for k, v in upstream.headers.items() if k.lower() not in _NOT_DOWNSTREAM
+        )
+        if upstream.connection is not None and upstream.connection.protocol is not None:
+            upstream.connection.protocol.read_timeout = self.config.read_timeout
+        ctype = upstream.headers.get("Content-Type", "")
+        streaming = ctype.startswith("text/event-stream") or upstream.content_length is None
+        if not (streaming or wants_stream):
+            # A complete JSON answer: one write of headers and body (a StreamResponse
+            # sends its headers apart, a second syscall per request).
+            try:
+                body = await upstream.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                message = f"Upstream failed mid-response: {e!r}"
+                raise ApiError(502, message, "server_error", "upstream_failed") from None
+            return web.Response(status=upstream.status, body=body, headers=headers), upstream.status
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"  # an nginx in front must not buffer either
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        await resp.prepare(request)
+        while True:
+            try:
+                chunk = await upstream.content.readany()  # what has arrived; no waiting for more
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                # Headers are sent: the only way left to tell the client is to cut the connection.
+                log.warning("gateway: upstream failed mid-stream: %r", e)
+                if request.transport is not None:
+                    request.transport.close()
+                return resp, 502
+            if not chunk:
+                return resp, upstream.status
+            try:
+                await resp.write(chunk)
+            except ConnectionError:  # the client went away
+                return resp, 499
+
+
+def _unauthorized() -> ApiError:
+    message = "Missing or invalid API key"
+    bearer = {"WWW-Authenticate": "Bearer"}
+    return ApiError(401, message, "invalid_request_error", "invalid_api_key", bearer)
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", "invalid_request")
+
+
+async def _off_loop(size: int, work: Callable[[], Any]) -> Any:
+    """Run `work` here if `size` is small, else in a thread so the loop keeps ticking."""
+    if size <= _THREAD_PARSE_BYTES:
+        return work()
+    return await asyncio.to_thread(work)
