@@ -137,3 +137,25 @@ def test_gateway_port_taken_starts_nothing(tmp_path: Path) -> None:
         assert d.processes() == []
     finally:
         holder.close()
+
+
+def test_exclusive_group_swaps_models_on_different_gpus(tmp_path: Path) -> None:
+    gw = free_port()
+    text = f"""\
+    chat-a: {{backend: vllm, model: org/a, served_name: chat-a, port: {free_port()}, gpus: [0],
+              start: on_demand, exclusive: chat}}
+    chat-b: {{backend: vllm, model: org/b, served_name: chat-b, port: {free_port()}, gpus: [1],
+              start: on_demand, exclusive: chat}}
+    """
+    d = Daemon(tmp_path, text)
+    d.manifest.write_text(f"gateway: {{port: {gw}}}\n" + d.manifest.read_text())
+    try:
+        d.start()
+        assert post(gw, chat("chat-a"))[0] == 200
+        a_tree = [p.pid for p in d.processes("chat-a")]
+        assert post(gw, chat("chat-b"))[0] == 200
+        rows = d.status()
+        assert (rows["chat-a"]["state"], rows["chat-b"]["state"]) == ("STOPPED", "READY")
+        assert d.processes("chat-a") == [] and a_tree
+    finally:
+        d.stop()

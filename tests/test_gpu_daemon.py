@@ -133,3 +133,53 @@ def test_check_against_the_gpus_of_this_host(tmp_path: Path) -> None:
     assert r.returncode == 0
     assert "note: GPU checks skipped: no NVIDIA driver" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_weights_that_cannot_fit_are_an_error_at_check(tmp_path: Path) -> None:
+    import struct
+
+    model = tmp_path / "big-model"
+    model.mkdir()
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 80,
+                "num_attention_heads": 64,
+                "num_key_value_heads": 8,
+                "hidden_size": 8192,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
+    # a header that declares 100 GiB of bf16 weights (the data itself is never read)
+    n = 50 * GiB
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [n], "data_offsets": [0, 2 * n]}})
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header.encode())
+    sim = make_sim(tmp_path / "gpus.json", n=2, total=80 * GiB)
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(
+        f"models:\n  big: {{backend: vllm, model: {model}, gpus: [0], "
+        "gpu_memory_utilization: 0.9}\n"
+    )
+    env = {**os.environ, "LLMSUP_GPU_SIM": str(sim)}
+    r = subprocess.run(
+        [sys.executable, "-m", "llmsup.cli", "check", "-f", str(manifest)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "models.big.gpu_memory_utilization" in r.stderr
+    assert "100.0 GiB" in r.stderr
+    # over two GPUs with tensor parallelism it fits
+    manifest.write_text(
+        f"models:\n  big: {{backend: vllm, model: {model}, gpus: [0, 1], "
+        "gpu_memory_utilization: 0.9}\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "llmsup.cli", "check", "-f", str(manifest)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr

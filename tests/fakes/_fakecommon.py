@@ -437,6 +437,9 @@ class Handler(BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.1"
+    # Real servers (uvicorn) set TCP_NODELAY; without it headers and body written
+    # separately wait ~40 ms for the delayed ACK.
+    disable_nagle_algorithm = True
     server_version = "uvicorn"
     timeout = None
 

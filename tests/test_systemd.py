@@ -1,0 +1,557 @@
+"""llmsup under systemd: the unit as systemd reads it, the notify protocol as the daemon
+speaks it, and the whole under a real systemd booted in a container."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from llmsup.notify import Notifier, status_line
+from llmsup.process import MARKER
+from llmsup.systemd import edited_by_hand, render, shipped
+from tests import systemd_container
+from tests.supervisor_util import FAST_DEFAULTS, LLMSUP, Daemon, gone
+from tests.util import FAKES_DIR, free_port, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "systemd" / "llmsup.service"
+VENV_LLMSUP = Path(sys.executable).parent / "llmsup"
+NOTIFY_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+
+
+def llmsup(
+    *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LLMSUP, *map(str, args)], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def write_manifest(path: Path, port: int = 18000) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"state_dir: {path.parent / 'state'}\nmodels:\n"
+        f"  m: {{backend: vllm, model: org/m, port: {port}}}\n"
+    )
+    return path
+
+
+def man_check(run: Callable[..., subprocess.CompletedProcess[str]]) -> list[str]:
+    """verify runs `man` for each Documentation=man:... page: only where man pages are."""
+    r = run("sh", "-c", "command -v man >/dev/null && man -w 5 systemd.service", check=False)
+    return [] if r.returncode == 0 else ["--man=no"]
+
+
+def run_here(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=check)
+
+
+def verify(unit: Path, tmp: Path, *, user: bool = False) -> subprocess.CompletedProcess[str]:
+    """systemd-analyze verify: exit 0 even for unknown keys and bad values, so callers
+    check that it said nothing at all."""
+    env = {**os.environ, "SYSTEMD_LOG_COLOR": "0"}
+    if user:  # the user manager's runtime directory, which verify --user looks up
+        runtime = tmp / "xdg-runtime"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        env["XDG_RUNTIME_DIR"] = str(runtime)
+    scope = ["--user"] if user else []
+    return subprocess.run(
+        ["systemd-analyze", *scope, "verify", *man_check(run_here), str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+# ------------------------------------------------------------ the unit
+
+
+def test_shipped_unit_is_the_rendered_one() -> None:
+    text = SHIPPED.read_text()
+    assert text == shipped().text, "systemd/llmsup.service drifted: regenerate it"
+    assert not edited_by_hand(text)
+    assert "ExecStart=/usr/local/bin/llmsup up --foreground -f /etc/llmsup/models.yaml\n" in text
+
+
+@needs_analyze
+def test_verify_reports_what_it_does_not_understand(tmp_path: Path) -> None:
+    """The check below is worth something: a typo reaches stderr, with exit code 0."""
+    bad = tmp_path / "bad.service"
+    bad.write_text("[Service]\nExecStart=/bin/true\nWatchdogSecs=3s\nRestart=sometimes\n")
+    r = verify(bad, tmp_path)
+    assert r.returncode == 0
+    assert "Unknown key 'WatchdogSecs'" in r.stderr
+    assert "sometimes" in r.stderr
+
+
+@needs_analyze
+@pytest.mark.parametrize("user", [False, True], ids=["system", "user"])
+def test_printed_unit_verifies_without_a_word(tmp_path: Path, user: bool) -> None:
+    # a space, a % and a $ in the path: ExecStart= must quote and escape them
+    manifest = write_manifest(tmp_path / "gpu fleet 100%" / "models$1.yaml")
+    r = llmsup("systemd", "print", "-f", manifest, *(["--user"] if user else []))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == render([str(VENV_LLMSUP)], str(manifest), user=user).text
+    assert f'-f "{tmp_path}/gpu fleet 100%%/models$$1.yaml"\n' in r.stdout
+    unit = tmp_path / "units" / "llmsup.service"
+    unit.parent.mkdir()
+    unit.write_text(r.stdout)
+    v = verify(unit, tmp_path, user=user)
+    assert (v.returncode, v.stderr, v.stdout) == (0, "", "")
+
+
+def test_install_writes_once_and_keeps_hand_edits(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "models.yaml")
+    units = tmp_path / "units"
+    target = units / "llmsup.service"
+    # no systemctl on PATH: never daemon-reload the manager of the machine running the tests
+    env = {**os.environ, "PATH": str(tmp_path / "empty")}
+
+    def install(*extra: str) -> subprocess.CompletedProcess[str]:
+        return llmsup("systemd", "install", "-f", manifest, "--unit-dir", units, *extra, env=env)
+
+    r = install()
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {target}" in r.stdout
+    expected = llmsup("systemd", "print", "-f", manifest).stdout
+    assert target.read_text() == expected
+    assert "systemctl enable --now llmsup" in r.stdout
+
+    before = target.stat()
+    r = install()
+    assert r.returncode == 0, r.stderr
+    assert "up to date" in r.stdout
+    after = target.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+    edited = expected.replace("WatchdogSec=30s", "WatchdogSec=2min")
+    target.write_text(edited)
+    r = install()
+    assert r.returncode != 0
+    assert "edited by hand" in r.stderr and "--force" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert target.read_text() == edited
+
+    r = install("--force")
+    assert r.returncode == 0, r.stderr
+    assert target.read_text() == expected
+    assert not list(units.glob(".*")), "no temporary file left beside the unit"
+
+
+def test_install_replaces_a_generated_unit_that_is_out_of_date(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "models.yaml")
+    units = tmp_path / "units"
+    units.mkdir()
+    old = render(["/opt/old/bin/llmsup"], "/etc/llmsup/old.yaml")
+    (units / "llmsup.service").write_text(old.text)
+    env = {**os.environ, "PATH": str(tmp_path / "empty")}
+    r = llmsup("systemd", "install", "-f", manifest, "--unit-dir", units, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"-f {manifest}\n" in (units / "llmsup.service").read_text()
+
+
+def test_install_refuses_an_invalid_manifest(tmp_path: Path) -> None:
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text("models:\n  m: {backend: vllm, model: org/m, port: 0}\n")
+    units = tmp_path / "units"
+    r = llmsup("systemd", "install", "-f", manifest, "--unit-dir", units)
+    assert r.returncode == 2
+    assert f"{manifest}:2:" in r.stderr and "models.m.port" in r.stderr
+    assert not units.exists()
+
+
+# ------------------------------------------------------------ the notify protocol
+
+
+@dataclass(frozen=True)
+class Datagram:
+    t: float
+    pid: int
+    fields: tuple[str, ...]
+
+
+class NotifyListener:
+    """What systemd's side of NOTIFY_SOCKET sees: each datagram with its sender's pid."""
+
+    CREDS = struct.calcsize("3i")  # struct ucred: pid, uid, gid
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(address)
+        self.sock.settimeout(0.05)
+        self.datagrams: list[Datagram] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while not self._done.is_set():
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(self.CREDS))
+            except TimeoutError:
+                continue
+            pid = -1
+            for level, kind, cdata in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid, _, _ = struct.unpack("3i", cdata[: self.CREDS])
+            fields = tuple(data.decode().split("\n"))
+            self.datagrams.append(Datagram(time.monotonic(), pid, fields))
+
+    def lines(self) -> list[tuple[int, Datagram, str]]:
+        """(index of the datagram, datagram, field), in the order they arrived."""
+        return [(i, d, f) for i, d in enumerate(list(self.datagrams)) for f in d.fields]
+
+    def first(self, match: Callable[[str], bool]) -> int:
+        return next((i for i, _, f in self.lines() if match(f)), -1)
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[NotifyListener]:
+    sock = NotifyListener(str(tmp_path / "notify.sock"))
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def test_daemon_speaks_sd_notify_from_its_main_pid(
+    tmp_path: Path, listener: NotifyListener
+) -> None:
+    models = f"""\
+    m:
+      backend: vllm
+      model: org/m
+      gpus: [0, 1]
+      port: {free_port()}
+      # stopping takes the whole stop_timeout (2s): EXTEND_TIMEOUT_USEC has time to show
+      env: {{FAKE_LOAD_TIME: "0.3", FAKE_IGNORE_SIGTERM: "1"}}
+    """
+    notify_env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+    d = Daemon(tmp_path, models, extra_env=notify_env)
+    d.env.pop("WATCHDOG_PID", None)
+    try:
+        d.start()
+        assert d.proc is not None
+        main = d.proc.pid
+        d.wait_all_ready()
+        wait_for(lambda: listener.first(lambda f: f == "STATUS=1/1 ready") >= 0, 10)
+        ready = listener.first(lambda f: f == "READY=1")
+        wait_for(
+            lambda: sum(i > ready and f == "WATCHDOG=1" for i, _, f in listener.lines()) >= 10,
+            10,
+            message=f"too few pings: {listener.datagrams}",
+        )
+        # the servers get none of systemd's variables: only llmsup talks to systemd
+        procs = d.processes()
+        assert len(procs) == 4  # API server, EngineCore, two TP workers
+        for p in procs:
+            env = environ_of(p.pid)
+            assert MARKER in env
+            assert not [v for v in NOTIFY_VARS if v in env], (p.cmdline(), env)
+        pids = [p.pid for p in procs]
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0, d.log()
+        assert gone(pids)
+        assert d.processes() == []
+    finally:
+        d.stop()
+
+    lines = listener.lines()
+    assert {d.pid for _, d, _ in lines} == {main}, "every datagram comes from the main pid"
+    fields = [f for _, _, f in lines]
+    assert fields.count("READY=1") == 1 and fields.count("STOPPING=1") == 1
+    ready = listener.first(lambda f: f == "READY=1")
+    stopping = listener.first(lambda f: f == "STOPPING=1")
+    status = [i for i, _, f in lines if f.startswith("STATUS=") and i < stopping]
+    assert status and ready < status[0], "STATUS= follows READY=1"
+    assert [f for i, _, f in lines if i == status[-1]] == ["STATUS=1/1 ready"]
+    assert "STATUS=stopping all models" in lines[stopping][1].fields
+    extend = [(i, f) for i, _, f in lines if f.startswith("EXTEND_TIMEOUT_USEC=")]
+    assert extend, "stopping asks systemd for more time"
+    assert all(i > stopping for i, _ in extend)
+    assert all(int(f.split("=")[1]) >= 2_000_000 for _, f in extend), "at least stop_timeout"
+    # WATCHDOG=1 every WATCHDOG_USEC/2 = 0.2 s while running
+    pings = [d.t for i, d, f in lines if f == "WATCHDOG=1" and ready < i < stopping]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert len(pings) >= 10
+    assert 0.15 <= statistics.median(gaps) <= 0.3, gaps
+    assert min(gaps) >= 0.1, f"pings come in bursts: {gaps}"
+
+
+def test_daemon_without_notify_socket_runs_as_usual(tmp_path: Path) -> None:
+    models = f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n"
+    d = Daemon(tmp_path, models, extra_env={"WATCHDOG_USEC": "400000"})
+    d.env.pop("NOTIFY_SOCKET", None)
+    try:
+        d.start()
+        d.wait_all_ready()
+        pids = [p.pid for p in d.processes()]
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0, d.log()
+        assert gone(pids)
+        assert d.processes() == []
+    finally:
+        d.stop()
+
+
+def test_notifier_sends_to_an_abstract_address() -> None:
+    name = f"llmsup-test-{os.getpid()}-{time.monotonic_ns()}"
+    sock = NotifyListener("\0" + name)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": "@" + name})
+        assert n.enabled and n.address == "\0" + name
+        n.send("READY=1", "STATUS=2/2 ready")
+        wait_for(lambda: sock.datagrams, 5)
+        n.close()
+        n.close()
+    finally:
+        sock.close()
+    assert sock.datagrams[0].fields == ("READY=1", "STATUS=2/2 ready")
+    assert sock.datagrams[0].pid == os.getpid()
+
+
+def test_notifier_addresses_and_watchdog() -> None:
+    me = str(os.getpid())
+    assert Notifier({"NOTIFY_SOCKET": "/run/systemd/notify"}).address == "/run/systemd/notify"
+    for env in ({}, {"NOTIFY_SOCKET": ""}, {"NOTIFY_SOCKET": "relative/notify"}):
+        n = Notifier(env)
+        assert not n.enabled and n.watchdog_interval is None
+        n.send("READY=1")  # silent no-op
+        n.close()
+
+    def interval(**env: str) -> float | None:
+        return Notifier({"NOTIFY_SOCKET": "@x", **env}).watchdog_interval
+
+    assert interval(WATCHDOG_USEC="400000") == pytest.approx(0.2)
+    assert interval(WATCHDOG_USEC="30000000", WATCHDOG_PID=me) == pytest.approx(15)
+    assert interval(WATCHDOG_USEC="400000", WATCHDOG_PID=str(os.getppid())) is None
+    assert interval(WATCHDOG_USEC="0") is None
+    assert interval(WATCHDOG_USEC="soon") is None
+    assert interval() is None
+    assert Notifier({"WATCHDOG_USEC": "400000"}).watchdog_interval is None
+
+
+def test_notifier_never_fails_when_systemd_is_gone(tmp_path: Path) -> None:
+    n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
+    n.send("WATCHDOG=1")
+    n.close()
+
+
+def test_status_line() -> None:
+    assert status_line([]) == "0/0 ready"
+    assert status_line([("a", "READY", ""), ("b", "READY", "")]) == "2/2 ready"
+    rows = [
+        ("a", "READY", ""),
+        ("qwen", "LOADING", "model loaded (60%)"),
+        ("b", "BACKOFF", ""),
+        ("c", "READY", ""),
+    ]
+    assert status_line(rows) == "2/4 ready; qwen loading model loaded (60%); b backoff"
+    many = [(f"model-{i}", "STARTING", "x" * 40) for i in range(20)]
+    assert len(status_line(many)) <= 200
+
+
+# ------------------------------------------------------------ a real systemd
+
+MANIFEST = "/etc/llmsup/test fleet 100%/models.yaml"  # ExecStart= quoting, end to end
+DROP_IN = f"""\
+[Service]
+Environment=PATH={FAKES_DIR}:{systemd_container.CONTAINER_PATH}
+WatchdogSec=3s
+RestartSec=1s
+LimitCORE=0
+"""
+
+
+def container_manifest(load_a: str) -> str:
+    """Two models on the container's own loopback; only `a`'s entry depends on `load_a`."""
+    return f"""{FAST_DEFAULTS}models:
+  a: {{backend: vllm, model: org/a, port: 18001, gpus: [0], env: {{FAKE_LOAD_TIME: "{load_a}"}}}}
+  b: {{backend: ollama, model: "qwen2.5:0.5b", port: 18002, gpus: [1]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[systemd_container.Container]:
+    try:
+        with systemd_container.booted(tmp_path_factory.mktemp("nspawn")) as c:
+            yield c
+    except systemd_container.Unavailable as e:
+        pytest.skip(f"no systemd container here: {e}")
+
+
+def status_inside(c: systemd_container.Container) -> dict[str, Any]:
+    r = c.run(sys.executable, "-m", "llmsup.cli", "status", "--json", "-f", MANIFEST, timeout=30)
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def models_inside(c: systemd_container.Container) -> dict[str, dict[str, Any]]:
+    return {row["name"]: row for row in status_inside(c)["models"]}
+
+
+def all_ready(c: systemd_container.Container) -> dict[str, dict[str, Any]] | None:
+    rows = models_inside(c)
+    return rows if all(r["state"] == "READY" for r in rows.values()) else None
+
+
+def model_processes(c: systemd_container.Container) -> list[psutil.Process]:
+    """Processes inside the container that llmsup launched (they carry its marker)."""
+    out = []
+    for p in c.processes():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and MARKER in p.environ():
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def journal(c: systemd_container.Container) -> str:
+    r = c.run("journalctl", "--no-pager", "-o", "short-monotonic", "-u", "llmsup", check=False)
+    return r.stdout
+
+
+@pytest.mark.container
+@pytest.mark.timeout(900)
+def test_shipped_unit_verifies_in_a_real_system(container: systemd_container.Container) -> None:
+    c = container
+    c.write("/root/shipped/llmsup.service", SHIPPED.read_text())
+    analyze = ["systemd-analyze", "verify", *man_check(c.run)]  # minbase has no man-db
+    r = c.run(*analyze, "/root/shipped/llmsup.service", check=False)
+    assert "/usr/local/bin/llmsup is not executable" in r.stderr, "verify checks ExecStart"
+    c.run("ln", "-s", str(VENV_LLMSUP), "/usr/local/bin/llmsup")
+    assert c.run("/usr/local/bin/llmsup", "--version").stdout.startswith("llmsup")
+    r = c.run(*analyze, "/root/shipped/llmsup.service", check=False)
+    assert (r.returncode, r.stderr, r.stdout) == (0, "", "")
+
+
+@pytest.mark.container
+@pytest.mark.timeout(900)
+def test_under_a_real_systemd(container: systemd_container.Container) -> None:
+    c = container
+    try:
+        _install_start_reload_watchdog_stop(c)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- journalctl -u llmsup ---\n{journal(c)}") from None
+
+
+def _install_start_reload_watchdog_stop(c: systemd_container.Container) -> None:
+    def show(*props: str) -> dict[str, str]:
+        return c.show("llmsup.service", *props)
+
+    # install: the drop-in first, so that install's own daemon-reload loads both
+    c.write("/etc/systemd/system/llmsup.service.d/test.conf", DROP_IN)
+    c.write(MANIFEST, container_manifest("0.3"))
+    r = c.run(sys.executable, "-m", "llmsup.cli", "systemd", "install", "-f", MANIFEST)
+    assert "wrote /etc/systemd/system/llmsup.service" in r.stdout
+    assert "not running here" not in r.stdout and "failed" not in r.stderr, (r.stdout, r.stderr)
+    analyze = ["systemd-analyze", "verify", *man_check(c.run)]
+    r = c.run(*analyze, "/etc/systemd/system/llmsup.service", check=False)
+    assert (r.returncode, r.stderr) == (0, ""), "the installed unit and the drop-in verify"
+    props = show("LoadState", "Type", "NotifyAccess", "ExecStart", "DropInPaths")
+    assert (props["LoadState"], props["Type"], props["NotifyAccess"]) == (
+        "loaded",
+        "notify",
+        "main",
+    )
+    assert f"argv[]={VENV_LLMSUP} up --foreground -f {MANIFEST} ;" in props["ExecStart"]
+
+    # start: returns once READY=1 came, so the control socket answers at once
+    c.run("systemctl", "start", "llmsup", timeout=150)
+    props = show("ActiveState", "SubState", "MainPID", "WatchdogUSec")
+    assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
+    assert props["WatchdogUSec"] == "3s", (
+        "the drop-in's WatchdogSec= (systemd shows it once started)"
+    )
+    main = int(props["MainPID"])
+    daemon = status_inside(c)["daemon"]
+    assert (daemon["pid"], daemon["manifest"]) == (main, MANIFEST)
+    assert daemon["state_dir"] == "/var/lib/llmsup"  # StateDirectory=
+    rows = wait_for(lambda: all_ready(c), 60, interval=0.5, message="models never READY")
+    wait_for(lambda: show("StatusText")["StatusText"] == "2/2 ready", 10, interval=0.3)
+
+    # reload: only the changed model restarts
+    old_a = [p for p in model_processes(c) if ":a:" in p.environ()[MARKER]]
+    assert old_a
+    c.write(MANIFEST, container_manifest("0.4"))
+    c.run("systemctl", "reload", "llmsup")
+
+    def a_restarted() -> dict[str, dict[str, Any]] | None:
+        now = all_ready(c)
+        return now if now and now["a"]["pid"] != rows["a"]["pid"] else None
+
+    after = wait_for(a_restarted, 60, interval=0.5, message="a never restarted on reload")
+    assert after["b"]["pid"] == rows["b"]["pid"] and after["b"]["restarts"] == 0
+    assert not any(alive(p) for p in old_a)
+    props = show("MainPID", "NRestarts")
+    assert (int(props["MainPID"]), props["NRestarts"]) == (main, "0"), "the watchdog was fed"
+
+    # a frozen daemon: the watchdog kills it with all its models; systemd starts it again
+    old = model_processes(c)
+    assert len(old) >= 4, [p.cmdline() for p in old]  # vllm, EngineCore, ollama, runner
+    c.run("kill", "-STOP", str(main))
+
+    def restarted() -> dict[str, str] | None:
+        p = show("ActiveState", "MainPID", "NRestarts")
+        fresh = p["MainPID"] not in ("0", str(main)) and p["ActiveState"] == "active"
+        return p if fresh and p["NRestarts"] == "1" else None
+
+    props = wait_for(restarted, 60, interval=0.3, message="no restart by the watchdog")
+    assert "Watchdog timeout" in journal(c)
+    survivors = [p for p in old if alive(p)]
+    assert not survivors, [p.cmdline() for p in survivors]
+    new = wait_for(lambda: all_ready(c), 60, interval=0.5, message="not READY after restart")
+    assert status_inside(c)["daemon"]["pid"] == int(props["MainPID"])
+    assert {r["pid"] for r in new.values()}.isdisjoint({r["pid"] for r in after.values()})
+
+    # stop: the daemon stops its models and exits 0; nothing is left
+    running = model_processes(c)
+    assert running
+    c.run("systemctl", "stop", "llmsup", timeout=330)
+    props = show("ActiveState", "Result", "ExecMainStatus")
+    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+    assert gone([p.pid for p in running])
+    assert model_processes(c) == []
+    fakes = [p for p in c.processes() if str(FAKES_DIR) in " ".join(p.cmdline())]
+    assert fakes == []
