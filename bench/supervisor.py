@@ -59,8 +59,37 @@ def last_stamp(file: Path, count: int) -> float | None:
 # ------------------------------------------------------------ respawn latency
 
 
-def respawn_llmsup(tmp: Path, kills: int) -> list[float]:
-    """SIGKILL a server; time until its replacement process runs (backoff 0)."""
+LOAD = """
+import asyncio, json, sys, aiohttp
+async def one(session, url, body, counts):
+    while True:
+        try:
+            async with session.post(url, json=body) as r:
+                async for _ in r.content.iter_any():
+                    pass
+                counts[r.status] = counts.get(r.status, 0) + 1
+        except aiohttp.ClientError:
+            counts["error"] = counts.get("error", 0) + 1
+async def main(url, n):
+    body = {"model": "chat", "stream": True, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "hi"}]}
+    counts = {}
+    async with aiohttp.ClientSession() as session:
+        tasks = [asyncio.create_task(one(session, url, body, counts)) for _ in range(n)]
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def respawn_llmsup(tmp: Path, kills: int, load: int = 0) -> tuple[list[float], float]:
+    """SIGKILL a server; time until its replacement process runs (backoff 0).
+
+    With `load`, that many clients stream completions through the gateway (to
+    another model) all along: supervision must keep its timing. Returns the
+    latencies and the gateway's completed requests per second."""
     stamps = tmp / "stamps"
     port = free_port()
     cmd = STAMP.format(file=stamps, port=port)
@@ -71,12 +100,28 @@ def respawn_llmsup(tmp: Path, kills: int) -> list[float]:
       port: {port}
       health_path: /
       restart: {{backoff_initial: 0s, backoff_max: 0s, max_restarts: 100000, window: 1s}}
+    chat:
+      backend: vllm
+      model: org/chat
+      served_name: chat
+      port: {free_port()}
+      env: {{FAKE_TOKEN_DELAY: "0.002"}}
     """
     out = []
     d = Daemon(tmp, models)
+    gw = free_port()
+    d.manifest.write_text(f"gateway: {{port: {gw}}}\n" + d.manifest.read_text())
+    loader = None
+    rate = 0.0
     try:
         d.start()
         d.wait_all_ready()
+        if load:
+            url = f"http://127.0.0.1:{gw}/v1/chat/completions"
+            loader = subprocess.Popen([sys.executable, "-c", LOAD, url, str(load)])
+            time.sleep(2)
+        served0 = _gateway_requests(gw)
+        t_start = time.time()
         for i in range(kills):
             pid = d.status()["web"]["pid"]
             t0 = time.time()
@@ -84,9 +129,28 @@ def respawn_llmsup(tmp: Path, kills: int) -> list[float]:
             started = wait_for(lambda i=i: last_stamp(stamps, i + 2), 10)
             out.append(started - t0)
             d.wait_state("web", "READY")
+        rate = (_gateway_requests(gw) - served0) / (time.time() - t_start)
     finally:
+        if loader is not None:
+            loader.kill()
+            loader.wait()
         d.stop()
-    return out
+    return out, rate
+
+
+def _gateway_requests(port: int) -> float:
+    """requests_total of the gateway, from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "llmsup_gateway_requests"
+        for s in f.samples
+        if s.name.endswith("_total")
+    )
 
 
 def respawn_vllm_tree(tmp: Path, kills: int) -> list[float]:
@@ -274,9 +338,9 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory(prefix="llmsup-bench-") as tmp:
         t = Path(tmp)
-        for sub in ("a", "b", "c", "d", "e"):
+        for sub in ("a", "b", "c", "d", "e", "f"):
             (t / sub).mkdir()
-        ours = respawn_llmsup(t / "a", args.kills)
+        ours, _ = respawn_llmsup(t / "a", args.kills)
         bare = respawn_baseline(t / "b", args.kills)
         res["respawn_command_server"] = summary(ours)
         res["respawn_bare_asyncio_baseline"] = summary(bare)
