@@ -546,11 +546,13 @@ def systemd_install(
     import shutil
     import subprocess
 
+    from llmsup.manifest import default_manifest_path
     from llmsup.systemd import edited_by_hand
 
-    path = (manifest_file or Path("/etc/llmsup/models.yaml")).absolute()
+    path = (manifest_file or default_manifest_path()).absolute()
     _load(path)  # refuse to install a unit for a manifest that does not validate
     unit = _render(path, user)
+    custom_dir = unit_dir is not None
     if unit_dir is None:
         unit_dir = Path.home() / ".config/systemd/user" if user else Path("/etc/systemd/system")
     target = unit_dir / unit.name
@@ -570,7 +572,9 @@ def systemd_install(
     tmp.replace(target)
     click.echo(f"wrote {target}")
     ctl = ["systemctl", "--user"] if user else ["systemctl"]
-    if shutil.which("systemctl") and Path("/run/systemd/system").exists():
+    if custom_dir:
+        click.echo(f"not reloading systemd: {unit_dir} is not one of its unit directories")
+    elif shutil.which("systemctl") and Path("/run/systemd/system").exists():
         r = subprocess.run([*ctl, "daemon-reload"], capture_output=True, text=True)
         if r.returncode != 0:
             click.echo(f"{' '.join(ctl)} daemon-reload failed: {r.stderr.strip()}", err=True)

@@ -577,8 +577,7 @@ class Daemon:
             self.snapshot = await asyncio.to_thread(source.snapshot)
             self.gpu_source = source
         except gpu.GpuUnavailable as e:
-            self.gpu_note = f"GPU checks skipped: {e}"
-            log.info("%s", self.gpu_note)
+            self.gpu_note = f"GPU checks skipped: {e}"  # `status` shows it
 
     async def gpu_snapshot(self) -> gpu.Snapshot | None:
         if self.gpu_source is None:

@@ -6,8 +6,8 @@ its virtual environment and the interpreter behind it are bind-mounted read-only
 the same paths, so `llmsup` runs inside exactly as it does here.
 
 Works on a host without systemd as PID 1: `--register=no --keep-unit` keep nspawn
-away from systemd-machined and from the host's service manager, and `nsenter` stands
-in for `machinectl shell` / `systemd-run --machine`.
+away from systemd-machined and from a service manager that is not there, in a cgroup
+made for it; `nsenter` stands in for `machinectl shell` / `systemd-run --machine`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -118,7 +119,8 @@ def rootfs() -> Path:
                 600,
             )
             if r.returncode != 0:
-                raise Unavailable(f"debootstrap failed: {r.stdout.strip().splitlines()[-1:]}")
+                last = (r.stdout.strip().splitlines() or ["?"])[-1]
+                raise Unavailable(f"debootstrap {SUITE} failed: {last}")
             (tmp / STAMP).write_text(PACKAGES)
             tmp.rename(root)
         finally:
@@ -147,6 +149,41 @@ def binds() -> list[str]:
     return paths
 
 
+def host_has_systemd() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+def _own_cgroup_parents() -> list[Path]:
+    """This process's cgroup in each hierarchy nspawn uses: cgroup2, and v1 name=systemd."""
+    mine: dict[str, str] = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            hid, controllers, path = line.rstrip("\n").split(":", 2)
+            if hid == "0":
+                mine["cgroup2"] = path
+            elif controllers == "name=systemd":
+                mine["cgroup"] = path
+    parents = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            root, point, fstype, options = fields[3], fields[4], fields[sep + 1], fields[sep + 3]
+            if root != "/" or fstype not in mine:
+                continue
+            if fstype == "cgroup" and "name=systemd" not in options.split(","):
+                continue
+            parents.append(Path(point) / mine[fstype].lstrip("/"))
+    return parents
+
+
+def _rmdir_tree(path: Path) -> None:
+    """Remove a cgroup and the ones nspawn made in it (empty by now), deepest first."""
+    for dirpath, _, _ in sorted(os.walk(path), key=lambda w: len(w[0]), reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
+
+
 def _nspid(pid: int) -> list[int]:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -164,13 +201,13 @@ class Container:
         self.log_path = workdir / "nspawn.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.init_pid = 0  # the container's PID 1, as the host numbers it
+        self.cgroups: list[Path] = []
 
     def boot(self, timeout: float = 90) -> None:
         argv = [
             "systemd-nspawn",
             "--quiet",
-            "--register=no",  # no systemd-machined here
-            "--keep-unit",  # no transient scope: the host has no service manager
+            "--register=no",  # no systemd-machined
             f"--machine={self.name}",
             f"--directory={self.root}",
             "--volatile=overlay",  # a tmpfs over the cached tree, gone at exit
@@ -182,6 +219,21 @@ class Container:
             *(f"--bind-ro={p}" for p in binds()),
             "--boot",
         ]
+        if not host_has_systemd():
+            # No service manager to ask for a scope: nspawn keeps the cgroup it starts in
+            # (its `payload` and `supervisor` below it). Give it one of its own, so that
+            # two containers never share one, whatever runs beside these tests.
+            argv.insert(1, "--keep-unit")
+            moves = []
+            for parent in _own_cgroup_parents():
+                cgroup = parent / self.name
+                try:
+                    cgroup.mkdir(exist_ok=True)
+                except OSError as e:
+                    raise Unavailable(f"cannot make a cgroup for the container: {e}") from None
+                self.cgroups.append(cgroup)
+                moves.append(f"echo $$ > {shlex.quote(str(cgroup / 'cgroup.procs'))} && ")
+            argv = ["sh", "-c", "".join(moves) + 'exec "$@"', "sh", *argv]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -272,6 +324,8 @@ class Container:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
+        for cgroup in self.cgroups:
+            _rmdir_tree(cgroup)
 
 
 @contextlib.contextmanager
