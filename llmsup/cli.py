@@ -38,14 +38,17 @@ def manifest_option(fn: F) -> F:
     )(fn)
 
 
-def _load(manifest_file: Path | None, *, gpus: bool = False) -> tuple[LoadedManifest, Plan]:
-    """Load and plan; with `gpus`, also check the manifest against this host's GPUs."""
+def _load(
+    manifest_file: Path | None, *, gpus: bool = False, untrusted: bool = False
+) -> tuple[LoadedManifest, Plan]:
+    """Load and plan; with `gpus`, also check the manifest against this host's GPUs;
+    `untrusted` refuses what runs code beyond vLLM and Ollama."""
     from llmsup.manifest import default_manifest_path, load_manifest
-    from llmsup.plan import make_plan
+    from llmsup.plan import make_plan, untrusted_problems
 
     loaded = load_manifest(manifest_file or default_manifest_path())
     plan = make_plan(loaded)
-    problems = list(plan.problems)
+    problems = list(plan.problems) + (untrusted_problems(loaded) if untrusted else [])
     note = None
     if gpus:
         from llmsup.gpucheck import check_host
@@ -85,11 +88,15 @@ def main() -> None:
     """Supervise vLLM and Ollama servers declared in one manifest (models.yaml)."""
 
 
+UNTRUSTED_HELP = "Refuse command backends and trust_remote_code (a manifest you did not write)."
+
+
 @main.command()
 @manifest_option
-def check(manifest_file: Path | None) -> None:
+@click.option("--untrusted", is_flag=True, help=UNTRUSTED_HELP)
+def check(manifest_file: Path | None, untrusted: bool) -> None:
     """Validate the manifest, its cross-model rules, and its GPUs; exit 2 if invalid."""
-    loaded, plan = _load(manifest_file, gpus=True)
+    loaded, plan = _load(manifest_file, gpus=True, untrusted=untrusted)
     n = len(loaded.manifest.models)
     warnings = len(plan.problems)
     click.echo(
@@ -197,7 +204,10 @@ class _Progress:
 @click.option("-d", "--detach", is_flag=True, help="Start the daemon in the background.")
 @click.option("--foreground", is_flag=True, help="Run the daemon here (the default; systemd).")
 @click.option("--quiet", is_flag=True, hidden=True)
-def up(manifest_file: Path | None, detach: bool, foreground: bool, quiet: bool) -> None:
+@click.option("--untrusted", is_flag=True, help=UNTRUSTED_HELP + " Kept for reloads.")
+def up(
+    manifest_file: Path | None, detach: bool, foreground: bool, quiet: bool, untrusted: bool
+) -> None:
     """Start the daemon with the manifest, or hand the manifest to the running one."""
     import asyncio
 
@@ -209,7 +219,7 @@ def up(manifest_file: Path | None, detach: bool, foreground: bool, quiet: bool) 
     if detach and foreground:
         raise click.UsageError("-d and --foreground exclude each other")
     path = (manifest_file or default_manifest_path()).resolve()
-    loaded, plan = _load(path, gpus=True)
+    loaded, plan = _load(path, gpus=True, untrusted=untrusted)
     state_dir = state_dir_of(loaded)
     sock = socket_path(state_dir)
     if alive(sock):
@@ -222,17 +232,17 @@ def up(manifest_file: Path | None, detach: bool, foreground: bool, quiet: bool) 
         _print_reload(result)
         return
     if detach:
-        _detach(path, state_dir, sock)
+        _detach(path, state_dir, sock, untrusted)
         return
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     progress = _Progress(quiet)
-    daemon = Daemon(path, loaded, plan, listener=progress)
+    daemon = Daemon(path, loaded, plan, listener=progress, untrusted=untrusted)
     asyncio.run(daemon.run())
 
 
-def _detach(path: Path, state_dir: Path, sock: Path) -> None:
+def _detach(path: Path, state_dir: Path, sock: Path, untrusted: bool) -> None:
     import subprocess
 
     from llmsup.client import alive
@@ -241,7 +251,11 @@ def _detach(path: Path, state_dir: Path, sock: Path) -> None:
     log = state_dir / "daemon.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llmsup.cli", "up", "--foreground", "--quiet", "-f", str(path)],
+            [
+                *[sys.executable, "-m", "llmsup.cli", "up", "--foreground", "--quiet"],
+                *(["--untrusted"] if untrusted else []),
+                *["-f", str(path)],
+            ],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,

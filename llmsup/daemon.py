@@ -28,7 +28,7 @@ from llmsup.errors import DaemonError, ManifestError
 from llmsup.manifest import LoadedManifest, load_manifest
 from llmsup.notify import Notifier, status_line
 from llmsup.paths import default_state_dir, socket_path
-from llmsup.plan import Plan, plan_or_raise
+from llmsup.plan import Plan, plan_or_raise, untrusted_problems
 from llmsup.state import (
     Fail,
     ProbeCounter,
@@ -215,11 +215,12 @@ class Server:
         except OSError as e:
             return Outcome(True, f"cannot read a secret: {e}", fatal=True)
         self.api_key = env.get(la.auth_env) if la.auth_env else None
-        exe = process.find_executable(la.argv[0], env)
+        # The daemon's PATH, never the manifest's: a manifest picks a backend, not a binary.
+        exe = process.find_executable(la.argv[0], os.environ)
         if exe is None:
             return Outcome(
                 True,
-                f"{la.argv[0]}: not found on PATH (searched: {env.get('PATH', '')})",
+                f"{la.argv[0]}: not found on PATH (searched: {os.environ.get('PATH', '')})",
                 fatal=True,
             )
         if await asyncio.to_thread(process.port_in_use, la.host, la.port):
@@ -421,6 +422,7 @@ class Daemon:
         listener: Listener | None = None,
         rand: random.Random | None = None,
         notifier: Notifier | None = None,
+        untrusted: bool = False,
     ) -> None:
         self.manifest_path = manifest_path
         self.loaded = loaded
@@ -436,6 +438,7 @@ class Daemon:
         self._session: aiohttp.ClientSession | None = None
         self._lock_fd: int | None = None
         self.notifier = notifier or Notifier()
+        self.untrusted = untrusted  # reloads refuse command backends too
         self._status_dirty = True
         self._gateway: tuple[Any, asyncio.Task[None]] | None = None  # (runner, idle loop)
         self.gpu_source: gpu.GpuSource | None = None
@@ -668,6 +671,8 @@ class Daemon:
         """Apply a manifest: restart changed servers only; an invalid one changes nothing."""
         loaded = load_manifest(path)
         plan = plan_or_raise(loaded)
+        if self.untrusted and (refused := untrusted_problems(loaded)):
+            raise ManifestError(refused)
         if self.snapshot is not None:
             errors = [
                 p for p in gpucheck.gpu_problems(loaded, self.snapshot) if p.severity == "error"

@@ -102,6 +102,28 @@ def make_plan(loaded: LoadedManifest) -> Plan:
     return Plan(tuple(launches), _launch_order(loaded, launches), tuple(problems))
 
 
+def untrusted_problems(loaded: LoadedManifest) -> list[Problem]:
+    """For a manifest from an untrusted place (`--untrusted`): only vLLM and Ollama
+    may run, and no model repository's own code."""
+    out = []
+    for name, spec in loaded.manifest.models.items():
+        if isinstance(spec, CommandModel):
+            out.append(
+                loaded.problem(
+                    ("models", name, "backend"),
+                    "a command backend runs any program: refused for an untrusted manifest",
+                )
+            )
+        if isinstance(spec, VllmModel) and spec.trust_remote_code:
+            out.append(
+                loaded.problem(
+                    ("models", name, "trust_remote_code"),
+                    "runs the model repository's Python code: refused for an untrusted manifest",
+                )
+            )
+    return out
+
+
 def plan_or_raise(loaded: LoadedManifest) -> Plan:
     plan = make_plan(loaded)
     if plan.errors:
@@ -283,7 +305,13 @@ def _check_extra_args(loaded: LoadedManifest, name: str, m: VllmModel) -> list[P
             continue
         flag = arg.split("=", 1)[0]
         path = ("models", name, "extra_args", i)
-        if flag in vllm_backend.SECRET_FLAGS:
+        if flag in vllm_backend.CODE_FLAGS:
+            msg = (
+                f"{flag} makes vLLM load code named in the manifest; a vllm entry runs "
+                "vLLM only: use `backend: command` to run a server you configure freely"
+            )
+            out.append(loaded.problem(path, msg))
+        elif flag in vllm_backend.SECRET_FLAGS:
             use = vllm_backend.SECRET_FLAGS[flag]
             msg = f"{flag} would put a secret on the command line, visible in `ps`; use {use}"
             out.append(loaded.problem(path, msg))
@@ -320,6 +348,15 @@ def _check_env(loaded: LoadedManifest, name: str) -> list[Problem]:
     if isinstance(spec, VllmModel):
         owned["VLLM_API_KEY"] = "api_key or api_key_file"
     for var in spec.env:
+        if var in vllm_backend.CODE_ENV and not isinstance(spec, CommandModel):
+            out.append(
+                loaded.problem(
+                    ("models", name, "env", var),
+                    f"{var} would change which code the server loads or runs; a "
+                    f"{spec.backend} entry runs {spec.backend} only (use `backend: command`)",
+                    key=True,
+                )
+            )
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
             msg = f"{var!r} is not a valid environment variable name"
             out.append(loaded.problem(("models", name, "env", var), msg, key=True))

@@ -25,6 +25,29 @@ FIELD_FLAGS: dict[str, tuple[str, ...]] = {
     "tool_call_parser": ("--tool-call-parser",),
     "model": ("--model",),
 }
+# Flags that make vLLM import code named on the command line (or smuggle such
+# flags in a file): a manifest entry with `backend: vllm` must only run vLLM.
+CODE_FLAGS = frozenset(
+    {
+        "--middleware",
+        "--worker-cls",
+        "--worker-extension-cls",
+        "--scheduler-cls",
+        "--tool-parser-plugin",
+        "--reasoning-parser-plugin",
+        "--io-processor-plugin",
+        "--logits-processors",
+        "--config",
+        "--logging-config",
+        "--log-config-file",
+    }
+)
+# Environment variables that load code into any process (the dynamic linker,
+# Python's startup): the same reason.
+CODE_ENV = frozenset(
+    {"LD_PRELOAD", "LD_AUDIT", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PYTHONUSERBASE",
+     "BASH_ENV", "ENV", "PATH", "VLLM_PLUGINS"}
+)  # fmt: skip
 # Flags that carry secrets: never on argv, where `ps` shows them to every user.
 SECRET_FLAGS = {"--api-key": "api_key", "--hf-token": "env: {HF_TOKEN: ...}"}
 
