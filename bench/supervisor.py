@@ -345,6 +345,12 @@ def main() -> None:
         res["respawn_command_server"] = summary(ours)
         res["respawn_bare_asyncio_baseline"] = summary(bare)
         res["respawn_ratio_vs_baseline"] = statistics.median(ours) / statistics.median(bare)
+        loaded, rate = respawn_llmsup(t / "f", args.kills, load=32)
+        res["respawn_under_gateway_load_32_streams"] = summary(loaded)
+        res["respawn_under_load_ratio_vs_idle"] = statistics.median(loaded) / statistics.median(
+            ours
+        )
+        res["gateway_streams_completed_per_s_during_kills"] = rate
         res["respawn_vllm_tp2_with_orphan_cleanup"] = summary(
             respawn_vllm_tree(t / "c", args.kills)
         )
