@@ -15,7 +15,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,13 +263,15 @@ class Server:
             watch.cancel()
             exited.cancel()
             self.set_state(State.STOPPING, f"pid {child.proc.pid}")
-            await process.terminate(
-                lambda: process.members(child.record), m.stop_timeout(la.unit), child
-            )
-            self.tail = list(child.tail)
-            await child.close()
-            process.drop_record(self.daemon.state_dir, child.record)
-            self.child = None
+            await _uncancellable(self._bury(child, m.stop_timeout(la.unit)))
+
+    async def _bury(self, child: process.Child, grace: float) -> None:
+        """Stop the whole tree of `child` and forget it."""
+        await process.terminate(lambda: process.members(child.record), grace, child)
+        self.tail = list(child.tail)
+        await child.close()
+        process.drop_record(self.daemon.state_dir, child.record)
+        self.child = None
 
     async def _wait_for_gpus(self) -> Outcome | None:
         """Start only into GPUs with the free memory this server will ask for:
@@ -400,6 +402,21 @@ class Server:
         except (probe.StepError, aiohttp.ClientError, asyncio.TimeoutError) as e:
             return probe.ProbeResult(False, time.monotonic() - start, str(e) or type(e).__name__)
         return probe.ProbeResult(True, time.monotonic() - start, "loaded")
+
+
+async def _uncancellable(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` to its end even if we are cancelled meanwhile (a second `stop`
+    must not interrupt the first one half-way and leave processes behind)."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _connect_host(host: str) -> str:
