@@ -224,6 +224,14 @@ class Server:
                 fatal=True,
             )
         if await asyncio.to_thread(process.port_in_use, la.host, la.port):
+            # Ours from an earlier instance of this server (a stop that was cut short)?
+            # Those we may stop; anyone else's we must not touch.
+            prefix = f"{self.daemon.key}:{la.unit}:"
+            stale = await asyncio.to_thread(process.marked_with, prefix)
+            if stale:
+                log.warning("%s: stopping %d leftover process(es)", la.unit, len(stale))
+                await process.terminate(lambda: process.marked_with(prefix), 5.0)
+        if await asyncio.to_thread(process.port_in_use, la.host, la.port):
             holder = await asyncio.to_thread(process.port_holder, la.port)
             return Outcome(
                 True,
@@ -235,15 +243,15 @@ class Server:
         if waited is not None:
             return waited
         self.set_progress("")
-        log = process.RotatingLog(
+        logfile = process.RotatingLog(
             self.daemon.log_path(la.unit), m.defaults.log.max_size, m.defaults.log.backups
         )
         try:
             child = await process.spawn(
-                la.unit, [exe, *la.argv[1:]], env, self.daemon.key, log, self._on_line
+                la.unit, [exe, *la.argv[1:]], env, self.daemon.key, logfile, self._on_line
             )
         except OSError as e:
-            log.close()
+            logfile.close()
             return Outcome(True, f"cannot start {exe}: {e}", fatal=True)
         self.child = child
         self.started_at = time.time()

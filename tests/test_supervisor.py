@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 from pathlib import Path
 
 import psutil
@@ -415,3 +416,34 @@ def test_sighup_reloads_the_manifest(tmp_path: Path) -> None:
         wait_for(lambda: d.status()["a"]["pid"] not in (None, before["a"]), 10)
         rows = d.wait_all_ready()
         assert rows["b"]["pid"] == before["b"]
+
+
+def test_leftover_of_our_own_on_the_port_is_stopped_not_reported(tmp_path: Path) -> None:
+    from llmsup.process import MARKER, state_key
+
+    port = free_port()
+    with running(tmp_path, f"m: {{backend: vllm, model: org/m, port: {port}}}\n") as d:
+        d.wait_all_ready()
+        assert d.cli("stop", "-f", str(d.manifest), "m").returncode == 0
+        # an instance of m that a cut-short stop would have left behind
+        env = {**d.env, MARKER: f"{state_key(d.state)}:m:stale0000000", "FAKE_LOAD_TIME": "0"}
+        stale = subprocess.Popen(
+            ["vllm", "serve", "org/m", "--port", str(port), "--host", "127.0.0.1"],
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            wait_for(lambda: d.processes("m") and _listening(port), 10)
+            assert d.cli("start", "-f", str(d.manifest), "m").returncode == 0
+            row = d.wait_state("m", "READY")
+            assert row["pid"] != stale.pid
+            assert stale.wait(10) is not None
+        finally:
+            if stale.poll() is None:
+                stale.kill()
+                stale.wait()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
