@@ -131,12 +131,13 @@ class DaemonRegistry:
 
     async def idle_loop(self) -> None:
         """Stop on-demand servers that had no request for their idle_timeout."""
-        models = self.daemon.loaded.manifest.models
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
+            models = self.daemon.loaded.manifest.models  # read anew: reloads replace it
             for s in list(self.daemon.servers.values()):
-                limit = models[s.launch.models[0]].idle_timeout
+                spec = models.get(s.launch.models[0])
+                limit = spec.idle_timeout if spec is not None else None
                 if (
                     s.on_demand
                     and limit is not None

@@ -159,3 +159,24 @@ def test_exclusive_group_swaps_models_on_different_gpus(tmp_path: Path) -> None:
         assert d.processes("chat-a") == [] and a_tree
     finally:
         d.stop()
+
+
+def test_idle_stop_still_works_after_a_reload_adds_a_model(tmp_path: Path) -> None:
+    gw = free_port()
+    od = f"""\
+    od: {{backend: vllm, model: org/od, served_name: od, port: {free_port()}, gpus: [1],
+          start: on_demand, idle_timeout: 1s}}
+    """
+    d = Daemon(tmp_path, od)
+    head = f"gateway: {{port: {gw}}}\n"
+    d.manifest.write_text(head + d.manifest.read_text())
+    try:
+        d.start()
+        d.write(od + f"extra: {{backend: vllm, model: org/x, port: {free_port()}, gpus: [2]}}\n")
+        d.manifest.write_text(head + d.manifest.read_text())
+        assert d.cli("reload", "-f", str(d.manifest)).returncode == 0
+        d.wait_state("extra", "READY")
+        assert post(gw, chat("od"))[0] == 200
+        wait_for(lambda: d.status()["od"]["state"] == "STOPPED", 10)
+    finally:
+        d.stop()
