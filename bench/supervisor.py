@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def respawn_llmsup(tmp: Path, kills: int, load: int = 0) -> tuple[list[float], f
             pid = d.status()["web"]["pid"]
             t0 = time.time()
             os.kill(pid, signal.SIGKILL)
-            started = wait_for(lambda i=i: last_stamp(stamps, i + 2), 10)
+            started = wait_for(partial(last_stamp, stamps, i + 2), 10)
             out.append(started - t0)
             d.wait_state("web", "READY")
         rate = (_gateway_requests(gw) - served0) / (time.time() - t_start)

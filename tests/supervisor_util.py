@@ -101,14 +101,14 @@ class Daemon:
             row = self.status()[name]
             return row if row["state"] == state else None
 
-        return wait_for(reached, timeout, message=f"{name} never {state}: {self.status()[name]}")  # type: ignore[no-any-return]
+        return wait_for(reached, timeout, message=f"{name} never {state}: {self.status()[name]}")
 
     def wait_all_ready(self, timeout: float = 30) -> dict[str, dict[str, Any]]:
         def ready() -> dict[str, dict[str, Any]] | None:
             rows = self.status()
             return rows if all(r["state"] == "READY" for r in rows.values()) else None
 
-        return wait_for(ready, timeout, message=f"not all READY: {self.log()[-3000:]}")  # type: ignore[no-any-return]
+        return wait_for(ready, timeout, message=f"not all READY: {self.log()[-3000:]}")
 
     def processes(self, unit: str | None = None) -> list[psutil.Process]:
         """Live processes carrying this daemon's marker (of one unit, or all)."""

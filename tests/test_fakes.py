@@ -22,8 +22,8 @@ from typing import Any
 import psutil
 import pytest
 
+import _fakegpu
 from llmsup.gpu import GiB, GpuProcess, SimulatedSource, make_sim, sim_uuid
-from tests.fakes import _fakegpu
 from tests.util import fake_env, free_port, wait_for
 
 FAST = {"FAKE_LOAD_TIME": "0.2", "FAKE_DISCOVERY_TIME": "0.05", "FAKE_PULL_TIME": "0.3"}

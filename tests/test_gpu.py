@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import _fakegpu
 from llmsup import gpu
 from llmsup.gpu import (
     GiB,
@@ -34,7 +35,6 @@ from llmsup.gpu import (
     sim_uuid,
     source_from_env,
 )
-from tests.fakes import _fakegpu
 from tests.util import FAKES_DIR, wait_for
 
 # ---------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _fakegpu
 from llmsup.gpu import GiB, make_sim, sim_uuid
-from tests.fakes import _fakegpu
 from tests.supervisor_util import Daemon, gone
 from tests.util import free_port, wait_for
 

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from llmsup.errors import ManifestError, Problem
-from llmsup.manifest import parse_duration, parse_manifest, parse_model_len, parse_size
+from llmsup.manifest import VllmModel, parse_duration, parse_manifest, parse_model_len, parse_size
 from llmsup.plan import make_plan
 
 ENV = {"VLLM_API_KEY": "sk-secret-123", "HOME": "/root"}
@@ -460,6 +460,7 @@ def test_env_expansion_and_defaults() -> None:
     """
     loaded = parse_manifest(textwrap.dedent(text), "m.yaml", ENV)
     spec = loaded.manifest.models["a"]
+    assert isinstance(spec, VllmModel)
     assert spec.model == "/srv/models/qwen"
     assert spec.env == {"PRICE": "$5"}
     assert spec.api_key is not None and spec.api_key.get_secret_value() == "sk-secret-123"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import psutil
 import pytest
@@ -443,7 +443,7 @@ def model_processes(c: systemd_container.Container) -> list[psutil.Process]:
 
 
 def until(predicate: Callable[[], T | None], timeout: float, message: str) -> T:
-    return cast(T, wait_for(predicate, timeout, interval=0.3, message=message))
+    return wait_for(predicate, timeout, interval=0.3, message=message)
 
 
 def cmdline(p: psutil.Process) -> str:

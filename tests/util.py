@@ -15,7 +15,7 @@ FAKES_DIR = Path(__file__).resolve().parent / "fakes"
 
 
 def wait_for(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float = 10.0,
     interval: float = 0.05,
     message: str = "",

@@ -473,7 +473,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            parts = []
+            parts: list[bytes] = []
             while True:
                 line = self.rfile.readline()
                 size = int(line.split(b";")[0].strip() or b"0", 16)

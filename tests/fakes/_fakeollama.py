@@ -727,6 +727,7 @@ class OllamaServer:
         name = self._known(h, model)
         if name is None:
             return
+        assert isinstance(model, str)  # _known answered 400 otherwise
         prompt = req.get("messages") if chat else req.get("prompt")
         if not prompt:
             if keep_alive == 0:

@@ -11,6 +11,7 @@ _fakecommon's docstring and in README.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -612,7 +613,7 @@ class ApiServer:
         ]
         for frac, source, msg, engine in lines:
             emit = self.engine_log if engine else self.log
-            self.loop.call_at(start + frac * load, lambda e=emit, m=msg, s=source: e(m, source=s))
+            self.loop.call_at(start + frac * load, functools.partial(emit, msg, source=source))
 
     def gpu_holders(self) -> list[tuple[int, int]] | None:
         """(pid, global rank) of each process that takes GPU memory, as vLLM's: the
@@ -629,10 +630,10 @@ class ApiServer:
                 with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
                     titles[f.read().split(b"\0", 1)[0].decode(errors="replace")] = pid
             for local, worker in enumerate(workers):
-                pid = titles.get(f"VLLM::{worker}")
-                if pid is None:
+                holder = titles.get(f"VLLM::{worker}")
+                if holder is None:
                     return None
-                out.append((pid, dp_rank * per_engine + local))
+                out.append((holder, dp_rank * per_engine + local))
         return out
 
     def claim_gpus(self, deadline: float) -> None:
