@@ -24,7 +24,7 @@ import aiohttp
 
 from llmsup import gpu, gpucheck, probe, process
 from llmsup.backends import Launch
-from llmsup.errors import DaemonError, ManifestError
+from llmsup.errors import DaemonError, LlmsupError, ManifestError
 from llmsup.manifest import LoadedManifest, load_manifest
 from llmsup.notify import Notifier, status_line
 from llmsup.paths import default_state_dir, socket_path
@@ -83,6 +83,7 @@ class Server:
         self.draining = False
         self.api_key: str | None = None  # the key the server was started with
         self.gpu_memory: dict[int, int] = {}  # GPU index -> bytes its processes hold
+        self.retired = False  # replaced or removed by a reload: never starts again
 
     @property
     def on_demand(self) -> bool:
@@ -92,6 +93,8 @@ class Server:
     # -------------------------------------------------------- control
 
     def start(self) -> None:
+        if self.retired:  # e.g. a `restart` that was waiting while a reload replaced us
+            return
         if self.task is None or self.task.done():
             # Busy from now on, so that servers ordered after this one wait for it
             # even before its task first runs.
@@ -459,6 +462,7 @@ class Daemon:
         self.servers: dict[str, Server] = {}
         self.cond = asyncio.Condition()
         self.stopping = asyncio.Event()
+        self.reloading = asyncio.Lock()  # one reload at a time (SIGHUP and the socket may race)
         self.started = time.time()
         self._session: aiohttp.ClientSession | None = None
         self._lock_fd: int | None = None
@@ -520,10 +524,13 @@ class Daemon:
     async def clean_leftovers(self) -> list[int]:
         """Stop what a daemon that was killed left behind: recorded groups, marked processes."""
         records = process.load_records(self.state_dir)
-        pids: list[int] = []
-        for rec in records:
-            pids += await process.terminate(lambda r=rec: process.members(r), 5.0)  # type: ignore[misc]
+
+        async def stop(rec: process.Record) -> list[int]:
+            killed = await process.terminate(lambda: process.members(rec), 5.0)
             process.drop_record(self.state_dir, rec)
+            return killed
+
+        pids = [pid for killed in await asyncio.gather(*map(stop, records)) for pid in killed]
         pids += await process.terminate(lambda: process.marked_with(self.key + ":"), 5.0)
         return pids
 
@@ -688,12 +695,24 @@ class Daemon:
         try:
             await self.reload(self.manifest_path)
         except ManifestError as e:
+            log.error("reload refused: %s", e)
             if self.listener:
                 for p in e.problems:
                     self.listener("reload", State.FAILED, str(p))
+        except LlmsupError as e:
+            log.error("reload refused: %s", e)
+            if self.listener:
+                self.listener("reload", State.FAILED, str(e))
 
     async def reload(self, path: Path) -> dict[str, list[str]]:
-        """Apply a manifest: restart changed servers only; an invalid one changes nothing."""
+        """Apply a manifest: restart changed servers only; an invalid one changes nothing.
+
+        Reloads run one after another: two at once would each replace a changed
+        server, and the first replacement would go on running unsupervised."""
+        async with self.reloading:
+            return await self._reload(path)
+
+    async def _reload(self, path: Path) -> dict[str, list[str]]:
         loaded = load_manifest(path)
         plan = plan_or_raise(loaded)
         if self.untrusted and (refused := untrusted_problems(loaded)):
@@ -712,6 +731,8 @@ class Daemon:
         added = [u for u in new if u not in old]
         changed = [u for u in new if u in old and new[u].fingerprint() != old[u].fingerprint()]
         self.manifest_path, self.loaded, self.plan = path, loaded, plan
+        for u in removed + changed:
+            self.servers[u].retired = True
         await asyncio.gather(*(self.servers[u].stop() for u in removed + changed))
         for u in removed:
             del self.servers[u]

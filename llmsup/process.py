@@ -18,6 +18,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import threading
 import time
 import uuid
 from collections import deque
@@ -81,11 +83,16 @@ class RotatingLog:
 
 
 class Child:
-    """A running server: the asyncio process, its record, and its output pump."""
+    """A running server: its process, its record, and its output pump.
+
+    The process is started in a worker thread (`spawn`): fork/exec blocks the
+    calling thread until the new program runs, which on a host busy booting a
+    hundred servers took up to 0.2 s per server, all of it on the event loop.
+    """
 
     def __init__(
         self,
-        proc: asyncio.subprocess.Process,
+        proc: subprocess.Popen[bytes],
         record: Record,
         log: RotatingLog,
         on_line: Callable[[str], None],
@@ -99,26 +106,34 @@ class Child:
 
     async def _pump(self) -> None:
         assert self.proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**20)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), self.proc.stdout
+        )
         partial = b""
-        while chunk := await self.proc.stdout.read(65536):
-            self.log.write(chunk)
-            lines = (partial + chunk).split(b"\n")
-            partial = lines.pop()[-4096:]
-            for raw in lines:
-                line = raw.decode("utf-8", "replace").rstrip("\r")
-                self.tail.append(line)
-                self._on_line(line)
+        try:
+            while chunk := await reader.read(65536):
+                self.log.write(chunk)
+                lines = (partial + chunk).split(b"\n")
+                partial = lines.pop()[-4096:]
+                for raw in lines:
+                    line = raw.decode("utf-8", "replace").rstrip("\r")
+                    self.tail.append(line)
+                    self._on_line(line)
+        finally:
+            transport.close()
 
     async def exited(self) -> int:
         """The exit status of the server process itself.
 
-        asyncio's `Process.wait()` also waits for the output pipe to close, and
-        an orphaned vLLM EngineCore keeps it open forever: a pidfd tells us of
-        the exit at once. Without pidfds (Linux < 5.3), poll every 50 ms.
+        Not its output's end: an orphaned vLLM EngineCore keeps the pipe open
+        forever. A pidfd tells us of the exit at once; without pidfds (Linux <
+        5.3), poll every 50 ms.
         """
         loop = asyncio.get_running_loop()
         fd = None
-        if self.proc.returncode is None:
+        if self.proc.poll() is None:
             with contextlib.suppress(AttributeError, OSError):
                 fd = os.pidfd_open(self.proc.pid)
         if fd is not None:
@@ -134,18 +149,22 @@ class Child:
             finally:
                 loop.remove_reader(fd)
                 os.close(fd)
-        while self.proc.returncode is None:  # the child watcher reaps it within moments
-            await asyncio.sleep(0.005 if fd is not None else 0.05)
-        return self.proc.returncode
+        while (code := self.proc.poll()) is None:
+            await asyncio.sleep(0.05)
+        return code
 
     async def wait(self) -> int:
         """Until the process has exited and its output is drained."""
-        return await self.proc.wait()
+        code = await self.exited()
+        await asyncio.shield(self.pump)
+        return code
 
     async def close(self) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.pump, 2.0)
-        self.pump.cancel()
+            await asyncio.wait_for(asyncio.shield(self.pump), 2.0)
+        if not self.pump.done():
+            self.pump.cancel()
+            await asyncio.wait({self.pump})  # its pipe closed before we return
         self.log.close()
 
 
@@ -172,12 +191,13 @@ async def spawn(
     instance = f"{key}:{unit}:{uuid.uuid4().hex[:12]}"
     env = {**env, MARKER: instance}
     log.write(f"--- llmsup: starting {unit}: {argv[0]} (instance {instance})\n".encode())
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
+    proc = await asyncio.to_thread(
+        subprocess.Popen,
+        argv,
         env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -191,6 +211,70 @@ async def spawn(
 # ----------------------------------------------------------------- finding
 
 
+@dataclass(frozen=True)
+class Seen:
+    """One live process as a scan of the process table saw it."""
+
+    proc: psutil.Process
+    marker: str | None
+    pgid: int
+    create_time: float
+
+
+class ProcessTable:
+    """Scans of the process table, shared and cheap enough for many servers.
+
+    Every stop looks for the members of one launch until none is left, and a
+    `down` runs one stop per server at once: scanning per caller made that
+    quadratic in the number of servers. So a caller gets the latest scan that
+    began after it asked, and callers that ask while a scan runs share the next
+    one. A process's marker is read from its environment once per (pid, start
+    time): the initial environment of a process never changes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: tuple[float, list[Seen]] | None = None
+        self._markers: dict[tuple[int, float], str | None] = {}
+        self.scans = 0  # how many scans ran (for tests and benchmarks)
+
+    def scan(self) -> list[Seen]:
+        asked = time.monotonic()
+        with self._lock:
+            if self._last is not None and self._last[0] >= asked:
+                return self._last[1]  # began after we asked: as fresh as our own
+            began = time.monotonic()
+            seen = self._scan()
+            self._last = (began, seen)
+            self.scans += 1
+            return seen
+
+    def _scan(self) -> list[Seen]:
+        me, now = os.getpid(), time.time()
+        seen: list[Seen] = []
+        markers: dict[tuple[int, float], str | None] = {}
+        for p in psutil.process_iter(["create_time", "status"]):
+            if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == me:
+                continue
+            created = p.info["create_time"]
+            key = (p.pid, created)
+            mark = self._markers[key] if key in self._markers else _marker(p)
+            # A process younger than a second may not have exec'd yet (a fork of
+            # ours still holds our environment): read it again next time.
+            if mark is not None or now - created > 1.0:
+                markers[key] = mark
+            try:
+                pgid = os.getpgid(p.pid)
+            except OSError:
+                continue
+            seen.append(Seen(p, mark, pgid, created))
+        self._markers = markers  # forget the dead
+        return seen
+
+
+TABLE = ProcessTable()
+
+
 def _marker(p: psutil.Process) -> str | None:
     try:
         return p.environ().get(MARKER)
@@ -198,25 +282,18 @@ def _marker(p: psutil.Process) -> str | None:
         return None
 
 
-def members(record: Record) -> list[psutil.Process]:
+def members(record: Record, table: ProcessTable = TABLE) -> list[psutil.Process]:
     """Every live process of this launch: its group, and marked escapees."""
-    found = []
-    for p in psutil.process_iter(["pid", "create_time", "status"]):
-        try:
-            if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
-                continue
-            mark = _marker(p)
-            if mark == record.instance:
-                found.append(p)
-            elif (
-                mark is None
-                and os.getpgid(p.pid) == record.pgid
-                and p.info["create_time"] >= record.create_time - 1.0
-            ):
-                found.append(p)  # environment unreadable, but in our group and young enough
-        except (psutil.Error, OSError):
-            continue
-    return found
+    return [
+        s.proc
+        for s in table.scan()
+        if s.marker == record.instance
+        or (
+            s.marker is None  # environment unreadable, but in our group and young enough
+            and s.pgid == record.pgid
+            and s.create_time >= record.create_time - 1.0
+        )
+    ]
 
 
 def tree_pids(pid: int) -> set[int]:
@@ -228,16 +305,9 @@ def tree_pids(pid: int) -> set[int]:
         return set()
 
 
-def marked_with(prefix: str) -> list[psutil.Process]:
+def marked_with(prefix: str, table: ProcessTable = TABLE) -> list[psutil.Process]:
     """Processes whose marker starts with `prefix` (a state key: all of one daemon's)."""
-    out = []
-    for p in psutil.process_iter(["status"]):
-        if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
-            continue
-        mark = _marker(p)
-        if mark is not None and mark.startswith(prefix):
-            out.append(p)
-    return out
+    return [s.proc for s in table.scan() if s.marker is not None and s.marker.startswith(prefix)]
 
 
 def _signal(procs: list[psutil.Process], sig: int) -> None:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +19,18 @@ from llmsup.daemon import Daemon
 from llmsup.errors import DaemonError
 from llmsup.manifest import parse_manifest
 from llmsup.plan import make_plan
-from llmsup.process import Record, RotatingLog, child_env, load_records, save_record
+from llmsup.process import (
+    MARKER,
+    ProcessTable,
+    Record,
+    RotatingLog,
+    Seen,
+    child_env,
+    load_records,
+    marked_with,
+    members,
+    save_record,
+)
 
 
 def test_log_rotates_by_size_and_keeps_n_backups(tmp_path: Path) -> None:
@@ -61,3 +78,87 @@ def test_second_daemon_on_one_state_dir_is_refused(tmp_path: Path) -> None:
         os.close(first._lock_fd)
 
     asyncio.run(both())
+
+
+def _spawn_marked(tmp_path: Path, instance: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A server in a session of its own with our marker, whose child leaves the
+    group (setsid) and a stranger: returns the server and the escapee's pid."""
+    script = tmp_path / "tree.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, subprocess, sys, time
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                     start_new_session=True)
+            print(child.pid, flush=True)
+            time.sleep(60)
+            """
+        )
+    )
+    env = {**os.environ, MARKER: instance}
+    server = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert server.stdout is not None
+    with server.stdout:
+        return server, int(server.stdout.readline())
+
+
+def test_members_finds_the_group_and_marked_escapees_only(tmp_path: Path) -> None:
+    server, escapee = _spawn_marked(tmp_path, "k1:m:abc")
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rec = Record("m", "k1:m:abc", server.pid, server.pid, time.time() - 5, ["x"])
+        table = ProcessTable()
+        found = {p.pid for p in members(rec, table)}
+        assert found == {server.pid, escapee}
+        assert os.getpgid(escapee) != server.pid  # found by its marker, not its group
+        assert {p.pid for p in marked_with("k1:", table)} == {server.pid, escapee}
+        assert marked_with("k2:", table) == []
+    finally:
+        for pid in (server.pid, escapee, stranger.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        server.wait()
+        stranger.wait()
+
+
+def test_a_scan_is_never_older_than_the_question(tmp_path: Path) -> None:
+    table = ProcessTable()
+    assert marked_with("k3:", table) == []
+    server, escapee = _spawn_marked(tmp_path, "k3:m:def")
+    try:
+        assert {p.pid for p in marked_with("k3:", table)} == {server.pid, escapee}
+    finally:
+        for pid in (server.pid, escapee):
+            os.kill(pid, signal.SIGKILL)
+        server.wait()
+    assert table.scans == 2
+
+
+def test_callers_that_ask_during_a_scan_share_the_next_one() -> None:
+    class Gated(ProcessTable):
+        def __init__(self) -> None:
+            super().__init__()
+            self.entered = threading.Event()
+            self.gate = threading.Event()
+
+        def _scan(self) -> list[Seen]:
+            self.entered.set()
+            self.gate.wait(10)
+            return super()._scan()
+
+    table = Gated()
+    results: list[list[Seen]] = []
+    first = threading.Thread(target=lambda: results.append(table.scan()))
+    first.start()
+    assert table.entered.wait(10)
+    waiting = [threading.Thread(target=lambda: results.append(table.scan())) for _ in range(8)]
+    for t in waiting:
+        t.start()
+    time.sleep(0.3)  # all eight have asked, and wait for the running scan
+    table.gate.set()
+    for t in [first, *waiting]:
+        t.join(10)
+    assert table.scans == 2  # the running one, and one shared by the eight
+    assert len({id(r) for r in results[1:]}) == 1

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+from llmsup.client import call
+from llmsup.process import MARKER
 from tests.supervisor_util import Daemon, gone, names, running
 from tests.util import free_port, wait_for
 
@@ -416,6 +422,37 @@ def test_sighup_reloads_the_manifest(tmp_path: Path) -> None:
         wait_for(lambda: d.status()["a"]["pid"] not in (None, before["a"]), 10)
         rows = d.wait_all_ready()
         assert rows["b"]["pid"] == before["b"]
+
+
+def test_two_reloads_at_once_leave_one_server(tmp_path: Path) -> None:
+    """SIGHUP (systemd's ExecReload) and `llmsup reload` at the same moment: the
+    changed model ends with one supervised server, not two fighting for its port."""
+    port = free_port()
+    base = f"a: {{backend: vllm, model: org/a, port: {port}, gpus: [0]}}\n"
+    with running(tmp_path, base) as d:
+        old = d.wait_all_ready()["a"]["instance"]
+        d.write(base.replace("org/a", "org/a2"))
+        assert d.proc is not None
+        answers: list[tuple[int, Any]] = []
+        body = {"manifest": str(d.manifest)}
+        sock = threading.Thread(
+            target=lambda: answers.append(call(d.sock, "POST", "/v1/reload", body))
+        )
+        sock.start()
+        d.proc.send_signal(signal.SIGHUP)
+        sock.join(30)
+        assert answers and answers[0][0] == 200
+        wait_for(lambda: d.status()["a"]["instance"] not in (None, old), 15)
+        d.wait_state("a", "READY")
+        instances, end = set(), time.monotonic() + 3.0
+        while time.monotonic() < end:  # it stays READY, with one instance
+            for p in d.processes("a"):
+                with contextlib.suppress(psutil.Error):
+                    instances.add(p.environ().get(MARKER))
+            instances.add(d.status()["a"]["instance"])
+            time.sleep(0.1)
+        assert len(instances) == 1, instances
+        assert d.state_of("a") == "READY"
 
 
 def test_leftover_of_our_own_on_the_port_is_stopped_not_reported(tmp_path: Path) -> None:
