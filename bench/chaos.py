@@ -272,11 +272,12 @@ class Trickle:
             "max_tokens": tokens,
             "stream": stream,
         }
-        status = 0
+        status, data = 0, b""
         try:
             async with session.post(self.url, json=body) as r:
                 status = r.status
-                data = await r.read()
+                async for chunk in r.content.iter_any():
+                    data += chunk
                 if r.status == 200:
                     if stream and b"data: [DONE]" in data:
                         return "ok", ""
@@ -298,7 +299,12 @@ class Trickle:
             return "refused", repr(e)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
             if status == 200:
-                # Headers were sent: cutting the connection is the only way left to tell.
+                # Headers were sent: an error event (OpenAI's shape), then the cut.
+                if b'data: {"error"' in data:
+                    event = data[data.rindex(b'data: {"error"') + 6 :].split(b"\n\n")[0]
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        err = json.loads(event)["error"]
+                        return f"error event mid-stream {err['code']}", str(err["message"])
                 return "cut mid-stream", repr(e)
             return "disconnected", repr(e)
         except aiohttp.ClientError as e:
@@ -1226,7 +1232,9 @@ class Chaos:
         g = self.trickle.counts
         statuses: Counter[str] = Counter()
         for k, v in g.items():
-            if k.startswith("error "):
+            if k.startswith("error event mid-stream"):
+                statuses["200 + error event"] += v
+            elif k.startswith("error "):
                 statuses[k.split()[1]] += v
         leak = self.leak_check()
         for key in ("fds", "fds_not_sockets", "rss_mib"):
@@ -1234,7 +1242,9 @@ class Chaos:
                 self.problem(f"daemon {key} grew: {leak[key]}")
         hangs = g.get("hang", 0)
         unclean = {k: v for k, v in g.items() if k.startswith(("unclean", "client error"))}
-        unclean |= {k: v for k, v in g.items() if k in ("refused", "disconnected")}
+        unclean |= {
+            k: v for k, v in g.items() if k in ("refused", "disconnected", "cut mid-stream")
+        }
         if hangs:
             self.problem(f"{hangs} gateway requests hung: {self.trickle.examples.get('hang')}")
         if unclean:

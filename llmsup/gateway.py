@@ -14,6 +14,7 @@ send a bearer token (`authorization: {credentials_file: ...}` in the scrape conf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -408,21 +409,39 @@ class _Gateway:
         headers["X-Accel-Buffering"] = "no"  # an nginx in front must not buffer either
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await resp.prepare(request)
+        tail = b"\n\n"  # the end of what was relayed: is an event left half-written?
         while True:
             try:
                 chunk = await upstream.content.readany()  # what has arrived; no waiting for more
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                # Headers are sent: the only way left to tell the client is to cut the connection.
                 log.warning("gateway: upstream failed mid-stream: %r", e)
+                await self._error_event(resp, ctype, tail, e)
+                # Headers are sent: cutting the connection (no [DONE], no last chunk) is
+                # what tells any client that the answer is incomplete.
                 if request.transport is not None:
                     request.transport.close()
                 return resp, 502
             if not chunk:
                 return resp, upstream.status
+            tail = (tail + chunk)[-2:]
             try:
                 await resp.write(chunk)
             except ConnectionError:  # the client went away
                 return resp, 499
+
+    @staticmethod
+    async def _error_event(
+        resp: web.StreamResponse, ctype: str, tail: bytes, e: BaseException
+    ) -> None:
+        """An SSE stream gets a last event in OpenAI's error shape (as vLLM sends
+        for a failure mid-stream), which OpenAI's client libraries raise as an error."""
+        if not ctype.startswith("text/event-stream"):
+            return
+        err = ApiError(502, f"Upstream failed mid-stream: {e!r}", "server_error", "upstream_failed")
+        body = {"message": err.message, "type": err.type, "param": None, "code": err.code}
+        event = b"data: " + json.dumps({"error": body}).encode() + b"\n\n"
+        with contextlib.suppress(ConnectionError):
+            await resp.write(event if tail.endswith(b"\n\n") else b"\n\n" + event)
 
 
 def _unauthorized() -> ApiError:

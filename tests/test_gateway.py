@@ -461,7 +461,7 @@ def test_upstream_connections_are_kept_alive(fakes: dict[str, Fake]) -> None:
     assert len(set(client_ports())) == 1, client_ports()  # one pooled connection served all four
 
 
-def test_upstream_failing_mid_stream_cuts_the_client_off(fakes: dict[str, Fake]) -> None:
+def test_upstream_failing_mid_stream_gets_an_error_event_then_a_cut(fakes: dict[str, Fake]) -> None:
     async def one_event_then_die(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -484,7 +484,13 @@ def test_upstream_failing_mid_stream_cuts_the_client_off(fakes: dict[str, Fake])
                         assert r.status == 200
                         async for chunk in r.content.iter_any():
                             got += chunk
-                assert got == b"data: 1\n\n"  # what arrived was relayed, then the cut
+                # what arrived was relayed, then an error event in OpenAI's shape, then the cut
+                first, last, end = got.split(b"\n\n")
+                assert (first, end) == (b"data: 1", b"")
+                assert last.startswith(b"data: ")
+                err = json.loads(last[len(b"data: ") :])["error"]
+                assert (err["type"], err["code"]) == ("server_error", "upstream_failed")
+                assert "mid-stream" in err["message"]
                 m = await scrape(c, "/metrics")
                 assert m["llmsup_gateway_requests_total{code=502,model=dying}"] == 1
         finally:
