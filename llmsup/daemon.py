@@ -525,13 +525,21 @@ class Daemon:
         """Stop what a daemon that was killed left behind: recorded groups, marked processes."""
         records = process.load_records(self.state_dir)
 
+        manifest = self.loaded.manifest
+
         async def stop(rec: process.Record) -> list[int]:
-            killed = await process.terminate(lambda: process.members(rec), 5.0)
+            grace = (
+                manifest.stop_timeout(rec.unit)
+                if rec.unit in manifest.models
+                else manifest.defaults.stop_timeout
+            )
+            killed = await process.terminate(lambda: process.members(rec), grace)
             process.drop_record(self.state_dir, rec)
             return killed
 
         pids = [pid for killed in await asyncio.gather(*map(stop, records)) for pid in killed]
-        pids += await process.terminate(lambda: process.marked_with(self.key + ":"), 5.0)
+        grace = manifest.defaults.stop_timeout
+        pids += await process.terminate(lambda: process.marked_with(self.key + ":"), grace)
         return pids
 
     async def run(self) -> None:
