@@ -142,8 +142,12 @@ def plan(manifest_file: Path | None, as_json: bool, names: tuple[str, ...]) -> N
 
 
 def _socket(manifest_file: Path | None) -> Path:
-    from llmsup.manifest import default_manifest_path
-    from llmsup.paths import default_state_dir, socket_path, state_dir_from_file
+    from llmsup.paths import (
+        default_manifest_path,
+        default_state_dir,
+        socket_path,
+        state_dir_from_file,
+    )
 
     if manifest_file is not None:
         return socket_path(state_dir_from_file(manifest_file))
@@ -213,8 +217,7 @@ def up(
 
     from llmsup.client import alive
     from llmsup.daemon import Daemon, state_dir_of
-    from llmsup.manifest import default_manifest_path
-    from llmsup.paths import socket_path
+    from llmsup.paths import default_manifest_path, socket_path
 
     if detach and foreground:
         raise click.UsageError("-d and --foreground exclude each other")
@@ -533,7 +536,7 @@ def systemd() -> None:
 
 
 def _render(manifest_file: Path | None, user: bool) -> Any:
-    from llmsup.manifest import default_manifest_path
+    from llmsup.paths import default_manifest_path
     from llmsup.systemd import render
 
     path = (manifest_file or default_manifest_path()).absolute()
@@ -560,7 +563,7 @@ def systemd_install(
     import shutil
     import subprocess
 
-    from llmsup.manifest import default_manifest_path
+    from llmsup.paths import default_manifest_path
     from llmsup.systemd import edited_by_hand
 
     path = (manifest_file or default_manifest_path()).absolute()

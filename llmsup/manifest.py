@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from llmsup.errors import ManifestError, Problem
+from llmsup.paths import default_manifest_path as default_manifest_path  # re-exported
 from llmsup.yamlsrc import KeyPath, Source, dotted, read_yaml
 
 # ---------------------------------------------------------------- value types
@@ -403,15 +404,6 @@ class LoadedManifest:
 
 
 SECRET_KEYS = frozenset({"api_key", "api_keys"})
-
-
-def default_manifest_path(env: Mapping[str, str] | None = None) -> Path:
-    """`$LLMSUP_MANIFEST`, else `./models.yaml`, else `/etc/llmsup/models.yaml`."""
-    env = os.environ if env is None else env
-    if env.get("LLMSUP_MANIFEST"):
-        return Path(env["LLMSUP_MANIFEST"])
-    local = Path("models.yaml")
-    return local if local.exists() else Path("/etc/llmsup/models.yaml")
 
 
 def load_manifest(path: str | Path, env: Mapping[str, str] | None = None) -> LoadedManifest:

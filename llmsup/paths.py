@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -45,3 +46,12 @@ def socket_path(state_dir: Path) -> Path:
             "choose a shorter state_dir"
         )
     return path
+
+
+def default_manifest_path(env: Mapping[str, str] | None = None) -> Path:
+    """`$LLMSUP_MANIFEST`, else `./models.yaml`, else `/etc/llmsup/models.yaml`."""
+    env = os.environ if env is None else env
+    if env.get("LLMSUP_MANIFEST"):
+        return Path(env["LLMSUP_MANIFEST"])
+    local = Path("models.yaml")
+    return local if local.exists() else Path("/etc/llmsup/models.yaml")
