@@ -335,3 +335,30 @@ def test_help_does_not_import_heavy_modules() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["status", "-f"], 3),  # no daemon answers
+        (["stop", "m", "-f"], 3),
+        (["down", "-f"], 3),
+        (["logs", "m", "--file"], 1),  # read from the state dir, daemon or not: none yet
+    ],
+)
+def test_daemon_commands_do_not_import_the_schema(
+    tmp_path: Path, args: list[str], code: int
+) -> None:
+    """Commands that only talk to the daemon (or read its state dir) stay light."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"state_dir: {tmp_path / 'state'}\nmodels: {{}}\n")
+    script = (
+        "import sys; from llmsup.cli import main\n"
+        f"try: main({[*args, str(manifest)]!r})\n"
+        "except SystemExit as e: print('EXIT', e.code)\n"
+        "heavy = [m for m in ('pydantic', 'aiohttp', 'psutil', 'pynvml') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert f"EXIT {code}" in r.stdout, r.stdout + r.stderr
+    assert "HEAVY []" in r.stdout
