@@ -141,7 +141,7 @@ def read_yaml(text: str, file: str, env: Mapping[str, str]) -> Source:
     """Parse `text`; syntax problems land in `Source.problems`, never raise."""
     src = Source(file=file, data=None)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         msg = f"YAML syntax error: {e.problem or e.context}"
