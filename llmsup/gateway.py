@@ -401,7 +401,10 @@ class _Gateway:
             # sends its headers apart, a second syscall per request).
             try:
                 body = await upstream.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except asyncio.TimeoutError:  # aiohttp's ServerTimeoutError too
+                message = f"Upstream stopped sending mid-response for {self.config.read_timeout:g}s"
+                raise ApiError(504, message, "server_error", "upstream_timeout") from None
+            except aiohttp.ClientError as e:
                 message = f"Upstream failed mid-response: {e!r}"
                 raise ApiError(502, message, "server_error", "upstream_failed") from None
             return web.Response(status=upstream.status, body=body, headers=headers), upstream.status

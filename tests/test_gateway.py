@@ -7,6 +7,7 @@ Registry that maps served names to fake servers started once for the module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -440,6 +441,47 @@ def test_unreachable_upstream_is_502_and_silent_one_504(fakes: dict[str, Fake]) 
             hung.close()
             await hung.wait_closed()
         assert sorted(reg.released) == ["gone", "hung"]
+
+    asyncio.run(body())
+
+
+def test_upstream_stalling_after_its_headers_is_504_and_one_dying_is_502(
+    fakes: dict[str, Fake],
+) -> None:
+    async def headers_then(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b'Content-Length: 100\r\n\r\n{"id":')
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b' "cmpl-1",')  # body bytes flow, then stop: read_timeout applies
+        await writer.drain()
+        if b"dies" in head:
+            writer.close()
+            return
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(1 << 16):  # stall until the gateway gives up
+                pass
+        writer.close()
+
+    async def body() -> None:
+        server = await asyncio.start_server(headers_then, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        reg = stub(fakes, stalls=url)
+        try:
+            async with gateway(reg, read_timeout=0.5) as c:
+                started = time.monotonic()
+                status, out, _ = await call(c, "/v1/completions", {"model": "stalls"})
+                assert status == 504 and error(out)["code"] == "upstream_timeout"
+                assert "mid-response" in error(out)["message"]
+                assert time.monotonic() - started < 5
+                status, out, _ = await call(c, "/v1/completions?dies=1", {"model": "stalls"})
+                assert status == 502 and error(out)["code"] == "upstream_failed"
+        finally:
+            server.close()
+            await server.wait_closed()
 
     asyncio.run(body())
 
