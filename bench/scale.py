@@ -11,7 +11,9 @@ same fake servers (`vllm serve org/mN --host 127.0.0.1 --port P ...`, the argv
   /health answers; idle RSS and CPU; `llmsup status` and `status --json` wall
   time, the control API call alone; one process-table scan as the daemon does
   it (`process.members`, `process.marked_with`); respawn latency after SIGKILL
-  (backoff_initial 0); `llmsup down`;
+  (backoff_initial 0); `llmsup down`; and the status API's latency while it
+  launches the same number of servers that only sleep (no CPU), to tell the
+  daemon's own work from the load of many fakes booting on the same cores;
 - supervisord, installed from PyPI into a venv of its own in the user's cache
   directory (autorestart=true, startsecs=1, startretries and backoff left at
   their defaults), with the same argv and environment: until every /health
@@ -557,6 +559,32 @@ def run_llmsup(s: Setup, kills: int, idle: float, status_runs: int) -> dict[str,
         d.stop()
 
 
+QUIET_VLLM = "#!/bin/sh\nexec sleep 600\n"
+
+
+def quiet_launch(root: Path, n: int, seconds: float = 10.0) -> dict[str, Any]:
+    """The same launch of n servers with a `vllm` that only sleeps (no CPU, never
+    ready): the status API's latency while the daemon spawns and probes them,
+    without n Python fakes booting on the same cores."""
+    bin_dir = root / f"quiet-bin-{n}"
+    bin_dir.mkdir()
+    exe = bin_dir / "vllm"
+    exe.write_text(QUIET_VLLM)
+    exe.chmod(0o755)
+    d = LlmsupDaemon(make_setup(root, n, "quiet"))
+    try:
+        d.start({"PATH": f"{bin_dir}{os.pathsep}{base_env()['PATH']}"})
+        d.wait_api()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            d.all_ready()  # records each call's latency
+            time.sleep(0.05)
+        spawned = sum(1 for r in d.status() if r["pid"])
+        return {"status_api_call": summary_ms(d.calls), "spawned": spawned}
+    finally:
+        d.stop()
+
+
 # ----------------------------------------------------------------- supervisord
 
 
@@ -835,6 +863,9 @@ GROWTH = {
     "supervisorctl status (ms)": "supervisord.status_cli.median_ms",
     "supervisorctl status CPU (ms)": "supervisord.status_cli.cpu_median_ms",
     "llmsup status call max while launching (ms)": "llmsup.status_api_call_during_up.max_ms",
+    "llmsup status call max while launching servers that sleep (ms)": (
+        "llmsup.quiet_launch.status_api_call.max_ms"
+    ),
     "llmsup all spawned (s)": "llmsup.all_spawned_s",
     "supervisord all spawned (s)": "supervisord.all_spawned_s",
     "floor all spawned (s)": "bare.all_spawned_s",
@@ -915,6 +946,7 @@ def print_summary(res: dict[str, Any]) -> None:
         ("  floor: all spawned (s)", "bare.all_spawned_s", False, 2),
         ("  llmsup API first answer (s)", "api_answers_s", False, 2),
         ("  status API call max (ms)", "status_api_call_during_up.max_ms", False, 0),
+        ("  same, servers that sleep (ms)", "quiet_launch.status_api_call.max_ms", False, 0),
         ("status CLI wall (ms)", "status_cli.median_ms", True, 0),
         ("status CLI CPU (ms)", "status_cli.cpu_median_ms", True, 0),
         ("status --json CLI wall (ms)", "status_cli_json.median_ms", False, 0),
@@ -1023,6 +1055,8 @@ def main() -> None:
                 log(f"{n} models: llmsup")
                 idle = args.idle if n == sizes[-1] else args.idle / 2
                 point["llmsup"] = run_llmsup(s, args.kills, idle, args.status_runs)
+                log(f"{n} models: llmsup, servers that only sleep")
+                point["llmsup"]["quiet_launch"] = quiet_launch(root, n)
                 log(f"{n} models: supervisord")
                 point["supervisord"] = run_supervisord(
                     root, s, bin_dir, args.kills, idle, args.status_runs
