@@ -524,7 +524,6 @@ class Daemon:
     async def clean_leftovers(self) -> list[int]:
         """Stop what a daemon that was killed left behind: recorded groups, marked processes."""
         records = process.load_records(self.state_dir)
-
         manifest = self.loaded.manifest
 
         async def stop(rec: process.Record) -> list[int]:

@@ -86,8 +86,9 @@ class Child:
     """A running server: its process, its record, and its output pump.
 
     The process is started in a worker thread (`spawn`): fork/exec blocks the
-    calling thread until the new program runs, which on a host busy booting a
-    hundred servers took up to 0.2 s per server, all of it on the event loop.
+    calling thread until the new program runs, and the event loop must go on
+    serving status, probes and the gateway meanwhile. Nothing else reaps it:
+    `exited` does, through `Popen.poll`.
     """
 
     def __init__(
