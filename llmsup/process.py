@@ -192,21 +192,41 @@ async def spawn(
     instance = f"{key}:{unit}:{uuid.uuid4().hex[:12]}"
     env = {**env, MARKER: instance}
     log.write(f"--- llmsup: starting {unit}: {argv[0]} (instance {instance})\n".encode())
-    proc = await asyncio.to_thread(
-        subprocess.Popen,
-        argv,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    started = asyncio.ensure_future(
+        asyncio.to_thread(
+            subprocess.Popen,
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     )
+    try:
+        proc = await asyncio.shield(started)
+    except asyncio.CancelledError:
+        # A stop while the thread forks: the server starts all the same, and nobody
+        # would supervise it. Stop it as soon as it exists.
+        started.add_done_callback(_kill_unwanted)
+        raise
     try:
         created = psutil.Process(proc.pid).create_time()
     except psutil.Error:
         created = time.time()
     record = Record(unit, instance, proc.pid, proc.pid, created, list(argv))
     return Child(proc, record, log, on_line)
+
+
+def _kill_unwanted(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    if started.cancelled() or started.exception() is not None:
+        return
+    proc = started.result()
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)  # its group: the server, and any child it started
+    if proc.stdout is not None:
+        proc.stdout.close()
+    threading.Thread(target=proc.wait, daemon=True).start()  # reap it
 
 
 # ----------------------------------------------------------------- finding

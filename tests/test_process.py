@@ -12,9 +12,11 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from llmsup import process
 from llmsup.daemon import Daemon
 from llmsup.errors import DaemonError
 from llmsup.manifest import parse_manifest
@@ -31,6 +33,7 @@ from llmsup.process import (
     members,
     save_record,
 )
+from tests.util import wait_for
 
 
 def test_log_rotates_by_size_and_keeps_n_backups(tmp_path: Path) -> None:
@@ -162,3 +165,37 @@ def test_callers_that_ask_during_a_scan_share_the_next_one() -> None:
         t.join(10)
     assert table.scans == 2  # the running one, and one shared by the eight
     assert len({id(r) for r in results[1:]}) == 1
+
+
+def test_a_spawn_stopped_while_it_forks_leaves_no_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that lands while the worker thread forks: the server it starts anyway
+    must not run on unsupervised."""
+    real = subprocess.Popen
+
+    def slow_popen(*args: Any, **kw: Any) -> subprocess.Popen[bytes]:
+        time.sleep(0.3)  # a busy host: the fork/exec takes a while
+        return real(*args, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", slow_popen)  # the module llmsup.process uses
+    log = RotatingLog(tmp_path / "m.log", max_bytes=1 << 20, backups=1)
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+    async def body() -> None:
+        task = asyncio.create_task(
+            process.spawn("m", argv, dict(os.environ), "k9", log, lambda _line: None)
+        )
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.6)  # the thread's Popen returns meanwhile
+
+    try:
+        asyncio.run(body())
+        wait_for(lambda: not marked_with("k9:", ProcessTable()), 5, message="left running")
+    finally:
+        for p in marked_with("k9:", ProcessTable()):
+            p.kill()
+        log.close()
