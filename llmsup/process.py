@@ -166,6 +166,8 @@ class Child:
         if not self.pump.done():
             self.pump.cancel()
             await asyncio.wait({self.pump})  # its pipe closed before we return
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()  # a no-op unless the pump was cancelled before it began
         self.log.close()
 
 
