@@ -65,6 +65,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.stats import summary_ms  # noqa: E402
 from llmsup import process  # noqa: E402
 from llmsup.client import call  # noqa: E402
 
@@ -87,20 +88,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------- helpers
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def summary_ms(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "median_ms": statistics.median(values) * 1000,
-        "p90_ms": pct(values, 0.9) * 1000,
-        "max_ms": max(values) * 1000,
-    }
 
 
 def timed(fn: Callable[[], Any], runs: int) -> list[float]:

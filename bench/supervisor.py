@@ -31,25 +31,12 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.stats import summary_ms  # noqa: E402
 from tests.supervisor_util import Daemon  # noqa: E402
 from tests.util import free_port, wait_for  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 STAMP = "date +%s.%N >> {file}; exec python3 -m http.server {port} --bind 127.0.0.1"
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "median_ms": statistics.median(values) * 1000,
-        "p90_ms": pct(values, 0.9) * 1000,
-        "max_ms": max(values) * 1000,
-    }
 
 
 def last_stamp(file: Path, count: int) -> float | None:
@@ -343,21 +330,21 @@ def main() -> None:
             (t / sub).mkdir()
         ours, _ = respawn_llmsup(t / "a", args.kills)
         bare = respawn_baseline(t / "b", args.kills)
-        res["respawn_command_server"] = summary(ours)
-        res["respawn_bare_asyncio_baseline"] = summary(bare)
+        res["respawn_command_server"] = summary_ms(ours)
+        res["respawn_bare_asyncio_baseline"] = summary_ms(bare)
         res["respawn_ratio_vs_baseline"] = statistics.median(ours) / statistics.median(bare)
         loaded, rate = respawn_llmsup(t / "f", args.kills, load=32)
-        res["respawn_under_gateway_load_32_streams"] = summary(loaded)
+        res["respawn_under_gateway_load_32_streams"] = summary_ms(loaded)
         res["respawn_under_load_ratio_vs_idle"] = statistics.median(loaded) / statistics.median(
             ours
         )
         res["gateway_streams_completed_per_s_during_kills"] = rate
-        res["respawn_vllm_tp2_with_orphan_cleanup"] = summary(
+        res["respawn_vllm_tp2_with_orphan_cleanup"] = summary_ms(
             respawn_vllm_tree(t / "c", args.kills)
         )
         lags, calls = readiness_lag(t / "d", args.starts)
-        res["readiness_lag"] = summary(lags)
-        res["status_call"] = summary(calls)
+        res["readiness_lag"] = summary_ms(lags)
+        res["status_call"] = summary_ms(calls)
         res["footprint"] = footprint(t / "e", args.models, args.idle)
     (RESULTS / "supervisor.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

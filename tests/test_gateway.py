@@ -445,13 +445,19 @@ def test_unreachable_upstream_is_502_and_silent_one_504(fakes: dict[str, Fake]) 
     asyncio.run(body())
 
 
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request with a Content-Length body, as the gateway sends it: its head."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    return head
+
+
 def test_upstream_stalling_after_its_headers_is_504_and_one_dying_is_502(
     fakes: dict[str, Fake],
 ) -> None:
     async def headers_then(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        await reader.readexactly(length)
+        head = await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
         writer.write(b'Content-Length: 100\r\n\r\n{"id":')
         await writer.drain()
@@ -507,9 +513,7 @@ def test_upstream_failing_mid_stream_gets_an_error_event_then_a_cut(fakes: dict[
     async def one_event_then_die(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        await reader.readexactly(length)
+        await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n")
         writer.write(b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
         await writer.drain()
