@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 from llmsup.client import call  # noqa: E402
 from llmsup.process import MARKER, state_key  # noqa: E402
 from tests.supervisor_util import Daemon  # noqa: E402
-from tests.util import free_port  # noqa: E402
+from tests.util import free_port, wait_for  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 T = TypeVar("T")
@@ -108,14 +108,10 @@ for line in sys.stdin:
 
 def poll(pred: Callable[[], T | None], timeout: float, interval: float = 0.05) -> T | None:
     """`pred()` once it is truthy, or None after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(interval)
+    try:
+        return wait_for(pred, timeout, interval)
+    except AssertionError:
+        return None
 
 
 def alive(pid: int, created: float | None = None) -> bool:

@@ -527,11 +527,7 @@ class Daemon:
         manifest = self.loaded.manifest
 
         async def stop(rec: process.Record) -> list[int]:
-            grace = (
-                manifest.stop_timeout(rec.unit)
-                if rec.unit in manifest.models
-                else manifest.defaults.stop_timeout
-            )
+            grace = manifest.stop_timeout(rec.unit)
             killed = await process.terminate(lambda: process.members(rec), grace)
             process.drop_record(self.state_dir, rec)
             return killed

@@ -130,9 +130,12 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.code = status, message, type_, code
         self.headers = dict(headers or {})
 
+    def body(self) -> dict[str, Any]:
+        error = {"message": self.message, "type": self.type, "param": None, "code": self.code}
+        return {"error": error}
+
     def response(self) -> web.Response:
-        body = {"message": self.message, "type": self.type, "param": None, "code": self.code}
-        return web.json_response({"error": body}, status=self.status, headers=self.headers)
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
 
 
 class _Metrics:
@@ -441,8 +444,7 @@ class _Gateway:
         if not ctype.startswith("text/event-stream"):
             return
         err = ApiError(502, f"Upstream failed mid-stream: {e!r}", "server_error", "upstream_failed")
-        body = {"message": err.message, "type": err.type, "param": None, "code": err.code}
-        event = b"data: " + json.dumps({"error": body}).encode() + b"\n\n"
+        event = b"data: " + json.dumps(err.body()).encode() + b"\n\n"
         with contextlib.suppress(ConnectionError):
             await resp.write(event if tail.endswith(b"\n\n") else b"\n\n" + event)
 

@@ -368,7 +368,9 @@ class Manifest(_Strict):
         return _resolve(Restart, self.defaults.restart, self.models[name].restart)
 
     def stop_timeout(self, name: str) -> float:
-        own = self.models[name].stop_timeout
+        """A model's grace between SIGTERM and SIGKILL; the default for a name this
+        manifest no longer has (a leftover of an earlier one)."""
+        own = self.models[name].stop_timeout if name in self.models else None
         return self.defaults.stop_timeout if own is None else own
 
     def host(self, name: str) -> str:

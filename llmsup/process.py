@@ -194,9 +194,9 @@ async def spawn(
     instance = f"{key}:{unit}:{uuid.uuid4().hex[:12]}"
     env = {**env, MARKER: instance}
     log.write(f"--- llmsup: starting {unit}: {argv[0]} (instance {instance})\n".encode())
-    started = asyncio.ensure_future(
-        asyncio.to_thread(
-            subprocess.Popen,
+
+    def popen() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             argv,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -204,7 +204,10 @@ async def spawn(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    )
+
+    # A future, not a task: nothing (not even the loop's shutdown) cancels it while
+    # the thread forks, so `_kill_unwanted` always learns of the process.
+    started = asyncio.get_running_loop().run_in_executor(None, popen)
     try:
         proc = await asyncio.shield(started)
     except asyncio.CancelledError:
@@ -221,6 +224,7 @@ async def spawn(
 
 
 def _kill_unwanted(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    """Kill and reap the server a cancelled `spawn` started all the same."""
     if started.cancelled() or started.exception() is not None:
         return
     proc = started.result()

@@ -492,6 +492,7 @@ def test_defaults_merge_field_by_field() -> None:
     assert m.restart("a").max_restarts == 2
     assert m.stop_timeout("a") == 2.0
     assert m.stop_timeout("b") == 60.0
+    assert m.stop_timeout("gone") == 60.0  # a leftover of an earlier manifest: the default
     assert m.host("a") == "0.0.0.0"
     assert m.host("b") == "127.0.0.2"
 

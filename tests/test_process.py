@@ -145,6 +145,13 @@ def test_callers_that_ask_during_a_scan_share_the_next_one() -> None:
             super().__init__()
             self.entered = threading.Event()
             self.gate = threading.Event()
+            self.asked = 0
+            self._count = threading.Lock()
+
+        def scan(self) -> list[Seen]:
+            with self._count:
+                self.asked += 1
+            return super().scan()
 
         def _scan(self) -> list[Seen]:
             self.entered.set()
@@ -159,7 +166,7 @@ def test_callers_that_ask_during_a_scan_share_the_next_one() -> None:
     waiting = [threading.Thread(target=lambda: results.append(table.scan())) for _ in range(8)]
     for t in waiting:
         t.start()
-    time.sleep(0.3)  # all eight have asked, and wait for the running scan
+    wait_for(lambda: table.asked == 9, 10)  # all eight have asked while the first runs
     table.gate.set()
     for t in [first, *waiting]:
         t.join(10)
@@ -173,12 +180,16 @@ def test_a_spawn_stopped_while_it_forks_leaves_no_process(
     """A stop that lands while the worker thread forks: the server it starts anyway
     must not run on unsupervised."""
     real = subprocess.Popen
+    forking, made = threading.Event(), threading.Event()
+    started: list[subprocess.Popen[bytes]] = []
 
-    def slow_popen(*args: Any, **kw: Any) -> subprocess.Popen[bytes]:
-        time.sleep(0.3)  # a busy host: the fork/exec takes a while
-        return real(*args, **kw)
+    def gated_popen(*args: Any, **kw: Any) -> subprocess.Popen[bytes]:
+        forking.set()
+        made.wait(10)  # a busy host: the fork/exec goes on after the stop
+        started.append(real(*args, **kw))
+        return started[-1]
 
-    monkeypatch.setattr(subprocess, "Popen", slow_popen)  # the module llmsup.process uses
+    monkeypatch.setattr(subprocess, "Popen", gated_popen)  # the module llmsup.process uses
     log = RotatingLog(tmp_path / "m.log", max_bytes=1 << 20, backups=1)
     argv = [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -186,15 +197,18 @@ def test_a_spawn_stopped_while_it_forks_leaves_no_process(
         task = asyncio.create_task(
             process.spawn("m", argv, dict(os.environ), "k9", log, lambda _line: None)
         )
-        await asyncio.sleep(0.1)
+        assert await asyncio.to_thread(forking.wait, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.sleep(0.6)  # the thread's Popen returns meanwhile
+        made.set()  # the server starts now, after its spawn was cancelled
+        while not started or started[0].poll() is None:  # killed and reaped
+            await asyncio.sleep(0.02)
 
     try:
-        asyncio.run(body())
-        wait_for(lambda: not marked_with("k9:", ProcessTable()), 5, message="left running")
+        asyncio.run(asyncio.wait_for(body(), 20))
+        assert started and started[0].returncode == -signal.SIGKILL
+        assert marked_with("k9:", ProcessTable()) == []
     finally:
         for p in marked_with("k9:", ProcessTable()):
             p.kill()

@@ -280,6 +280,9 @@ def test_gateway_fuzz_every_answer_is_4xx_and_nothing_hangs(
         conn.close()
     if path == "/health" and method in ("GET", "HEAD"):
         return
+    well_formed_read = auth == "Bearer k" and method in ("GET", "HEAD")
+    if well_formed_read and path in ("/v1/models", "/metrics") and status == 200:
+        return  # not malformed at all: the one request here that deserves its answer
     assert 400 <= status < 500 or (status == 503 and auth == "Bearer k"), (status, data[:200])
     if method != "HEAD" and r.getheader("Content-Type", "").startswith("application/json"):
         assert "error" in json.loads(data)
