@@ -164,7 +164,7 @@ class HealthOverride(_Strict):
     deep_probe: bool | None = Field(
         None, description="also send a 1-token completion (catches a hung engine)"
     )
-    deep_interval: Duration | None = None
+    deep_interval: Duration | None = Field(None, description="seconds between deep probes")
     gpu_wait: Duration | None = Field(
         None, description="how long a start waits for its GPUs' memory to be free"
     )
@@ -186,11 +186,15 @@ RestartPolicyName = Literal["always", "on-failure", "never"]
 class RestartOverride(_Strict):
     """Restart settings; unset fields fall back to `defaults.restart`."""
 
-    policy: RestartPolicyName | None = None
-    backoff_initial: Duration | None = None
-    backoff_max: Duration | None = None
-    max_restarts: int | None = Field(None, ge=0)
-    window: Duration | None = None
+    policy: RestartPolicyName | None = Field(
+        None, description="always, on-failure (non-zero exit, crash, hang) or never"
+    )
+    backoff_initial: Duration | None = Field(None, description="delay before the first restart")
+    backoff_max: Duration | None = Field(None, description="cap of the doubling restart delay")
+    max_restarts: int | None = Field(
+        None, ge=0, description="restarts within `window` before the model is FAILED"
+    )
+    window: Duration | None = Field(None, description="the period max_restarts counts over")
 
 
 class Restart(_Strict):
@@ -202,28 +206,40 @@ class Restart(_Strict):
 
 
 class LogSettings(_Strict):
-    max_size: Size = 50 * 2**20
-    backups: int = Field(3, ge=0)
+    max_size: Size = Field(50 * 2**20, description="rotate a server's log at this size (50M)")
+    backups: int = Field(3, ge=0, description="rotated log files kept per server")
 
 
 class Defaults(_Strict):
-    host: str = "127.0.0.1"
-    health: HealthOverride = HealthOverride()
-    restart: RestartOverride = RestartOverride()
+    """Settings every model gets unless it sets its own."""
+
+    host: str = Field("127.0.0.1", description="address servers listen on (0.0.0.0: all)")
+    health: HealthOverride = Field(HealthOverride(), description="readiness and liveness probes")
+    restart: RestartOverride = Field(RestartOverride(), description="restart policy and backoff")
     stop_timeout: Duration = Field(30.0, description="grace between SIGTERM and SIGKILL")
-    log: LogSettings = LogSettings()
+    log: LogSettings = Field(LogSettings(), description="servers' log files under state_dir/logs")
 
 
 # --------------------------------------------------------------------- models
 
 
 class _ModelBase(_Strict):
-    gpus: list[GpuId] = Field(default_factory=list, description="GPU indices or UUIDs")
-    host: str | None = None
-    env: dict[str, EnvValue] = Field(default_factory=dict)
-    health: HealthOverride = HealthOverride()
-    restart: RestartOverride = RestartOverride()
-    stop_timeout: Duration | None = None
+    gpus: list[GpuId] = Field(
+        default_factory=list, description="GPU indices or UUIDs (becomes CUDA_VISIBLE_DEVICES)"
+    )
+    host: str | None = Field(None, description="address to listen on (default: defaults.host)")
+    env: dict[str, EnvValue] = Field(
+        default_factory=dict, description="extra environment variables of the server"
+    )
+    health: HealthOverride = Field(
+        HealthOverride(), description="probe settings (unset ones: defaults.health)"
+    )
+    restart: RestartOverride = Field(
+        RestartOverride(), description="restart settings (unset ones: defaults.restart)"
+    )
+    stop_timeout: Duration | None = Field(
+        None, description="grace between SIGTERM and SIGKILL (default: defaults.stop_timeout)"
+    )
     start: Literal["always", "on_demand"] = Field(
         "always", description="on_demand: started by the gateway on the first request"
     )
@@ -236,23 +252,45 @@ class _ModelBase(_Strict):
 
 
 class VllmModel(_ModelBase):
-    backend: Literal["vllm"]
+    backend: Literal["vllm"] = Field(description="`vllm serve`")
     model: str = Field(min_length=1, description="HF id, ModelScope id or local path")
-    served_name: str | list[str] | None = None
-    port: Port = 8000
-    tensor_parallel_size: int | None = Field(None, ge=1)
-    pipeline_parallel_size: int | None = Field(None, ge=1)
-    gpu_memory_utilization: float | None = None
-    max_model_len: ModelLen | None = None
-    kv_cache_dtype: str | None = None
-    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = None
-    quantization: str | None = None
-    trust_remote_code: bool = False
-    tool_call_parser: str | None = None
-    api_key: SecretStr | None = None
-    api_key_file: str | None = None
-    source: Literal["huggingface", "modelscope"] = "huggingface"
-    extra_args: list[str] = Field(default_factory=list)
+    served_name: str | list[str] | None = Field(
+        None, description="name(s) clients ask for (--served-model-name; default: model)"
+    )
+    port: Port = Field(8000, description="--port")
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, description="--tensor-parallel-size (default: the number of gpus)"
+    )
+    pipeline_parallel_size: int | None = Field(
+        None, ge=1, description="--pipeline-parallel-size (TP x PP = the number of gpus)"
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, description="share of each GPU's memory vLLM asks for, in (0, 1] (default 0.92)"
+    )
+    max_model_len: ModelLen | None = Field(
+        None, description="context length: 32768, 32k (32000), 32K (32768), or auto"
+    )
+    kv_cache_dtype: str | None = Field(None, description="--kv-cache-dtype: auto, fp8, ...")
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = Field(
+        None, description="--dtype of weights and activations"
+    )
+    quantization: str | None = Field(None, description="--quantization: awq, gptq, fp8, ...")
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (--trust-remote-code)"
+    )
+    tool_call_parser: str | None = Field(
+        None, description="--tool-call-parser (hermes, ...); adds --enable-auto-tool-choice"
+    )
+    api_key: SecretStr | None = Field(
+        None, description="key clients must send; reaches vLLM as VLLM_API_KEY, never argv"
+    )
+    api_key_file: str | None = Field(None, description="file holding the key (instead of api_key)")
+    source: Literal["huggingface", "modelscope"] = Field(
+        "huggingface", description="where vLLM downloads from (modelscope: VLLM_USE_MODELSCOPE)"
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="more `vllm serve` flags, checked against vLLM's"
+    )
 
     @field_validator("gpu_memory_utilization")
     @classmethod
@@ -287,15 +325,23 @@ class VllmModel(_ModelBase):
 
 
 class OllamaModel(_ModelBase):
-    backend: Literal["ollama"]
+    backend: Literal["ollama"] = Field(description="`ollama serve`, then pull and preload")
     model: str = Field(min_length=1, description="qwen2.5:7b, hf.co/user/repo:Q8_0, ...")
-    port: Port = 11434
+    port: Port = Field(11434, description="port of the `ollama serve` (OLLAMA_HOST)")
     keep_alive: int | str = Field(-1, description="seconds (negative: forever) or Go duration")
-    num_parallel: int | None = Field(None, ge=1)
-    context_length: int | None = Field(None, ge=1)
-    kv_cache_type: Literal["f16", "q8_0", "q4_0"] | None = None
-    flash_attention: bool | None = None
-    max_loaded_models: int | None = Field(None, ge=1)
+    num_parallel: int | None = Field(
+        None, ge=1, description="parallel requests per model (OLLAMA_NUM_PARALLEL)"
+    )
+    context_length: int | None = Field(
+        None, ge=1, description="context length in tokens (OLLAMA_CONTEXT_LENGTH)"
+    )
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] | None = Field(
+        None, description="OLLAMA_KV_CACHE_TYPE; needs flash_attention"
+    )
+    flash_attention: bool | None = Field(None, description="OLLAMA_FLASH_ATTENTION")
+    max_loaded_models: int | None = Field(
+        None, ge=1, description="models loaded at once (OLLAMA_MAX_LOADED_MODELS)"
+    )
     gpu_memory: Size | None = Field(
         None, description="free GPU memory to wait for before starting (e.g. 6G)"
     )
@@ -316,11 +362,15 @@ class OllamaModel(_ModelBase):
 
 
 class CommandModel(_ModelBase):
-    backend: Literal["command"]
+    backend: Literal["command"] = Field(description="any OpenAI-compatible server")
     command: list[str] = Field(min_length=1, description="argv of an OpenAI-compatible server")
-    port: Port
-    health_path: str = Field("/health", pattern=r"^/")
-    served_name: str | list[str] | None = None
+    port: Port = Field(description="the port the command listens on")
+    health_path: str = Field(
+        "/health", pattern=r"^/", description="answers 200 once ready (readiness, liveness)"
+    )
+    served_name: str | list[str] | None = Field(
+        None, description="model name(s) the gateway routes to this server"
+    )
 
     @property
     def served_names(self) -> list[str]:
@@ -334,11 +384,17 @@ BACKENDS = {"vllm": VllmModel, "ollama": OllamaModel, "command": CommandModel}
 
 
 class Gateway(_Strict):
-    host: str = "127.0.0.1"
-    port: Port
-    api_keys: list[SecretStr] = Field(default_factory=list)
-    api_key_file: str | None = None
-    aliases: dict[str, str] = Field(default_factory=dict)
+    """One OpenAI-compatible endpoint for every model."""
+
+    host: str = Field("127.0.0.1", description="address the gateway listens on")
+    port: Port = Field(description="port the gateway listens on")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="keys clients send as `Authorization: Bearer`"
+    )
+    api_key_file: str | None = Field(None, description="file with one key per line")
+    aliases: dict[str, str] = Field(
+        default_factory=dict, description="extra model names -> a served name"
+    )
     max_body: Size = Field(8 * 2**20, description="larger request bodies get 413")
     start_wait: Duration = Field(
         120.0, description="how long a request waits for an on_demand model to start"
@@ -354,12 +410,16 @@ class Control(_Strict):
 class Manifest(_Strict):
     """A validated manifest. `source` keeps positions for cross-model checks."""
 
-    version: Literal[1] = 1
-    state_dir: str | None = None
-    control: Control = Control()
-    defaults: Defaults = Defaults()
-    gateway: Gateway | None = None
-    models: dict[ModelName, AnyModel]
+    version: Literal[1] = Field(1, description="manifest format version")
+    state_dir: str | None = Field(
+        None, description="control socket, logs, process records (default /var/lib/llmsup)"
+    )
+    control: Control = Field(Control(), description="who may use the control socket")
+    defaults: Defaults = Field(Defaults(), description="settings every model inherits")
+    gateway: Gateway | None = Field(None, description="an OpenAI-compatible router")
+    models: dict[ModelName, AnyModel] = Field(
+        description="model name -> its server (backend: vllm, ollama or command)"
+    )
 
     def health(self, name: str) -> Health:
         return _resolve(Health, self.defaults.health, self.models[name].health)

@@ -7,7 +7,14 @@ import textwrap
 import pytest
 
 from llmsup.errors import ManifestError, Problem
-from llmsup.manifest import VllmModel, parse_duration, parse_manifest, parse_model_len, parse_size
+from llmsup.manifest import (
+    VllmModel,
+    json_schema,
+    parse_duration,
+    parse_manifest,
+    parse_model_len,
+    parse_size,
+)
 from llmsup.plan import make_plan
 
 ENV = {"VLLM_API_KEY": "sk-secret-123", "HOME": "/root"}
@@ -581,3 +588,30 @@ def test_on_demand_model_that_never_fits_beside_the_always_on_ones() -> None:
 def test_on_demand_rules(text: str, path: str, message: str) -> None:
     found = [p for p in problems_of(text) if p.severity == "error"]
     assert [(p.path, message in p.message) for p in found] == [(path, True)]
+
+
+def _schema_properties(node: object, where: str = "") -> list[tuple[str, dict[str, object]]]:
+    """Every (key path, property schema) under `properties` anywhere in a JSON schema."""
+    out: list[tuple[str, dict[str, object]]] = []
+    if isinstance(node, dict):
+        for key, prop in (node.get("properties") or {}).items():
+            out.append((f"{where}.{key}", prop))
+        for key, value in node.items():
+            out += _schema_properties(value, f"{where}.{key}" if key != "properties" else where)
+    elif isinstance(node, list):
+        for value in node:
+            out += _schema_properties(value, where)
+    return out
+
+
+def test_every_schema_property_has_its_own_description() -> None:
+    schema = json_schema()
+    props = _schema_properties(schema)
+    assert len(props) > 60  # every class of the manifest is in the walk
+    missing = [path for path, prop in props if not prop.get("description")]
+    assert not missing, f"no description for: {missing}"
+    # A type's own description (Duration's "10s, 5m, ...") does not describe the field.
+    generic = [
+        path for path, prop in props if prop["description"] == "10s, 5m, 1h, 500ms, or seconds"
+    ]
+    assert not generic, f"only the type's description for: {generic}"
