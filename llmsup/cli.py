@@ -96,9 +96,17 @@ UNTRUSTED_HELP = "Refuse command backends and trust_remote_code (a manifest you 
 @click.option("--untrusted", is_flag=True, help=UNTRUSTED_HELP)
 def check(manifest_file: Path | None, untrusted: bool) -> None:
     """Validate the manifest, its cross-model rules, and its GPUs; exit 2 if invalid."""
+    import shutil
+
+    from llmsup.plan import missing_executables
+
     loaded, plan = _load(manifest_file, gpus=True, untrusted=untrusted)
+    search = os.environ.get("PATH", os.defpath)
+    absent = missing_executables(loaded, plan, lambda exe: shutil.which(exe, path=search), search)
+    for p in absent:
+        click.echo(str(p), err=True)
     n = len(loaded.manifest.models)
-    warnings = len(plan.problems)
+    warnings = len(plan.problems) + len(absent)
     click.echo(
         f"{loaded.path}: OK, {n} model{'s' if n != 1 else ''} in {len(plan.launches)} "
         f"server{'s' if len(plan.launches) != 1 else ''}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -21,6 +22,7 @@ from llmsup.errors import ManifestError, Problem
 from llmsup.manifest import CommandModel, LoadedManifest, OllamaModel, VllmModel
 
 GPU_SHARE_WARN = 0.95  # each CUDA context costs a few hundred MiB on top
+OLLAMA_ROOM_WARN = 0.85  # vLLM's shares of a GPU above which Ollama has little room
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,17 @@ def make_plan(loaded: LoadedManifest) -> Plan:
     problems += _check_ports(loaded, launches)
     problems += _check_served_names(loaded, launches)
     problems += _check_gpu_shares(loaded)
+    problems += _check_ollama_room(loaded)
     problems += _check_gateway(loaded, launches)
+    if not m.models:
+        problems.append(
+            loaded.problem(
+                ("models",),
+                "no models: `llmsup up` would supervise nothing; add an entry under models:",
+                "warning",
+                key=True,
+            )
+        )
     return Plan(tuple(launches), _launch_order(loaded, launches), tuple(problems))
 
 
@@ -121,6 +133,31 @@ def untrusted_problems(loaded: LoadedManifest) -> list[Problem]:
                     "runs the model repository's Python code: refused for an untrusted manifest",
                 )
             )
+    return out
+
+
+def missing_executables(
+    loaded: LoadedManifest, plan: Plan, which: Callable[[str], str | None], path: str
+) -> list[Problem]:
+    """Servers whose executable `which` does not find on `path` (the daemon's PATH
+    is where `up` will look)."""
+    out = []
+    for la in plan.launches:
+        exe = la.argv[0]
+        if which(exe) is not None:
+            continue
+        name = la.models[0]
+        spec = loaded.manifest.models[name]
+        command = isinstance(spec, CommandModel)
+        out.append(
+            loaded.problem(
+                ("models", name, "command", 0) if command else ("models", name, "backend"),
+                f"{exe!r} is not on PATH (searched: {path or '(empty)'}): `up` would fail "
+                f"to start {la.unit}; install it, or run llmsup with the PATH of the "
+                "environment that has it (for systemd: `llmsup systemd install --path`)",
+                "warning",
+            )
+        )
     return out
 
 
@@ -156,10 +193,23 @@ def _launch_order(loaded: LoadedManifest, launches: list[Launch]) -> dict[str, t
         used[la.unit] = {g for model in la.models for g in physical_gpus(loaded, model)}
     after: dict[str, tuple[str, ...]] = {}
     for i, la in enumerate(launches):
-        earlier = [o.unit for o in launches[:i] if used[o.unit] & used[la.unit]]
+        earlier = [
+            o.unit
+            for o in launches[:i]
+            if used[o.unit] & used[la.unit] and not swapped(loaded, o.models, la.models)
+        ]
         if earlier:
             after[la.unit] = tuple(earlier)
     return after
+
+
+def swapped(loaded: LoadedManifest, a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """The servers of models `a` and `b` never run at the same time: the gateway
+    swaps them (all on demand, and some pair of them conflicts)."""
+    models = loaded.manifest.models
+    if not all(models[n].start == "on_demand" for n in (*a, *b)):
+        return False
+    return any(conflicts(loaded, x, y) for x in a for y in b)
 
 
 def _utilizations(loaded: LoadedManifest) -> dict[str, dict[str, float]]:
@@ -190,12 +240,8 @@ def _check_gpu_shares(loaded: LoadedManifest) -> list[Problem]:
             if total > 1.0:
                 msg = (
                     f"GPU {gpu} would be asked for {total:.2f} of its memory: {who}; "
-                    "lower gpu_memory_utilization so the models on it sum to at most 0.95"
-                    + (
-                        ""
-                        if models[group[-1]].start == "on_demand"
-                        else ", or make some of them start: on_demand (swapped as needed)"
-                    )
+                    "lower gpu_memory_utilization so the models on it sum to at most 0.95, "
+                    + _swap_hint(loaded, always, beside=len(group) > len(always))
                 )
                 out.append(loaded.problem(path, msg))
             else:
@@ -205,6 +251,51 @@ def _check_gpu_shares(loaded: LoadedManifest) -> list[Problem]:
                 )
                 out.append(loaded.problem(path, msg, "warning"))
     return out
+
+
+def _check_ollama_room(loaded: LoadedManifest) -> list[Problem]:
+    """An Ollama server loads onto any GPU it sees (every one, without `gpus`): warn
+    when each of those that vLLM models use is already nearly all asked for."""
+    models = loaded.manifest.models
+    out = []
+    gpu_users = _utilizations(loaded)
+    near: dict[str, float] = {}
+    for gpu, users in gpu_users.items():
+        always = [u for n, u in users.items() if models[n].start == "always"]
+        on_demand = [u for n, u in users.items() if models[n].start == "on_demand"]
+        near[gpu] = sum(always) + max(on_demand, default=0.0)
+    for name, spec in models.items():
+        if not isinstance(spec, OllamaModel):
+            continue
+        sees = [str(g) for g in spec.gpus] or list(near)
+        if not sees or any(near.get(g, 0.0) <= OLLAMA_ROOM_WARN for g in sees):
+            continue
+        full = "; ".join(f"GPU {g} at {near[g]:.2f} ({', '.join(gpu_users[g])})" for g in sees)
+        where = "the GPUs in its gpus" if spec.gpus else "every GPU the vLLM models use"
+        out.append(
+            loaded.problem(
+                ("models", name, "gpus") if spec.gpus else ("models", name),
+                f"Ollama would load {spec.model} onto {where}, and vLLM models already "
+                f"ask for nearly all of them: {full}; one of them will not find its "
+                "memory (or Ollama runs on the CPU): give this model gpus with room, "
+                "or lower the vLLM models' gpu_memory_utilization",
+                "warning",
+                key=not spec.gpus,
+            )
+        )
+    return out
+
+
+def _swap_hint(loaded: LoadedManifest, always: list[str], beside: bool) -> str:
+    """What makes models that do not fit together run one at a time: each of them
+    on demand (an always-on model never makes way), started by a gateway."""
+    names = f"{', '.join(always[:-1])} and {always[-1]}" if len(always) > 1 else always[0]
+    if beside:  # an on-demand model that does not fit beside the always-on ones
+        what = f"make {names} start: on_demand too"
+    else:
+        what = f"make {'both' if len(always) == 2 else 'all'} of {names} start: on_demand"
+    gateway = "" if loaded.manifest.gateway else "; add a `gateway:` section, which starts them"
+    return f"or {what}, so that the gateway runs one at a time, swapping them{gateway}"
 
 
 def conflicts(loaded: LoadedManifest, a: str, b: str) -> bool:

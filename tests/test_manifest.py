@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -615,3 +619,113 @@ def test_every_schema_property_has_its_own_description() -> None:
         path for path, prop in props if prop["description"] == "10s, 5m, 1h, 500ms, or seconds"
     ]
     assert not generic, f"only the type's description for: {generic}"
+
+
+def test_no_models_is_a_warning() -> None:
+    (p,) = problems_of("models: {}\n")
+    assert (p.severity, p.path, p.line) == ("warning", "models", 1)
+    assert "would supervise nothing" in p.message
+
+
+TWO_ON_GPU0 = """\
+{gateway}models:
+  a: {{backend: vllm, model: m, gpus: [0], gpu_memory_utilization: 0.6{a}}}
+  b: {{backend: vllm, model: n, gpus: [0], gpu_memory_utilization: 0.6, port: 8001{b}}}
+"""
+ON = ", start: on_demand"
+
+
+@pytest.mark.parametrize(
+    ("gateway", "a", "b", "hint"),
+    [
+        ("", "", "", "make both of a and b start: on_demand"),
+        ("gateway: {port: 9000}\n", "", "", "make both of a and b start: on_demand"),
+        # Following half of that hint: the always-on one never makes way.
+        ("gateway: {port: 9000}\n", "", ON, "make a start: on_demand too"),
+        ("gateway: {port: 9000}\n", ON, "", "make b start: on_demand too"),
+    ],
+)
+def test_gpu_conflict_says_what_resolves_it(gateway: str, a: str, b: str, hint: str) -> None:
+    text = TWO_ON_GPU0.format(gateway=gateway, a=a, b=b)
+    (err,) = [p for p in problems_of(text) if p.severity == "error"]
+    assert err.path.endswith(".gpu_memory_utilization")
+    assert "GPU 0 would be asked for 1.20" in err.message
+    assert hint in err.message
+    assert ("add a `gateway:` section" in err.message) == (not gateway)
+
+
+def test_following_the_gpu_conflict_hint_resolves_it() -> None:
+    text = TWO_ON_GPU0.format(gateway="gateway: {port: 9000}\n", a=ON, b=ON)
+    loaded = parse_manifest(text, "models.yaml", ENV)
+    plan = make_plan(loaded)
+    assert [p for p in plan.problems if p.severity == "error"] == []
+    # Swapped, never together: neither waits for the other to be ready.
+    assert plan.after == {}
+
+
+def test_models_that_share_a_gpu_but_are_not_swapped_start_in_order() -> None:
+    text = """\
+    gateway: {port: 9000}
+    models:
+      a: {backend: vllm, model: m, gpus: [0], gpu_memory_utilization: 0.4, start: on_demand}
+      b: {backend: vllm, model: n, gpus: [0], gpu_memory_utilization: 0.4, port: 8001,
+          start: on_demand}
+    """
+    plan = make_plan(parse_manifest(textwrap.dedent(text), "models.yaml", ENV))
+    assert plan.after == {"b": ("a",)}  # they fit together: both may run, one after the other
+
+
+OLLAMA_BESIDE_VLLM = """\
+models:
+  v: {{backend: vllm, model: m, gpus: [0], gpu_memory_utilization: {util}}}
+  w: {{backend: vllm, model: n, gpus: [1], gpu_memory_utilization: {util}, port: 8001}}
+  o: {{backend: ollama, model: "qwen2.5:7b"{gpus}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("util", "gpus", "warned"),
+    [
+        (0.9, "", True),  # every GPU vLLM uses is nearly full
+        (0.6, "", False),
+        (0.9, ", gpus: [1]", True),
+        (0.9, ", gpus: [1, 2]", False),  # GPU 2 has room
+    ],
+)
+def test_ollama_without_room_beside_vllm_is_a_warning(util: float, gpus: str, warned: bool) -> None:
+    found = problems_of(OLLAMA_BESIDE_VLLM.format(util=util, gpus=gpus))
+    mine = [p for p in found if p.path.startswith("models.o")]
+    assert [p.severity for p in mine] == (["warning"] if warned else [])
+    if warned:
+        assert "GPU 1 at 0.90 (w)" in mine[0].message
+        assert "give this model gpus with room" in mine[0].message
+        assert mine[0].line == 4
+
+
+def test_check_warns_of_an_executable_not_on_path(tmp_path: Path) -> None:
+    from tests.util import FAKES_DIR
+
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text(
+        "models:\n"
+        "  a: {backend: vllm, model: m}\n"
+        "  b: {backend: command, command: [no-such-server, --port, '9001'], port: 9001}\n"
+    )
+    check = [sys.executable, "-m", "llmsup.cli", "check", "-f", str(manifest)]
+    env = {**os.environ, "LLMSUP_GPU_SIM": "", "PATH": f"{FAKES_DIR}:{tmp_path}"}
+    r = subprocess.run(check, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "not on PATH" in ln]
+    assert lines == [
+        f"{manifest}:3:35: warning: models.b.command[0]: 'no-such-server' is not on PATH "
+        f"(searched: {FAKES_DIR}:{tmp_path}): `up` would fail to start b; install it, or "
+        "run llmsup with the PATH of the environment that has it "
+        "(for systemd: `llmsup systemd install --path`)"
+    ]
+    assert "OK, 2 models in 2 servers, 1 warning" in r.stdout
+
+    env["PATH"] = str(tmp_path)  # no vllm either
+    r = subprocess.run(check, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"models.a.backend: 'vllm' is not on PATH (searched: {tmp_path})" in r.stderr
+    assert "2 warnings" in r.stdout
