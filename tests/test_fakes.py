@@ -6,6 +6,7 @@ process group afterwards, orphans included.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -160,13 +161,19 @@ def test_vllm_command_line_errors() -> None:
     tools = run("serve", "org/model", "--enable-auto-tool-choice")
     assert tools.returncode == 1
     assert "--enable-auto-tool-choice requires --tool-call-parser" in tools.stderr
-    # The parser takes any kv-cache dtype; only "engine start" rejects it.
-    started = time.monotonic()
+    # The parser takes any kv-cache dtype; only "engine start" rejects it, once loaded.
     kv = run("serve", "org/model", "--kv-cache-dtype", "fp7", FAKE_LOAD_TIME="0.3")
     assert kv.returncode == 1
-    assert time.monotonic() - started >= 0.3
+    assert "Loading weights took" in kv.stdout
     assert "Unknown kv cache dtype: 'fp7'" in kv.stderr
+    assert "Starting vLLM server" not in kv.stdout
     assert run("serve", "org/model", FAKE_EXIT_CODE="3").returncode == 3
+
+
+def connects(port: int) -> bool:
+    with suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
 
 
 def test_vllm_refuses_connections_while_loading(spawn: Spawn) -> None:
@@ -174,11 +181,22 @@ def test_vllm_refuses_connections_while_loading(spawn: Spawn) -> None:
     wait_for(lambda: "Starting to load model" in fake.log(), message="no load log")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", fake.port), timeout=1).close()
-    wait_ready(fake)
+    wait_for(lambda: connects(fake.port), message="the port never accepted")
+    # The port accepts only after uvicorn's last start line, as in real vLLM.
     log = fake.log()
-    for phase in ("Loading weights took", "Model loading took", "torch.compile took"):
-        assert phase in log
-    assert f"Starting vLLM server on http://127.0.0.1:{fake.port}" in log
+    order = [
+        "Loading weights took",
+        "init engine (profile, create kv cache, warmup model) took",
+        f"Starting vLLM server on http://127.0.0.1:{fake.port}",
+        "Available routes are:",
+        "Application startup complete.",
+    ]
+    at = [log.find(line) for line in order]
+    assert -1 not in at and at == sorted(at), at
+    # The CPU build prints none of the GPU path's lines.
+    for gpu_only in ("Model loading took", "torch.compile took", "Graph capturing finished"):
+        assert gpu_only not in log
+    wait_ready(fake)
     assert request(fake.port, "GET", "/version") == (200, b'{"version":"0.33.0"}')
 
 
@@ -233,56 +251,87 @@ def test_vllm_streams_server_sent_events(spawn: Spawn) -> None:
     assert events[-1][0] - events[0][0] >= 0.15
 
 
+def is_tracker(p: psutil.Process) -> bool:
+    return "multiprocessing.resource_tracker" in " ".join(p.cmdline())
+
+
+def tree_of(pid: int, expected: set[str]) -> dict[str, psutil.Process] | None:
+    """The descendants of `pid` by title (the resource tracker as "tracker"), once
+    they are exactly `expected`."""
+    try:
+        procs = {
+            ("tracker" if is_tracker(p) else p.cmdline()[0]): p
+            for p in psutil.Process(pid).children(recursive=True)
+        }
+    except (psutil.Error, IndexError):  # a helper of a python3 launcher shim came and went
+        return None
+    return procs if set(procs) == expected else None
+
+
+def environ_blank(pid: int) -> bool:
+    """/proc/PID/environ holds nothing but NUL bytes (setproctitle was here)."""
+    return Path(f"/proc/{pid}/environ").read_bytes().strip(b"\0") == b""
+
+
 def test_vllm_tensor_parallel_children_outlive_sigkill(spawn: Spawn) -> None:
     fake = start_vllm(spawn, "--tensor-parallel-size", "2", LLMSUP_TAG="tp-test")
     server = psutil.Process(fake.pid)
-
-    def tree() -> dict[str, psutil.Process] | None:
-        try:
-            procs = {p.name(): p for p in server.children(recursive=True)}
-        except psutil.NoSuchProcess:  # a helper of a python3 launcher shim came and went
-            return None
-        expected = {"VLLM::EngineCore", "VLLM::Worker_TP0", "VLLM::Worker_TP1"}
-        return procs if set(procs) == expected else None
-
-    procs = wait_for(tree, message="EngineCore and two workers never appeared")
+    expected = {"tracker", "VLLM::EngineCore", "VLLM::Worker_TP0", "VLLM::Worker_TP1"}
+    procs = wait_for(
+        lambda: tree_of(fake.pid, expected), message="EngineCore and two workers never appeared"
+    )
     engine = procs["VLLM::EngineCore"]
-    assert engine.ppid() == fake.pid
+    assert engine.ppid() == fake.pid and procs["tracker"].ppid() == fake.pid
     assert {p.ppid() for n, p in procs.items() if "Worker" in n} == {engine.pid}
-    for p in [server, *procs.values()]:
-        assert p.environ()["LLMSUP_TAG"] == "tp-test"
-        assert os.getpgid(p.pid) == fake.pid
     wait_ready(fake)
+    assert (
+        engine.name() == "VLLM::EngineCore"
+        and "VLLM::EngineCor" in Path(f"/proc/{engine.pid}/comm").read_text()
+    )
+    for p in [server, *procs.values()]:
+        assert os.getpgid(p.pid) == fake.pid
+    # setproctitle blanks the environment of the EngineCore and the workers.
+    assert server.environ()["LLMSUP_TAG"] == "tp-test"
+    assert procs["tracker"].environ()["LLMSUP_TAG"] == "tp-test"
+    for name in ("VLLM::EngineCore", "VLLM::Worker_TP0", "VLLM::Worker_TP1"):
+        wait_for(functools.partial(environ_blank, procs[name].pid), message=name)
 
     os.kill(fake.pid, signal.SIGKILL)
     fake.proc.wait(timeout=5)
-    time.sleep(0.7)  # longer than the engine's poll of its workers
-    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs.values())
     assert status_of(fake.port) is None  # the port went with the server
-    for p in procs.values():
-        p.kill()
-    wait_for(lambda: all(gone(p.pid) for p in procs.values()))
+    wait_for(lambda: engine.ppid() != fake.pid, message="the EngineCore was not reparented")
+    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs.values())
+    # The orphaned EngineCore still does its work: a dead worker makes it stop the other.
+    procs["VLLM::Worker_TP0"].kill()
+    wait_for(lambda: gone(engine.pid) and gone(procs["VLLM::Worker_TP1"].pid))
+    # The tracker leaves once the last holder of its pipe is gone.
+    wait_for(lambda: gone(procs["tracker"].pid), message="the resource tracker stayed")
 
 
 def test_vllm_sigterm_stops_everything(spawn: Spawn) -> None:
     fake = start_vllm(spawn, "-tp", "2")
     wait_ready(fake)
-    wait_for(lambda: len(psutil.Process(fake.pid).children(recursive=True)) == 3)
+    wait_for(lambda: len(psutil.Process(fake.pid).children(recursive=True)) == 4)
     fake.proc.send_signal(signal.SIGTERM)
     assert fake.proc.wait(timeout=5) == 0
     wait_for(lambda: not group_members(fake.pid), timeout=3, message="processes left behind")
     assert "Shutting down" in fake.log()
 
 
-def test_vllm_exits_when_engine_dies(spawn: Spawn) -> None:
+def test_vllm_exits_0_when_engine_dies(spawn: Spawn) -> None:
     fake = start_vllm(spawn)
+    expected = {"tracker", "VLLM::EngineCore", "VLLM::Worker"}
+    procs = wait_for(
+        lambda: tree_of(fake.pid, expected), message="no EngineCore and Worker at TP=1"
+    )
     wait_ready(fake)
-    engine = psutil.Process(fake.pid).children()[0]
-    assert engine.name() == "VLLM::EngineCore"
-    engine.kill()
-    wait_for(lambda: status_of(fake.port) in (503, None), timeout=3)
-    assert fake.proc.wait(timeout=5) == 1
+    procs["VLLM::EngineCore"].kill()
+    # /health says so at once, the port closes later, and the exit code is 0 as in vLLM.
+    wait_for(lambda: status_of(fake.port) == 503, timeout=3, message="/health never 503")
+    assert fake.proc.wait(timeout=10) == 0
     assert "died unexpectedly" in fake.log()
+    assert status_of(fake.port) is None
+    wait_for(lambda: not group_members(fake.pid), message="the worker or tracker stayed")
 
 
 def test_vllm_exit_code_after_start(spawn: Spawn) -> None:
@@ -298,17 +347,21 @@ def test_vllm_control_file(spawn: Spawn, tmp_path: Path) -> None:
     wait_ready(fake)
     req = {"prompt": "hi", "max_tokens": 2}
 
+    def completion_hangs() -> bool:
+        try:
+            request(fake.port, "POST", "/v1/completions", req, timeout=0.5)
+        except TimeoutError:
+            return True
+        return False
+
     write_control(control, {"deep_hang": True})
-    time.sleep(0.4)
+    wait_for(completion_hangs, message="completions never hung")
     assert status_of(fake.port) == 200
-    with pytest.raises(TimeoutError):
-        request(fake.port, "POST", "/v1/completions", req, timeout=0.5)
 
     write_control(control, {"hang": True})
-    time.sleep(0.4)
+    wait_for(lambda: status_of(fake.port, timeout=0.5) is None, message="/health never hung")
     with socket.create_connection(("127.0.0.1", fake.port), timeout=1):
         pass  # still accepting connections
-    assert status_of(fake.port, timeout=0.5) is None
 
     write_control(control, {})
     wait_ready(fake)
@@ -329,18 +382,14 @@ def runners_of(fake: Fake) -> list[psutil.Process]:
 
 
 def test_ollama_listens_at_once_and_waits_for_discovery(spawn: Spawn, tmp_path: Path) -> None:
-    fake = start_ollama(spawn, tmp_path, wait=False, FAKE_DISCOVERY_TIME="0.6")
-    started = time.monotonic()
-
-    def connects() -> bool:
-        with suppress(OSError), socket.create_connection(("127.0.0.1", fake.port), timeout=1):
-            return True
-        return False
-
-    wait_for(connects, message="OLLAMA_HOST's port never listened")
-    assert time.monotonic() - started < 0.5
+    # Discovery longer than the test: the port accepts while requests still wait.
+    slow = start_ollama(spawn, tmp_path, wait=False, FAKE_DISCOVERY_TIME="600")
+    wait_for(lambda: connects(slow.port), message="OLLAMA_HOST's port never listened")
+    with pytest.raises(TimeoutError):
+        request(slow.port, "GET", "/", timeout=0.5)
+    fake = start_ollama(spawn, tmp_path, wait=False, FAKE_DISCOVERY_TIME="0.3")
+    wait_for(lambda: status_of(fake.port, "/", timeout=5) == 200, message="/ never 200")
     assert request(fake.port, "GET", "/") == (200, b"Ollama is running")
-    assert time.monotonic() - started >= 0.6
     assert request(fake.port, "GET", "/api/version") == (200, b'{"version":"0.33.0"}')
 
 
@@ -414,7 +463,7 @@ def test_ollama_sigkill_orphans_runners(spawn: Spawn, tmp_path: Path) -> None:
     (runner,) = runners_of(fake)
     os.kill(fake.pid, signal.SIGKILL)
     fake.proc.wait(timeout=5)
-    time.sleep(0.3)
+    wait_for(lambda: runner.ppid() != fake.pid, message="the runner was not reparented")
     assert runner.is_running() and runner.status() != psutil.STATUS_ZOMBIE
     # A restarted server finds the pulled model on disk, not the orphan.
     again = start_ollama(spawn, tmp_path)
@@ -427,15 +476,10 @@ def test_ollama_sigkill_orphans_runners(spawn: Spawn, tmp_path: Path) -> None:
 # A simulated GPU host (LLMSUP_GPU_SIM)
 
 
-def engine_of(fake: Fake) -> psutil.Process:
-    def find() -> psutil.Process | None:
-        with suppress(psutil.NoSuchProcess):  # a launcher shim's helpers come and go
-            for p in psutil.Process(fake.pid).children():
-                if p.name() == "VLLM::EngineCore":
-                    return p
-        return None
-
-    return wait_for(find, message="no EngineCore")
+def worker_of(fake: Fake) -> psutil.Process:
+    """The worker under the EngineCore: the process that holds GPU memory at TP=1."""
+    expected = {"tracker", "VLLM::EngineCore", "VLLM::Worker"}
+    return wait_for(lambda: tree_of(fake.pid, expected), message="no Worker")["VLLM::Worker"]
 
 
 def test_vllm_takes_simulated_gpu_memory_and_an_orphan_keeps_it(
@@ -444,18 +488,20 @@ def test_vllm_takes_simulated_gpu_memory_and_an_orphan_keeps_it(
     sim = make_sim(tmp_path / "gpus.json", n=2, total=80 * GiB)
     source = SimulatedSource(sim)
     fake = start_vllm(spawn, LLMSUP_GPU_SIM=sim, CUDA_VISIBLE_DEVICES="1")
-    engine = engine_of(fake)
+    worker = worker_of(fake)
     wait_ready(fake)
+    assert "Graph capturing finished" in fake.log()  # a GPU host: the GPU path's lines
     snap = source.snapshot()
     taken = int(80 * GiB * 0.92)
-    assert snap.processes == (GpuProcess(engine.pid, sim_uuid(1), 1, taken),)
+    assert snap.processes == (GpuProcess(worker.pid, sim_uuid(1), 1, taken),)
     assert [g.memory_used for g in snap.gpus] == [0, taken]
 
+    engine = psutil.Process(worker.ppid())
     os.kill(fake.pid, signal.SIGKILL)
     fake.proc.wait(timeout=5)
-    time.sleep(0.3)
-    assert engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE
-    assert source.snapshot().processes == (GpuProcess(engine.pid, sim_uuid(1), 1, taken),)
+    wait_for(lambda: engine.ppid() != fake.pid, message="the EngineCore was not reparented")
+    assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
+    assert source.snapshot().processes == (GpuProcess(worker.pid, sim_uuid(1), 1, taken),)
 
     # The next start on that GPU fails as vLLM's does, after the load time.
     again = start_vllm(spawn, LLMSUP_GPU_SIM=sim, CUDA_VISIBLE_DEVICES=sim_uuid(1))
@@ -468,7 +514,7 @@ def test_vllm_takes_simulated_gpu_memory_and_an_orphan_keeps_it(
     assert "Starting vLLM server" not in again.log()
     assert "Loading weights took" in again.log()  # it failed only once "loaded"
 
-    engine.kill()
+    engine.kill()  # its worker follows it
     wait_for(lambda: source.snapshot().gpus[1].memory_used == 0, message="memory never freed")
 
 

@@ -66,6 +66,7 @@ from typing import Any
 VERSION = "0.33.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONTROL_POLL_S = 0.2
+PARENT_POLL_S = 0.1
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -150,6 +151,32 @@ def set_process_name(name: str) -> None:
         pass
     with contextlib.suppress(OSError), open("/proc/self/comm", "wb") as f:
         f.write(raw)
+
+
+def blank_environ() -> None:
+    """Zero this process's environment area, as setproctitle does in vLLM's
+    EngineCore and workers: /proc/PID/environ then reads as NUL bytes, so no
+    variable set at launch (a supervisor's marker, say) can be read from outside.
+
+    Like setproctitle, first move the C environment to fresh memory, so that
+    getenv() and the children started later still see it; os.environ is a copy
+    made at start and keeps its values.
+    """
+    import ctypes
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50, 51)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.clearenv()
+        for key, value in os.environ.items():
+            libc.setenv(os.fsencode(key), os.fsencode(value), 1)
+        if end > start:
+            ctypes.memset(start, 0, end - start)
+    except (OSError, ValueError, IndexError, AttributeError) as e:
+        log_raw(sys.stderr, f"fake: cannot blank the environment: {e}")
 
 
 def python_executable() -> str:
@@ -361,16 +388,25 @@ def install_signals(
     signal.signal(signal.SIGINT, handler if sigint else signal.SIG_IGN)
 
 
-def sleep_forever_child(name: str) -> int:
+def sleep_forever_child(name: str, parent: int | None = None) -> int:
     """Body of a child that only sleeps: EngineCore workers, for instance.
 
-    It never watches its parent: killed parents leave it running, as in vLLM.
+    Given the pid of its `parent`, it leaves soon after that parent dies (vLLM's
+    workers watch their EngineCore through a pipe); otherwise a killed parent
+    leaves it running.
     """
     set_process_name(name)
     faults = Faults(env_flag("FAKE_IGNORE_SIGTERM"))
     loop = MainLoop()
     watch_control_file(os.environ.get("FAKE_CONTROL_FILE"), faults)
     install_signals(loop, faults, lambda _s: loop.stop(0), sigint=False)
+    if parent is not None:
+
+        def check_parent() -> None:
+            if os.getppid() != parent:
+                loop.stop(0)
+
+        loop.every(PARENT_POLL_S, check_parent)
     return loop.run()
 
 

@@ -32,6 +32,7 @@ from _fakecommon import (
     Handler,
     MainLoop,
     OpenAIError,
+    blank_environ,
     count_tokens,
     descendants,
     embedding,
@@ -75,7 +76,15 @@ INT_FLAGS = {
 FLOAT_FLAGS = {"--gpu-memory-utilization", "--shutdown-timeout"}
 CHILD_STOP_GRACE_S = 2.0
 ENGINE_POLL_S = 0.5
-EXIT_AFTER_ENGINE_DEATH_S = 1.0
+# After the EngineCore dies, as measured on real vLLM: /health is 503 at once, the
+# port closes at 2.1 s and the API server exits with code 0 at 2.3 s.
+CLOSE_AFTER_ENGINE_DEATH_S = 2.1
+EXIT_AFTER_ENGINE_DEATH_S = 2.3
+# The end of a start, in fractions of the load time (real vLLM, 25 s: weights
+# 22.3 s, engine 23.9 s, "Starting vLLM server on" 24.6 s, uvicorn's
+# "Application startup complete." 25.0 s, then the port accepts).
+ENGINE_UP_AT = 0.95
+SERVER_LINE_AT = 0.97
 DEFAULT_DRAIN_S = 0.2
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 GPU_CLAIM_AT = 0.1  # of the load time: when the workers' devices are initialised
@@ -482,6 +491,8 @@ class ApiServer:
         self.gpu_sim = _fakegpu.sim_path()
         self.gpu_claimed = self.gpu_sim is None
         self.gpu_error: str | None = None
+        self.tracker: subprocess.Popen[bytes] | None = None
+        self.tracker_fd: int | None = None  # the write end of the resource tracker's pipe
 
     # -- logging
 
@@ -527,11 +538,12 @@ class ApiServer:
             log_raw(sys.stderr, "Traceback (most recent call last):")
             log_raw(sys.stderr, f"OSError: [Errno {e.errno}] {e.strerror}")
             return 1
+        self.start_resource_tracker()
         self.start_engines()
         start = time.monotonic()
         load = cfg.load_time
         self.schedule_load_lines(start, load)
-        self.loop.call_at(start + load, self.finish_loading)
+        self.loop.call_at(start + ENGINE_UP_AT * load, lambda: self.finish_loading(start, load))
         if self.gpu_sim is not None:
             self.loop.call_at(
                 start + GPU_CLAIM_AT * load,
@@ -553,29 +565,56 @@ class ApiServer:
         out.setdefault("model", self.app.model)
         return out
 
+    def start_resource_tracker(self) -> None:
+        """Python's own multiprocessing resource tracker, as vLLM's API server has one.
+
+        It ignores SIGTERM and SIGINT and leaves when the last holder of its pipe
+        (this server, the EngineCores, the workers) is gone."""
+        read_end, self.tracker_fd = os.pipe()
+        code = f"from multiprocessing.resource_tracker import main;main({read_end})"
+        self.tracker = subprocess.Popen(
+            [python_executable(), "-c", code], pass_fds=(read_end,), stdin=subprocess.DEVNULL
+        )
+        os.close(read_end)
+
     def start_engines(self) -> None:
         python = python_executable()
+        fds = (self.tracker_fd,) if self.tracker_fd is not None else ()
         for dp_rank in range(self.dp):
             name = "EngineCore" if self.dp == 1 else f"EngineCore_DP{dp_rank}"
             workers = []
-            if self.tp * self.pp > 1:
-                for pp_rank in range(self.pp):
-                    for tp_rank in range(self.tp):
-                        w = "Worker"
-                        if self.dp > 1:
-                            w += f"_DP{dp_rank}"
-                        if self.pp > 1:
-                            w += f"_PP{pp_rank}"
-                        if self.tp > 1:
-                            w += f"_TP{tp_rank}"
-                        workers.append(w)
+            # A worker per rank under each EngineCore, one at TP=1 too.
+            for pp_rank in range(self.pp):
+                for tp_rank in range(self.tp):
+                    w = "Worker"
+                    if self.dp > 1:
+                        w += f"_DP{dp_rank}"
+                    if self.pp > 1:
+                        w += f"_PP{pp_rank}"
+                    if self.tp > 1:
+                        w += f"_TP{tp_rank}"
+                    workers.append(w)
             self.workers[name] = workers
             argv = [f"VLLM::{name}", SCRIPT, ENGINE_CMD, name, *workers]
             # argv[0] is the process title, as setproctitle leaves it in vLLM.
-            self.engines.append((name, subprocess.Popen(argv, executable=python)))
+            proc = subprocess.Popen(argv, executable=python, pass_fds=fds)
+            self.engines.append((name, proc))
+            threading.Thread(target=self.watch_engine, args=(proc,), daemon=True).start()
+
+    def watch_engine(self, proc: subprocess.Popen[bytes]) -> None:
+        """vLLM learns of a dead EngineCore at once (a pipe breaks): /health is 503
+        within milliseconds, not after a poll."""
+        with contextlib.suppress(OSError):
+            proc.wait()
+        self.loop.post(self.check_engines)
 
     def schedule_load_lines(self, start: float, load: float) -> None:
+        """The load phase as vLLM logs it on CPU; the GPU-path lines (model size,
+        torch.compile, CUDA graphs) only on a simulated GPU host. The lines from
+        "init engine" on come from `finish_loading`, once the load succeeded."""
         model = self.app.model
+        gpu = self.gpu_sim is not None
+        runner = "gpu_model_runner.py:1" if gpu else "cpu_model_runner.py:1"
         lines: list[tuple[float, str, str, bool]] = [
             (0.02, "model.py:1", "Resolved architecture: Qwen3ForCausalLM", False),
             (0.03, "model.py:1", f"Using max model len {self.app.max_model_len}", False),
@@ -587,37 +626,28 @@ class ApiServer:
                 f"data_parallel_size={self.dp}, served_model_name={self.app.served[0]}",
                 True,
             ),
-            (0.1, "gpu_model_runner.py:1", f"Starting to load model {model}...", True),
-            (0.35, "default_loader.py:1", f"Loading weights took {0.2 * load:.2f} seconds", True),
-            (
-                0.45,
-                "gpu_model_runner.py:1",
-                f"Model loading took 1.2 GiB and {0.3 * load:.1f} seconds",
-                True,
-            ),
-            (0.65, "backends.py:1", f"torch.compile took {0.15 * load:.1f} s in total", True),
-            (0.75, "kv_cache_utils.py:1", "GPU KV cache size: 123,456 tokens", True),
-            (
-                0.9,
-                "gpu_model_runner.py:1",
-                f"Graph capturing finished in {round(0.1 * load)} secs, took 0.10 GiB",
-                True,
-            ),
-            (
-                0.97,
-                "core.py:1",
-                "init engine (profile, create kv cache, warmup model) took "
-                f"{0.6 * load:.2f} seconds",
-                True,
-            ),
+            (0.1, runner, f"Starting to load model {model}...", True),
+            (0.8, "default_loader.py:1", f"Loading weights took {0.6 * load:.2f} seconds", True),
         ]
+        if gpu:
+            lines += [
+                (0.82, runner, f"Model loading took 1.2 GiB and {0.65 * load:.1f} seconds", True),
+                (0.85, "backends.py:1", f"torch.compile took {0.1 * load:.1f} s in total", True),
+                (0.87, "kv_cache_utils.py:1", "GPU KV cache size: 123,456 tokens", True),
+                (
+                    0.9,
+                    runner,
+                    f"Graph capturing finished in {round(0.05 * load)} secs, took 0.10 GiB",
+                    True,
+                ),
+            ]
         for frac, source, msg, engine in lines:
             emit = self.engine_log if engine else self.log
             self.loop.call_at(start + frac * load, functools.partial(emit, msg, source=source))
 
     def gpu_holders(self) -> list[tuple[int, int]] | None:
-        """(pid, global rank) of each process that takes GPU memory, as vLLM's: the
-        EngineCore without parallelism, else each worker. None until all exist."""
+        """(pid, global rank) of each process that takes GPU memory, as vLLM's: each
+        worker (there is one at TP=1 too). None until all exist."""
         per_engine = self.tp * self.pp
         out: list[tuple[int, int]] = []
         for dp_rank, (name, proc) in enumerate(self.engines):
@@ -691,30 +721,48 @@ class ApiServer:
             )
         return self.gpu_error
 
-    def finish_loading(self) -> None:
+    def finish_loading(self, start: float, load: float) -> None:
+        """The engine is up (or failed): then the API server starts, and listens last."""
         if self.stopping:
             return
         if not self.gpu_claimed:
-            self.loop.call_later(GPU_CLAIM_RETRY_S, self.finish_loading)
+            self.loop.call_later(GPU_CLAIM_RETRY_S, lambda: self.finish_loading(start, load))
             return
         error = self.load_error()
         if error:
             self.engine_error(error)
             self.shutdown(1, quiet=True)
             return
-        assert self.httpd is not None
-        start_serving(self.httpd)
-        self.serving = True
-        self.ready = True
+        self.engine_log(
+            f"init engine (profile, create kv cache, warmup model) took {0.15 * load:.2f} seconds"
+        )
+        server_at = max(time.monotonic(), start + SERVER_LINE_AT * load)
+        self.loop.call_at(server_at, lambda: self.start_api_server(start + load))
+
+    def start_api_server(self, listen_at: float) -> None:
+        if self.stopping:
+            return
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.log(f"Starting vLLM server on http://{host}:{self.port}")
         self.log("Available routes are:", source="launcher.py:1")
+        for route, methods in (("/health", "GET"), ("/v1/chat/completions", "POST")):
+            self.log(f"Route: {route}, Methods: {methods}", source="launcher.py:1")
+        self.loop.call_at(max(time.monotonic(), listen_at), self.listen)
+
+    def listen(self) -> None:
+        """uvicorn: "Application startup complete.", and only then the port accepts."""
+        if self.stopping:
+            return
         for line in (
             f"INFO:     Started server process [{self.pid}]",
             "INFO:     Waiting for application startup.",
             "INFO:     Application startup complete.",
         ):
             log_raw(sys.stdout, f"(APIServer pid={self.pid}) {line}")
+        assert self.httpd is not None
+        start_serving(self.httpd)
+        self.serving = True
+        self.ready = True
         if self.cfg.hang_after is not None:
             self.loop.call_later(self.cfg.hang_after, lambda: self.faults.trigger("hang"))
         if self.cfg.deep_hang_after is not None:
@@ -762,7 +810,17 @@ class ApiServer:
                 "core_client.py:1",
             )
         self.app.engine_dead = True
-        self.loop.call_later(EXIT_AFTER_ENGINE_DEATH_S, lambda: self.shutdown(1))
+        self.log("AsyncLLM output_handler failed.", "ERROR", "async_llm.py:1")
+        log_raw(sys.stderr, "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered")
+        self.loop.call_later(CLOSE_AFTER_ENGINE_DEATH_S, self.close_port)
+        self.loop.call_later(EXIT_AFTER_ENGINE_DEATH_S, lambda: self.shutdown(0, quiet=True))
+
+    def close_port(self) -> None:
+        if self.httpd is not None and self.serving and not self.stopping:
+            self.serving = False
+            self.log("Shutting down FastAPI HTTP server.", source="launcher.py:1")
+            self.httpd.shutdown()
+            self.httpd.server_close()
 
     # -- stop
 
@@ -806,17 +864,36 @@ class ApiServer:
 # Children
 
 
+def _is_inheritable(fd: int) -> bool:
+    try:
+        return os.get_inheritable(fd)
+    except OSError:
+        return False
+
+
 def engine_main(name: str, workers: list[str]) -> int:
     """The EngineCore: starts the workers, stops them on SIGTERM, ignores SIGINT."""
     from _fakecommon import env_flag
 
     set_process_name(f"VLLM::{name}")
+    blank_environ()
     faults = Faults(env_flag("FAKE_IGNORE_SIGTERM"))
     loop = MainLoop()
     watch_control_file(os.environ.get("FAKE_CONTROL_FILE"), faults)
     python = python_executable()
+    # The resource tracker's pipe, inherited from the API server and passed on.
+    fds = tuple(
+        fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2 and _is_inheritable(fd)
+    )
     procs = [
-        (w, subprocess.Popen([f"VLLM::{w}", SCRIPT, WORKER_CMD, w], executable=python))
+        (
+            w,
+            subprocess.Popen(
+                [f"VLLM::{w}", SCRIPT, WORKER_CMD, w, str(os.getpid())],
+                executable=python,
+                pass_fds=fds,
+            ),
+        )
         for w in workers
     ]
     prefix = f"{engine_log_name(name)} pid={os.getpid()}"
@@ -867,7 +944,9 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == ENGINE_CMD:
         exit_now(engine_main(argv[1], argv[2:]))
     if argv and argv[0] == WORKER_CMD:
-        exit_now(sleep_forever_child(f"VLLM::{argv[1]}"))
+        set_process_name(f"VLLM::{argv[1]}")
+        blank_environ()
+        exit_now(sleep_forever_child(f"VLLM::{argv[1]}", parent=int(argv[2])))
     parser = build_parser()
     ns = parser.parse_args(expand_config(normalize_flags(argv)))
     if ns.subparser != "serve":
