@@ -1,0 +1,1 @@
+"""Real inference engines for the tests, installed into caches of their own."""
