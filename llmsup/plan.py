@@ -136,11 +136,21 @@ def untrusted_problems(loaded: LoadedManifest) -> list[Problem]:
     return out
 
 
+RUN_WITH_PATH = (
+    "install it, or run llmsup with the PATH of the environment that has it "
+    "(for systemd: `llmsup systemd install --path`)"
+)
+
+
 def missing_executables(
-    loaded: LoadedManifest, plan: Plan, which: Callable[[str], str | None], path: str
+    loaded: LoadedManifest,
+    plan: Plan,
+    which: Callable[[str], str | None],
+    path: str,
+    fix: str = RUN_WITH_PATH,
 ) -> list[Problem]:
     """Servers whose executable `which` does not find on `path` (the daemon's PATH
-    is where `up` will look)."""
+    is where `up` will look); `fix` says what to do."""
     out = []
     for la in plan.launches:
         exe = la.argv[0]
@@ -153,8 +163,7 @@ def missing_executables(
             loaded.problem(
                 ("models", name, "command", 0) if command else ("models", name, "backend"),
                 f"{exe!r} is not on PATH (searched: {path or '(empty)'}): `up` would fail "
-                f"to start {la.unit}; install it, or run llmsup with the PATH of the "
-                "environment that has it (for systemd: `llmsup systemd install --path`)",
+                f"to start {la.unit}; {fix}",
                 "warning",
             )
         )

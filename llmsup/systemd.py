@@ -40,10 +40,10 @@ RestartSec=5s
 # vLLM keeps a socket per request and the servers' logs pass through llmsup.
 LimitNOFILE=1048576
 Environment=PYTHONUNBUFFERED=1
-# /var/lib/llmsup: control socket, logs, process records.
-StateDirectory=llmsup
-StateDirectoryMode=0700
-
+{path}# Secrets the manifest names as ${{VAR}} (gateway keys, HF_TOKEN): KEY=value lines
+# in a file only root reads (chmod 600). The leading - lets the unit start without it.
+EnvironmentFile=-/etc/llmsup/env
+{account}{state}
 # Hardening that keeps GPU access and model directories working:
 NoNewPrivileges=yes
 # /usr, /boot and /etc read-only. Not `strict`: model caches (HF_HOME, ~/.cache,
@@ -83,6 +83,8 @@ WatchdogSec=30s
 Restart=on-failure
 RestartSec=5s
 Environment=PYTHONUNBUFFERED=1
+{path}# Secrets the manifest names as ${{VAR}}: KEY=value lines (chmod 600).
+EnvironmentFile=-%E/llmsup/env
 NoNewPrivileges=yes
 
 [Install]
@@ -96,6 +98,20 @@ class Unit:
     text: str
 
 
+@dataclass(frozen=True)
+class Options:
+    """What an admin's unit needs beyond the paths of llmsup and its manifest."""
+
+    path: str | None = None  # PATH of the daemon and its servers (a venv's or conda's bin)
+    user_name: str | None = None  # User=; None: root
+    groups: tuple[str, ...] = ()  # SupplementaryGroups= (GPU device groups)
+    state_dir: str | None = None  # the manifest's state_dir; None: the default
+
+
+DEFAULT_STATE_DIR = "/var/lib/llmsup"
+_STATE_ROOT = "/var/lib/"
+
+
 def _quote(arg: str) -> str:
     """systemd's own quoting for ExecStart= arguments."""
     if arg and not re.search(r"[\s\"'\\;$%]", arg):
@@ -104,10 +120,77 @@ def _quote(arg: str) -> str:
     return f'"{escaped}"'
 
 
-def render(exec_start: list[str], manifest: str, *, user: bool = False) -> Unit:
+def _env_quote(assignment: str) -> str:
+    """An Environment= assignment: quoted, % escaped (no $ expansion there)."""
+    escaped = assignment.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}"'
+
+
+def _path_quote(path: str) -> str:
+    """A path in StateDirectory=/ReadWritePaths=: specifiers escaped, quoted if need be."""
+    escaped = path.replace("%", "%%")
+    if not re.search(r"[\s\"'\\]", path):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def unmanaged_state_dir(state_dir: str | None) -> str | None:
+    """A state_dir that StateDirectory= cannot manage (outside /var/lib), else None."""
+    sd = DEFAULT_STATE_DIR if state_dir is None else state_dir.rstrip("/")
+    return None if sd.startswith(_STATE_ROOT) and len(sd) > len(_STATE_ROOT) else sd
+
+
+def state_lines(state_dir: str | None, user_name: str | None) -> str:
+    """StateDirectory= for a state_dir under /var/lib (systemd creates it, owned by
+    User=); ReadWritePaths= for any other, which the admin creates."""
+    sd = DEFAULT_STATE_DIR if state_dir is None else state_dir.rstrip("/")
+    if unmanaged_state_dir(state_dir) is None:
+        rel = sd[len(_STATE_ROOT) :]
+        text = (
+            f"# {sd}: control socket, logs, process records (the manifest's state_dir).\n"
+            f"StateDirectory={_path_quote(rel)}\nStateDirectoryMode=0700\n"
+        )
+        if state_dir is None and user_name is not None:  # not root: say where it is
+            text += f"Environment=LLMSUP_STATE_DIR={DEFAULT_STATE_DIR}\n"
+        return text
+    owner = f"owned by {user_name}" if user_name else "owned by root"
+    return (
+        f"# The manifest's state_dir {sd} is outside /var/lib, so StateDirectory= cannot\n"
+        f"# create it: create it first ({owner}, mode 0700); ReadWritePaths= keeps it\n"
+        "# writable whatever ProtectSystem= protects.\n"
+        f"ReadWritePaths={_path_quote(sd)}\n"
+    )
+
+
+def render(
+    exec_start: list[str], manifest: str, *, user: bool = False, options: Options = Options()
+) -> Unit:
     """The unit for `exec_start` (argv of llmsup) and an absolute manifest path."""
+    if options.path is None:
+        path = (
+            "# systemd's default PATH: vllm and ollama must be in /usr/local/bin or /usr/bin\n"
+            "# (`llmsup systemd install` writes the PATH of the environment it runs in).\n"
+        )
+    else:
+        path = (
+            "# Where vllm, ollama and the manifest's commands are found (a venv's or conda's\n"
+            "# bin first): the PATH `llmsup systemd install` ran with, or its --path.\n"
+            f"Environment={_env_quote('PATH=' + options.path)}\n"
+        )
+    account = ""
+    if options.user_name is not None:
+        account = f"User={options.user_name}\n"
+        if options.groups:
+            account += (
+                "# The groups of the GPU device nodes (/dev/dri/*, /dev/nvidia* on some hosts).\n"
+                f"SupplementaryGroups={' '.join(options.groups)}\n"
+            )
     body = (_USER if user else _SYSTEM).format(
-        exec_start=" ".join(_quote(a) for a in exec_start), manifest=_quote(manifest)
+        exec_start=" ".join(_quote(a) for a in exec_start),
+        manifest=_quote(manifest),
+        path=path,
+        account=account,
+        state=state_lines(options.state_dir, options.user_name),
     )
     digest = hashlib.sha256(body.encode()).hexdigest()
     return Unit("llmsup.service", HEADER.format(digest=digest) + body)

@@ -25,7 +25,7 @@ import pytest
 
 from llmsup.notify import Notifier, status_line
 from llmsup.process import MARKER
-from llmsup.systemd import edited_by_hand, render, shipped
+from llmsup.systemd import Options, edited_by_hand, render, shipped, state_lines
 from tests import systemd_container
 from tests.supervisor_util import FAST_DEFAULTS, LLMSUP, Daemon, gone
 from tests.util import FAKES_DIR, free_port, wait_for
@@ -112,10 +112,15 @@ def test_verify_reports_what_it_does_not_understand(tmp_path: Path) -> None:
 def test_printed_unit_verifies_without_a_word(tmp_path: Path, user: bool) -> None:
     # a space, a % and a $ in the path: ExecStart= must quote and escape them
     manifest = write_manifest(tmp_path / "gpu fleet 100%" / "models$1.yaml")
-    r = llmsup("systemd", "print", "-f", manifest, *(["--user"] if user else []))
+    scope = ["--user"] if user else []
+    r = llmsup("systemd", "print", "-f", manifest, "--path", "/opt/a b/bin:/usr/bin", *scope)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == render([str(VENV_LLMSUP)], str(manifest), user=user).text
+    options = Options(path="/opt/a b/bin:/usr/bin", state_dir=str(manifest.parent / "state"))
+    assert r.stdout == render([str(VENV_LLMSUP)], str(manifest), user=user, options=options).text
     assert f'-f "{tmp_path}/gpu fleet 100%%/models$$1.yaml"\n' in r.stdout
+    assert 'Environment="PATH=/opt/a b/bin:/usr/bin"\n' in r.stdout
+    if not user:  # a state_dir outside /var/lib, with a space and a %
+        assert f'ReadWritePaths="{tmp_path}/gpu fleet 100%%/state"\n' in r.stdout
     unit = tmp_path / "units" / "llmsup.service"
     unit.parent.mkdir()
     unit.write_text(r.stdout)
@@ -136,7 +141,7 @@ def test_install_writes_once_and_keeps_hand_edits(tmp_path: Path) -> None:
     r = install()
     assert r.returncode == 0, r.stderr
     assert f"wrote {target}" in r.stdout
-    expected = llmsup("systemd", "print", "-f", manifest).stdout
+    expected = llmsup("systemd", "print", "-f", manifest, env=env).stdout  # the same PATH
     assert target.read_text() == expected
     assert "systemctl enable --now llmsup" in r.stdout
 
@@ -181,6 +186,114 @@ def test_install_refuses_an_invalid_manifest(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert f"{manifest}:2:" in r.stderr and "models.m.port" in r.stderr
     assert not units.exists()
+
+
+def unit_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+
+
+@pytest.mark.parametrize(
+    ("state_dir", "user_name", "expected"),
+    [
+        (None, None, ["StateDirectory=llmsup", "StateDirectoryMode=0700"]),
+        (
+            None,
+            "llm",
+            [
+                "StateDirectory=llmsup",
+                "StateDirectoryMode=0700",
+                "Environment=LLMSUP_STATE_DIR=/var/lib/llmsup",  # not the user's ~/.local/state
+            ],
+        ),
+        ("/var/lib/llm/fleet-a/", "llm", ["StateDirectory=llm/fleet-a", "StateDirectoryMode=0700"]),
+        ("/srv/llmsup", None, ["ReadWritePaths=/srv/llmsup"]),
+        ("/var/lib", None, ["ReadWritePaths=/var/lib"]),
+    ],
+)
+def test_state_directory_matches_the_manifests_state_dir(
+    state_dir: str | None, user_name: str | None, expected: list[str]
+) -> None:
+    assert unit_lines(state_lines(state_dir, user_name)) == expected
+
+
+def test_shipped_unit_reads_secrets_from_an_optional_environment_file() -> None:
+    lines = unit_lines(SHIPPED.read_text())
+    assert "EnvironmentFile=-/etc/llmsup/env" in lines
+    assert "StateDirectory=llmsup" in lines
+    assert not [
+        ln for ln in lines if ln.startswith(("User=", "Environment=PATH", 'Environment="PATH'))
+    ]
+
+
+def test_unit_path_is_this_environments_with_its_bin_first(tmp_path: Path) -> None:
+    """A venv (or conda env) with vLLM, not activated: the unit still finds `vllm`."""
+    manifest = write_manifest(tmp_path / "models.yaml")
+    env = {**os.environ, "PATH": f"{FAKES_DIR}:/usr/bin:/bin"}
+    r = llmsup("systemd", "print", "-f", manifest, env=env)
+    assert r.returncode == 0, r.stderr
+    want = f"{VENV_LLMSUP.parent}:{FAKES_DIR}:/usr/bin:/bin"
+    assert f'Environment="PATH={want}"' in unit_lines(r.stdout)
+    assert "not on the unit's PATH" not in r.stderr
+    assert shutil.which("vllm", path=want) == str(FAKES_DIR / "vllm")
+
+    env["PATH"] = "/usr/bin:/bin"  # no vllm there: said before anything is installed
+    r = llmsup("systemd", "print", "-f", manifest, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (
+        f"models.m.backend: 'vllm' is not on the unit's PATH (searched: {VENV_LLMSUP.parent}:"
+        in r.stderr
+    )
+    assert "pass --path" in r.stderr
+
+
+def _some_user() -> str:
+    """An account other than root and nobody (systemd-analyze warns about those)."""
+    import pwd
+
+    return next(p.pw_name for p in pwd.getpwall() if 0 < p.pw_uid < 65534)
+
+
+@needs_analyze
+def test_unit_for_a_user_with_the_gpu_groups_verifies(tmp_path: Path) -> None:
+    import grp
+
+    name = _some_user()
+    manifest = tmp_path / "models.yaml"
+    manifest.write_text("state_dir: /var/lib/llm/a\nmodels:\n  m: {backend: vllm, model: org/m}\n")
+    r = llmsup("systemd", "print", "-f", manifest, "--user-name", name, "--path", "/usr/bin")
+    assert r.returncode == 0, r.stderr
+    lines = unit_lines(r.stdout)
+    assert f"User={name}" in lines
+    groups = [g for g in ("video", "render") if g in {x.gr_name for x in grp.getgrall()}]
+    assert [ln for ln in lines if ln.startswith("SupplementaryGroups=")] == (
+        [f"SupplementaryGroups={' '.join(groups)}"] if groups else []
+    )
+    assert "StateDirectory=llm/a" in lines
+    unit = tmp_path / "units" / "llmsup.service"
+    unit.parent.mkdir()
+    unit.write_text(r.stdout)
+    v = verify(unit, tmp_path)
+    assert (v.returncode, v.stderr, v.stdout) == (0, "", "")
+
+
+@pytest.mark.parametrize("command", ["print", "install"])
+def test_a_unit_for_a_missing_manifest_is_refused(tmp_path: Path, command: str) -> None:
+    units = tmp_path / "units"
+    extra = ["--unit-dir", str(units)] if command == "install" else []
+    r = llmsup("systemd", command, "-f", tmp_path / "nosuch.yaml", *extra)
+    assert r.returncode == 2
+    assert f"{tmp_path}/nosuch.yaml:1:1: no such file" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+    assert not units.exists()
+
+
+def test_unknown_user_name_is_refused(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "models.yaml")
+    r = llmsup("systemd", "print", "-f", manifest, "--user-name", "no-such-user-x")
+    assert r.returncode == 2
+    assert "no such user 'no-such-user-x'" in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
 
 
 # ------------------------------------------------------------ the notify protocol
