@@ -106,6 +106,8 @@ def check(manifest_file: Path | None, untrusted: bool) -> None:
     absent = missing_executables(loaded, plan, lambda exe: shutil.which(exe, path=search), search)
     for p in absent:
         click.echo(str(p), err=True)
+    if plan.vllm_flags is not None and not plan.vllm_flags.exact:
+        click.echo(f"note: vLLM flags: {plan.vllm_flags.why}", err=True)
     n = len(loaded.manifest.models)
     warnings = len(plan.problems) + len(absent)
     click.echo(
@@ -131,6 +133,9 @@ def plan(manifest_file: Path | None, as_json: bool, names: tuple[str, ...]) -> N
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
+    table = the_plan.vllm_flags
+    if table is not None and any(e["backend"] == "vllm" for e in entries):
+        click.echo(f"# vLLM flags checked against {table.version}'s: {table.why}\n")
     shown: set[str] = set()
     for i, e in enumerate(entries, 1):
         if e["unit"] in shown:

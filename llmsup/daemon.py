@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import fcntl
 import logging
 import os
@@ -31,12 +32,14 @@ from llmsup.paths import default_state_dir, socket_path
 from llmsup.plan import Plan, plan_or_raise, untrusted_problems
 from llmsup.state import (
     Fail,
-    ProbeCounter,
+    Liveness,
     Respawn,
     RestartTracker,
     State,
     Stay,
     describe_exit,
+    exit_hint,
+    listening_soon,
     vllm_phase,
 )
 
@@ -76,7 +79,8 @@ class Server:
         self.tracker = RestartTracker()
         self.task: asyncio.Task[None] | None = None
         self.tail: list[str] = []
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # set by the server's last line before it listens
+        self.exit_hint = ""  # what the server's log said about its coming exit
         # The gateway's view: requests in flight, the last one, a swap under way.
         self.in_flight = 0
         self.last_used = 0.0
@@ -166,26 +170,32 @@ class Server:
                 m = self.daemon.loaded.manifest
                 if outcome.fatal:
                     self.reason = outcome.reason
+                    self.note(f"FAILED: {outcome.reason}; not restarted", logging.ERROR)
                     self.set_state(State.FAILED, outcome.reason)
                     return
+                policy = m.restart(self.launch.unit)
                 decision = self.tracker.decide(
-                    m.restart(self.launch.unit),
-                    time.monotonic(),
-                    outcome.failed,
-                    outcome.reason,
-                    self.daemon.rand,
+                    policy, time.monotonic(), outcome.failed, outcome.reason, self.daemon.rand
                 )
                 if isinstance(decision, Fail):
                     self.reason = decision.reason
+                    self.note(f"FAILED: {decision.reason}", logging.ERROR)
                     self.set_state(State.FAILED, decision.reason)
                     return
                 if isinstance(decision, Stay):
+                    self.note(f"{decision.reason}; not restarted (restart policy {policy.policy})")
                     self.set_state(State.STOPPED, decision.reason)
                     return
                 assert isinstance(decision, Respawn)
-                self.set_state(State.BACKOFF, f"{outcome.reason}; restart in {decision.delay:.1f}s")
+                restart = (
+                    f"restart {len(self.tracker.times)}/{policy.max_restarts} "
+                    f"in {decision.delay:.1f}s"
+                )
+                self.note(f"{outcome.reason}; {restart}", logging.WARNING)
+                self.set_state(State.BACKOFF, f"{outcome.reason}; {restart}")
                 await asyncio.sleep(decision.delay)
         except asyncio.CancelledError:
+            self.note("stopped (requested)")
             self.set_state(State.STOPPED, "stopped")
             raise
         except Exception as e:  # a bug must not leave a model unsupervised in silence
@@ -257,6 +267,7 @@ class Server:
             logfile.close()
             return Outcome(True, f"cannot start {exe}: {e}", fatal=True)
         self.child = child
+        self.exit_hint = ""
         self.started_at = time.time()
         process.save_record(self.daemon.state_dir, child.record)
         self.set_state(State.STARTING, f"pid {child.proc.pid}")
@@ -266,6 +277,8 @@ class Server:
             done, _ = await asyncio.wait({watch, exited}, return_when=asyncio.FIRST_COMPLETED)
             if exited in done:
                 self.last_exit = describe_exit(exited.result())
+                if self.exit_hint:
+                    self.last_exit += f" ({self.exit_hint})"
                 return Outcome(True, self.last_exit)  # a server is meant to run forever
             outcome = watch.result()
             self.last_exit = outcome.reason
@@ -316,9 +329,27 @@ class Server:
                 self.daemon.changed(self.launch.unit, self.state, text)
 
     def _on_line(self, line: str) -> None:
+        if hint := exit_hint(self.launch.backend, line):
+            self.exit_hint = hint
         if self.launch.backend == "vllm" and (phase := vllm_phase(line)):
             self.set_progress(f"{phase[0]} ({phase[1]}%)")
-            self._wake.set()  # the server says it is nearly up: probe now
+            if self.state == State.STARTING:  # loading, though its port is still closed
+                self.set_state(State.LOADING, self.detail)
+        if listening_soon(line):
+            self._wake.set()  # the server's last line before its port accepts: probe now
+
+    def note(self, text: str, level: int = logging.INFO) -> None:
+        """One line about this server's life (an exit, a failed probe, a stop, a
+        restart and its delay) in the daemon's log and in the server's own log."""
+        log.log(level, "%s: %s", self.launch.unit, text)
+        stamp = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
+        path = self.daemon.log_path(self.launch.unit)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as f:  # O_APPEND: whole lines beside the server's output
+                f.write(f"--- llmsup {stamp}: {text}\n".encode())
+        except OSError as e:
+            log.warning("%s: cannot write to %s: %s", self.launch.unit, path, e)
 
     def _headers(self) -> dict[str, str]:
         if self.launch.auth_env and self.launch.auth_env in self.launch.secrets:
@@ -333,19 +364,22 @@ class Server:
         session = self.daemon.session
         deadline = time.monotonic() + health.startup_timeout
         timeout_msg = f"not ready within {health.startup_timeout:g}s (health.startup_timeout)"
+        started = time.monotonic()
         pause = 0.05
         while True:  # until the port answers 200 on the readiness path
+            self._wake.clear()  # before the probe: a line that comes during it still wakes us
             r = await probe.get_ok(session, base + la.ready_path, min(health.timeout, 5.0))
             if r.ok:
                 break
             if r.detail.startswith("HTTP") and self.state == State.STARTING:
-                self.set_state(State.LOADING, f"pid {child.proc.pid}")
+                self.set_state(State.LOADING, f"pid {child.proc.pid}")  # answers 503 meanwhile
             if time.monotonic() > deadline:
                 return Outcome(True, timeout_msg)
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), pause)
-            pause = min(1.0, pause * 1.5)
+                pause = 0.01  # it listens within milliseconds now: probe often
+            except asyncio.TimeoutError:
+                pause = min(1.0, pause * 1.5)
         self.latency = r.latency
         if la.ollama_loads:
             self.set_state(State.LOADING, f"pid {child.proc.pid}")
@@ -358,6 +392,7 @@ class Server:
         self.tracker.ready()
         self.last_used = time.monotonic()
         self.set_progress("")
+        self.note(f"ready after {time.monotonic() - started:.1f}s (pid {child.proc.pid})")
         self.set_state(State.READY, f"pid {child.proc.pid}")
         return await self._watch(base, child)
 
@@ -378,27 +413,45 @@ class Server:
         m = self.daemon.loaded.manifest
         session = self.daemon.session
         health = m.health(la.unit)
-        counter = ProbeCounter(health.failures)
+        live = Liveness(health.failures)
+        name = la.served_names[0] if la.served_names else la.unit
         last_deep = time.monotonic()
         while True:
             await asyncio.sleep(health.interval)
             r = await probe.get_ok(session, base + la.ready_path, health.timeout, self._headers())
-            if r.ok and health.deep_probe and time.monotonic() - last_deep >= health.deep_interval:
-                last_deep = time.monotonic()
-                name = la.served_names[0] if la.served_names else la.unit
-                r = await probe.completion_ok(session, base, name, health.timeout, self._headers())
             if r.ok and la.ollama_loads:
                 r = await self._ollama_still_loaded(base, health.timeout)
-            self.latency = r.latency if r.ok else self.latency
-            if counter.record(r.ok):
-                return Outcome(
-                    True,
-                    f"unhealthy: {counter.misses} probes failed in a row (last: {r.detail})",
-                )
+            if live.record(r.ok):
+                why = f"unhealthy: {live.misses} probes failed in a row (last: {r.detail})"
+                if self.exit_hint:
+                    why += f" ({self.exit_hint})"
+                self.note(why, logging.WARNING)
+                return Outcome(True, why)
+            if not r.ok:
+                self.note(f"probe failed ({live.misses}/{live.threshold}): {r.detail}")
             if r.ok:
+                self.latency = r.latency
+            deep_due = live.deep_due(time.monotonic() - last_deep, health.deep_interval)
+            if r.ok and health.deep_probe and deep_due:
+                last_deep = time.monotonic()
+                d = await probe.completion_ok(session, base, name, health.timeout, self._headers())
+                if live.record_deep(d.ok):
+                    why = (
+                        f"hung: {live.deep_misses} deep probes (1-token completions) failed "
+                        f"in a row while /health passed (last: {d.detail})"
+                    )
+                    self.note(why, logging.WARNING)
+                    return Outcome(True, why)
+                if not d.ok:
+                    self.note(
+                        f"deep probe failed ({live.deep_misses}/{live.threshold}): {d.detail}"
+                    )
+                    r = d
+            if live.healthy:
                 self.set_state(State.READY, f"pid {child.proc.pid}")
             else:
-                self.set_state(State.UNHEALTHY, f"{counter.misses} probe(s) failed: {r.detail}")
+                misses = max(live.misses, live.deep_misses)
+                self.set_state(State.UNHEALTHY, f"{misses} probe(s) failed: {r.detail}")
 
     async def _ollama_still_loaded(self, base: str, timeout: float) -> probe.ProbeResult:
         """A runner that died unloads its model: load it again, as `ollama run` would."""

@@ -6,18 +6,18 @@ Pure: `make_plan(loaded)` returns the launches, their order, and every problem
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from typing import Any
 
 from llmsup.backends import Launch
 from llmsup.backends import command as command_backend
 from llmsup.backends import ollama as ollama_backend
 from llmsup.backends import vllm as vllm_backend
+from llmsup.backends.vllm_flags import FlagTable
+from llmsup.backends.vllm_flags import for_path as vllm_flags_for_path
 from llmsup.errors import ManifestError, Problem
 from llmsup.manifest import CommandModel, LoadedManifest, OllamaModel, VllmModel
 
@@ -30,6 +30,7 @@ class Plan:
     launches: tuple[Launch, ...]
     after: dict[str, tuple[str, ...]]  # unit -> units that must be ready first
     problems: tuple[Problem, ...] = field(default=())
+    vllm_flags: FlagTable | None = None  # what vLLM flags were checked against
 
     @property
     def errors(self) -> list[Problem]:
@@ -57,6 +58,8 @@ class Plan:
                         "steps": steps(la),
                     }
                 )
+                if la.backend == "vllm" and self.vllm_flags is not None:
+                    out[-1]["vllm_flags"] = self.vllm_flags.describe()
         return out
 
 
@@ -68,23 +71,20 @@ def steps(la: Launch) -> list[str]:
     return out
 
 
-@cache
-def vllm_data() -> tuple[dict[str, Any], dict[str, list[str]]]:
-    pkg = resources.files("llmsup") / "data"
-    flags = json.loads((pkg / "vllm-0.33-serve-flags.json").read_text())["flags"]
-    values = json.loads((pkg / "vllm-0.33-values.json").read_text())
-    return flags, values
-
-
-def make_plan(loaded: LoadedManifest) -> Plan:
+def make_plan(loaded: LoadedManifest, vllm_flags: FlagTable | None = None) -> Plan:
+    """`vllm_flags`: the table to check vLLM flags against; by default, that of the
+    `vllm` on this process's PATH (found once per executable, see vllm_flags)."""
     m = loaded.manifest
+    if vllm_flags is None and any(isinstance(s, VllmModel) for s in m.models.values()):
+        vllm_flags = vllm_flags_for_path(os.environ.get("PATH"))
     launches: list[Launch] = []
     problems: list[Problem] = []
     ollama_groups: dict[tuple[str, int, str], list[str]] = {}
     for name, spec in m.models.items():
         if isinstance(spec, VllmModel):
             launches.append(vllm_backend.build(name, spec, m))
-            problems += _check_vllm(loaded, name, spec)
+            assert vllm_flags is not None
+            problems += _check_vllm(loaded, name, spec, vllm_flags)
         elif isinstance(spec, CommandModel):
             launches.append(command_backend.build(name, spec, m))
         elif isinstance(spec, OllamaModel):
@@ -111,7 +111,7 @@ def make_plan(loaded: LoadedManifest) -> Plan:
                 key=True,
             )
         )
-    return Plan(tuple(launches), _launch_order(loaded, launches), tuple(problems))
+    return Plan(tuple(launches), _launch_order(loaded, launches), tuple(problems), vllm_flags)
 
 
 def untrusted_problems(loaded: LoadedManifest) -> list[Problem]:
@@ -354,7 +354,7 @@ def _check_on_demand(loaded: LoadedManifest, name: str) -> list[Problem]:
 # ------------------------------------------------------------- per-model checks
 
 
-def _check_vllm(loaded: LoadedManifest, name: str, m: VllmModel) -> list[Problem]:
+def _check_vllm(loaded: LoadedManifest, name: str, m: VllmModel, flags: FlagTable) -> list[Problem]:
     out: list[Problem] = []
     at = ("models", name)
     if m.gpus:
@@ -372,8 +372,7 @@ def _check_vllm(loaded: LoadedManifest, name: str, m: VllmModel) -> list[Problem
                     f"but {len(m.gpus)} GPU(s) are listed in gpus; make them equal",
                 )
             )
-    _, values = vllm_data()
-    version = vllm_backend.VLLM_VERSION
+    values, version = flags.values, flags.version
     if m.kv_cache_dtype and m.kv_cache_dtype not in values["kv_cache_dtype"]:
         out.append(
             loaded.problem(
@@ -392,18 +391,20 @@ def _check_vllm(loaded: LoadedManifest, name: str, m: VllmModel) -> list[Problem
                 "warning",
             )
         )
-    out += _check_extra_args(loaded, name, m)
+    out += _check_extra_args(loaded, name, m, flags)
     return out
 
 
-def _check_extra_args(loaded: LoadedManifest, name: str, m: VllmModel) -> list[Problem]:
-    flags, _ = vllm_data()
+def _check_extra_args(
+    loaded: LoadedManifest, name: str, m: VllmModel, flags: FlagTable
+) -> list[Problem]:
     by_flag = {f: fld for fld, fs in vllm_backend.FIELD_FLAGS.items() for f in fs}
     out = []
     for i, arg in enumerate(m.extra_args):
         if not arg.startswith("-") or _is_number(arg):
             continue
-        flag = arg.split("=", 1)[0]
+        # As vLLM reads it (`--worker_cls` is `--worker-cls`, prefixes expand).
+        flag = flags.resolve(arg) or arg.split("=", 1)[0]
         path = ("models", name, "extra_args", i)
         if flag in vllm_backend.CODE_FLAGS:
             msg = (
@@ -424,10 +425,21 @@ def _check_extra_args(loaded: LoadedManifest, name: str, m: VllmModel) -> list[P
         elif flag == "--enable-auto-tool-choice":
             msg = "--enable-auto-tool-choice is implied by tool_call_parser; remove it"
             out.append(loaded.problem(path, msg, "warning"))
-        elif flag not in flags:
-            msg = f"vLLM {vllm_backend.VLLM_VERSION} has no flag {flag}; `vllm serve` would exit"
-            out.append(loaded.problem(path, msg, "warning"))
+        elif flag not in flags.flags:
+            out.append(_unknown_flag(loaded, path, flag, flags))
     return out
+
+
+def _unknown_flag(
+    loaded: LoadedManifest, path: tuple[str | int, ...], flag: str, flags: FlagTable
+) -> Problem:
+    """An error when the table is the installed vLLM's; a warning when it is a guess."""
+    hint = f" (did you mean {s}?)" if (s := flags.suggest(flag)) else ""
+    if flags.exact:
+        msg = f"the installed vLLM {flags.version} has no flag {flag}{hint}: `vllm serve` exits 2"
+        return loaded.problem(path, msg)
+    msg = f"vLLM {flags.version} has no flag {flag}{hint}; `vllm serve` would exit ({flags.why})"
+    return loaded.problem(path, msg, "warning")
 
 
 def _is_number(text: str) -> bool:

@@ -106,16 +106,38 @@ class RestartTracker:
 
 
 @dataclass
-class ProbeCounter:
-    """Consecutive failed liveness probes; `failures` in a row means unhealthy."""
+class Liveness:
+    """Failed liveness probes of a READY server, counted per kind.
+
+    /health failures and deep-probe (1-token completion) failures are counted
+    apart: a passing /health says nothing about a hung engine, so it must not
+    wipe out the deep probe's failures (with deep probes minutes apart and
+    /health every few seconds, they would never add up). A passing deep probe
+    ends the deep streak: the engine answered, the earlier misses were passing
+    trouble. While the deep streak runs, the deep probe is repeated at every
+    check rather than after `deep_interval`, to confirm or clear it soon.
+    """
 
     threshold: int
-    misses: int = 0
+    misses: int = 0  # /health in a row
+    deep_misses: int = 0  # deep probes in a row
 
     def record(self, ok: bool) -> bool:
-        """Record one probe; True when the server must be restarted."""
+        """Record one /health probe; True when the server must be restarted."""
         self.misses = 0 if ok else self.misses + 1
         return self.misses >= self.threshold
+
+    def record_deep(self, ok: bool) -> bool:
+        """Record one deep probe; True when the server must be restarted."""
+        self.deep_misses = 0 if ok else self.deep_misses + 1
+        return self.deep_misses >= self.threshold
+
+    def deep_due(self, since_last: float, deep_interval: float) -> bool:
+        return self.deep_misses > 0 or since_last >= deep_interval
+
+    @property
+    def healthy(self) -> bool:
+        return self.misses == 0 and self.deep_misses == 0
 
 
 def describe_exit(returncode: int) -> str:
@@ -130,18 +152,42 @@ def describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-# vLLM's load-phase log lines, and how far along each one is.
+# vLLM's load-phase log lines (CPU and GPU builds), and how far along each one is.
+# On CPU only "Starting to load model", "Loading weights took", "init engine" and
+# the last two appear; the others are the GPU path's.
 VLLM_PHASES: tuple[tuple[str, str, int], ...] = (
+    ("Starting to load model", "loading weights", 10),
     ("Loading weights took", "weights loaded", 40),
-    ("Model loading took", "model loaded", 60),
-    ("torch.compile took", "compiled", 75),
-    ("Graph capturing finished", "graphs captured", 90),
+    ("Model loading took", "model loaded", 50),
+    ("torch.compile took", "compiled", 65),
+    ("Graph capturing finished", "graphs captured", 80),
+    ("init engine (profile, create kv cache, warmup model) took", "engine ready", 90),
     ("Starting vLLM server on", "starting API server", 95),
+    ("Application startup complete.", "API server started", 99),
 )
+# uvicorn's last line before the port accepts (about 10 ms later in vLLM 0.32);
+# "Starting vLLM server on" comes half a second earlier.
+LISTENING_SOON = "Application startup complete."
 
 
 def vllm_phase(line: str) -> tuple[str, int] | None:
     for marker, phase, percent in VLLM_PHASES:
         if marker in line:
             return phase, percent
+    return None
+
+
+def listening_soon(line: str) -> bool:
+    """The server printed its last line before it accepts connections: probe now."""
+    return LISTENING_SOON in line
+
+
+def exit_hint(backend: str, line: str) -> str | None:
+    """What a server's log line says about its coming exit, if anything.
+
+    vLLM exits with code 0 when its EngineCore dies: the code alone hides it."""
+    if backend == "vllm" and (
+        ("Engine core proc" in line and "died unexpectedly" in line) or "EngineDeadError" in line
+    ):
+        return "EngineCore died"
     return None

@@ -9,12 +9,14 @@ import pytest
 from llmsup.manifest import Restart
 from llmsup.state import (
     Fail,
-    ProbeCounter,
+    Liveness,
     Respawn,
     RestartTracker,
     Stay,
     backoff_delay,
     describe_exit,
+    exit_hint,
+    listening_soon,
     vllm_phase,
 )
 
@@ -92,7 +94,7 @@ def test_policies(policy: str, failed: bool, expected: type) -> None:
 
 
 def test_probe_counter_needs_failures_in_a_row() -> None:
-    c = ProbeCounter(threshold=3)
+    c = Liveness(threshold=3)
     assert [c.record(ok) for ok in (False, False, True, False, False, False)] == [
         False,
         False,
@@ -108,7 +110,74 @@ def test_exit_descriptions() -> None:
     assert describe_exit(-9) == "killed by SIGKILL"
 
 
+def test_deep_probe_failures_add_up_between_passing_health_probes() -> None:
+    # The defaults: /health every 10 s, a deep probe every 60 s, 3 failures. Between
+    # two deep probes five /health probes pass; they must not wipe the deep streak.
+    live = Liveness(threshold=3)
+    restart = []
+    for _ in range(3):
+        restart += [live.record(True) for _ in range(5)]
+        restart.append(live.record_deep(False))
+    assert restart[-1] is True and not any(restart[:-1])
+    assert live.deep_misses == 3 and live.misses == 0
+
+
+def test_a_good_deep_probe_ends_the_deep_streak_and_health_keeps_its_own() -> None:
+    live = Liveness(threshold=3)
+    assert not live.record_deep(False) and not live.record_deep(False)
+    assert not live.healthy
+    assert not live.record_deep(True)
+    assert live.deep_misses == 0 and live.healthy
+    assert not live.record_deep(False) and not live.record_deep(False)
+    # /health failures count on their own, and a good deep probe does not clear them.
+    assert not live.record(False) and not live.record(False)
+    assert not live.record_deep(True)
+    assert live.misses == 2
+    assert live.record(False)
+
+
+def test_a_failing_deep_probe_is_repeated_at_once() -> None:
+    live = Liveness(threshold=3)
+    assert not live.deep_due(10.0, 60.0)
+    assert live.deep_due(60.0, 60.0)
+    live.record_deep(False)
+    assert live.deep_due(10.0, 60.0)  # confirm (or clear) it at the next check
+    live.record_deep(True)
+    assert not live.deep_due(10.0, 60.0)
+
+
 def test_vllm_phases_from_log_lines() -> None:
     line = "INFO 11-25 10:00:01 [gpu_model_runner.py:1] Model loading took 1.2 GiB and 3.1 seconds"
-    assert vllm_phase(line) == ("model loaded", 60)
+    assert vllm_phase(line) == ("model loaded", 50)
     assert vllm_phase("INFO nothing here") is None
+    # The lines real vLLM 0.32 prints on CPU, in their order, with rising progress.
+    cpu = [
+        "(EngineCore_DP0 pid=1) INFO 12-01 10:00:00 [cpu_worker.py:1] Starting to load model m...",
+        "(EngineCore_DP0 pid=1) INFO 12-01 10:00:22 [default_loader.py:1] Loading weights "
+        "took 0.01 seconds",
+        "(EngineCore_DP0 pid=1) INFO 12-01 10:00:23 [core.py:1] init engine (profile, create kv "
+        "cache, warmup model) took 1.60 seconds",
+        "(APIServer pid=1) INFO 12-01 10:00:24 [api_server.py:1] Starting vLLM server on "
+        "http://0.0.0.0:8000",
+        "(APIServer pid=1) INFO:     Application startup complete.",
+    ]
+    phases = [vllm_phase(line) for line in cpu]
+    assert None not in phases
+    percents = [p[1] for p in phases if p is not None]
+    assert percents == sorted(percents) and len(set(percents)) == len(percents)
+
+
+def test_only_uvicorns_last_line_wakes_the_readiness_probe() -> None:
+    assert listening_soon("(APIServer pid=1) INFO:     Application startup complete.")
+    assert not listening_soon("INFO [api_server.py:1] Starting vLLM server on http://0.0.0.0:8000")
+
+
+def test_exit_hint_names_a_dead_engine_core() -> None:
+    line = (
+        "(APIServer pid=1) ERROR [core_client.py:1] Engine core proc EngineCore_DP0 died "
+        "unexpectedly, shutting down client."
+    )
+    assert exit_hint("vllm", line) == "EngineCore died"
+    assert exit_hint("vllm", "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered")
+    assert exit_hint("vllm", "INFO Loading weights took 1 s") is None
+    assert exit_hint("command", line) is None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +19,7 @@ import psutil
 
 from llmsup.client import call
 from llmsup.process import MARKER
-from tests.supervisor_util import Daemon, gone, names, running
+from tests.supervisor_util import Daemon, gone, running
 from tests.util import free_port, wait_for
 
 FAKE_LOAD = "0.3"
@@ -54,6 +56,35 @@ def server_pid(d: Daemon, name: str) -> int:
     return int(pid)
 
 
+def tree(pid: int) -> list[psutil.Process]:
+    """A server and its descendants, from the kernel's process table: an oracle that
+    does not depend on the marker (vLLM's EngineCore and workers blank theirs)."""
+    try:
+        server = psutil.Process(pid)
+        return [server, *server.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def full_tree(d: Daemon, name: str, size: int) -> list[psutil.Process]:
+    """The tree of `name`'s server once it has `size` processes (children start late)."""
+
+    def complete() -> list[psutil.Process] | None:
+        procs = tree(server_pid(d, name))
+        return procs if len(procs) == size else None
+
+    return wait_for(complete, message=f"{name}: never {size} processes")
+
+
+def titles(procs: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            cmd = " ".join(p.cmdline())
+            out.append("tracker" if "resource_tracker" in cmd else p.cmdline()[0].split("/")[-1])
+    return sorted(out)
+
+
 def test_three_models_reach_ready_and_down_leaves_nothing(tmp_path: Path) -> None:
     with running(tmp_path, three_models()) as d:
         d.wait_all_ready()
@@ -65,12 +96,10 @@ def test_three_models_reach_ready_and_down_leaves_nothing(tmp_path: Path) -> Non
             "small": "READY",
             "llama": "READY",
         }
-        # TP=2: the API server, its EngineCore and one worker per rank.
-        assert (
-            names(d.processes("big"))
-            == sorted(["vllm", "VLLM::EngineCor", "VLLM::Worker_TP", "VLLM::Worker_TP"])
-            or len(d.processes("big")) == 4
-        )
+        # TP=2: the API server, its resource tracker, its EngineCore, a worker per rank.
+        big = full_tree(d, "big", 5)
+        assert titles(big)[:3] == ["VLLM::EngineCore", "VLLM::Worker_TP0", "VLLM::Worker_TP1"]
+        assert "tracker" in titles(big)
         assert any("runner" in " ".join(p.cmdline()) for p in d.processes("llama"))
         table = d.cli("status", "-f", str(d.manifest)).stdout
         assert "READY" in table and "small" in table
@@ -80,8 +109,8 @@ def test_three_models_reach_ready_and_down_leaves_nothing(tmp_path: Path) -> Non
         assert "sekrit-key" not in " ".join(small.cmdline())
         assert "NOTIFY_SOCKET" not in small.environ()
         assert "sekrit-key" not in table
-        pids = [p.pid for p in d.processes()]
-        assert len(pids) >= 8
+        pids = [p.pid for name in ("big", "small", "llama") for p in tree(server_pid(d, name))]
+        assert len(pids) >= 10
         r = d.cli("down", "-f", str(d.manifest))
         assert r.returncode == 0, r.stderr
         assert gone(pids)
@@ -102,15 +131,14 @@ def test_sigkill_of_server_restarts_and_reaps_orphans(tmp_path: Path) -> None:
     with running(tmp_path, models) as d:
         d.wait_all_ready()
         old = server_pid(d, "m")
-        old_tree = [p.pid for p in d.processes("m")]
-        assert len(old_tree) == 4
+        old_tree = [p.pid for p in full_tree(d, "m", 5)]
         os.kill(old, signal.SIGKILL)
         wait_for(lambda: d.status()["m"]["restarts"] == 1, 10)
         row = d.wait_state("m", "READY")
         assert row["pid"] != old
         assert "killed by SIGKILL" in row["last_exit"]
-        assert gone(old_tree), "the orphaned EngineCore and workers must be gone"
-        assert len(d.processes("m")) == 4
+        assert gone(old_tree), "the orphaned EngineCore, workers and tracker must be gone"
+        full_tree(d, "m", 5)
 
 
 def test_sigkill_of_engine_core_is_detected(tmp_path: Path) -> None:
@@ -120,12 +148,15 @@ def test_sigkill_of_engine_core_is_detected(tmp_path: Path) -> None:
     with running(tmp_path, models) as d:
         d.wait_all_ready()
         old = server_pid(d, "m")
-        core = next(p for p in d.processes("m") if p.pid != old)
+        old_tree = full_tree(d, "m", 4)  # server, tracker, EngineCore, Worker (TP=1)
+        core = next(p for p in old_tree if p.cmdline()[0] == "VLLM::EngineCore")
         core.kill()
         wait_for(lambda: d.status()["m"]["restarts"] == 1, 15)
         row = d.wait_state("m", "READY")
         assert row["pid"] != old
-        assert gone([old, core.pid])
+        # vLLM answers 503, then exits with code 0: the cause comes from its log.
+        assert row["last_exit"].endswith("(EngineCore died)"), row
+        assert gone([p.pid for p in old_tree])
 
 
 def test_sigstop_hang_is_detected_and_nothing_stays(tmp_path: Path) -> None:
@@ -135,12 +166,12 @@ def test_sigstop_hang_is_detected_and_nothing_stays(tmp_path: Path) -> None:
     with running(tmp_path, models) as d:
         d.wait_all_ready()
         old = server_pid(d, "m")
-        tree = [p.pid for p in d.processes("m")]
+        old_tree = [p.pid for p in full_tree(d, "m", 4)]
         os.kill(old, signal.SIGSTOP)
         wait_for(lambda: d.status()["m"]["restarts"] == 1, 15)
         row = d.wait_state("m", "READY")
         assert "unhealthy" in row["last_exit"]
-        assert gone(tree)
+        assert gone(old_tree)
 
 
 def test_hung_engine_behind_healthy_health_needs_the_deep_probe(tmp_path: Path) -> None:
@@ -236,15 +267,15 @@ def test_daemon_killed_then_up_again_leaves_no_duplicate_or_orphan(tmp_path: Pat
     try:
         d.start()
         d.wait_all_ready()
-        old = [p.pid for p in d.processes()]
-        assert len(old) >= 6
+        old = [p.pid for p in full_tree(d, "m", 5)] + [p.pid for p in tree(server_pid(d, "o"))]
+        assert len(old) >= 7
         d.kill_daemon()
         assert not gone(old), "servers outlive a SIGKILLed daemon (that is the danger)"
         d.start()
         rows = d.wait_all_ready()
         assert gone(old)
         assert rows["m"]["pid"] not in old
-        assert len(d.processes("m")) == 4
+        full_tree(d, "m", 5)
         servers = [p for p in d.processes("o") if "runner" not in " ".join(p.cmdline())]
         assert len(servers) == 1
     finally:
@@ -286,11 +317,11 @@ def test_stop_and_start_one_model(tmp_path: Path) -> None:
     """
     with running(tmp_path, models) as d:
         d.wait_all_ready()
-        tree = [p.pid for p in d.processes("a")]
+        a_tree = [p.pid for p in full_tree(d, "a", 4)]
         r = d.cli("stop", "-f", str(d.manifest), "a")
         assert r.returncode == 0, r.stderr
         assert "a: STOPPED" in r.stdout
-        assert gone(tree)  # `stop` returns only once none of its processes remain
+        assert gone(a_tree)  # `stop` returns only once none of its processes remain
         assert d.state_of("b") == "READY"
         d.cli("start", "-f", str(d.manifest), "a")
         d.wait_state("a", "READY")
@@ -484,3 +515,79 @@ def test_leftover_of_our_own_on_the_port_is_stopped_not_reported(tmp_path: Path)
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_loading_is_shown_from_the_log_while_the_port_is_closed(tmp_path: Path) -> None:
+    port = free_port()
+    models = f"""\
+    m:
+      backend: vllm
+      model: org/m
+      port: {port}
+      env: {{FAKE_LOAD_TIME: "60"}}
+    """
+    with running(tmp_path, models) as d:
+        row = d.wait_state("m", "LOADING")
+        assert row["progress"] == "loading weights (10%)", row
+        assert not _listening(port)  # real vLLM refuses connections while it loads
+
+
+def hung_model(port: int, deep_probe: bool) -> str:
+    # The defaults' ratios (interval 10 s, deep_interval 60 s, failures 3), scaled
+    # down: /health passes several times between two deep probes.
+    return f"""\
+    m:
+      backend: vllm
+      model: org/m
+      port: {port}
+      health: {{interval: 200ms, timeout: 500ms, failures: 3, deep_probe: {str(deep_probe).lower()},
+               deep_interval: 1200ms}}
+      env: {{FAKE_LOAD_TIME: "{FAKE_LOAD}", FAKE_HEALTH_OK_BUT_HUNG_AFTER: "0.5"}}
+    """
+
+
+def test_hung_engine_is_restarted_with_default_probe_ratios(tmp_path: Path) -> None:
+    with running(tmp_path, hung_model(free_port(), deep_probe=True)) as d:
+        d.wait_all_ready()
+        row = wait_for(lambda: (r := d.status()["m"])["restarts"] >= 1 and r, 30)
+        assert "deep probes (1-token completions) failed in a row" in row["last_exit"], row
+        log = d.cli("logs", "--file", str(d.manifest), "m", "-n", "500").stdout
+        assert "deep probe failed (1/3)" in log and "deep probe failed (2/3)" in log
+
+
+def test_hung_engine_without_the_deep_probe_stays_ready(tmp_path: Path) -> None:
+    """The control: the same hang with the deep probe off is not seen (/health passes)."""
+    with running(tmp_path, hung_model(free_port(), deep_probe=False)) as d:
+        d.wait_all_ready()
+        log = Path(d.status()["m"]["log"])
+        # Many /health probes after the hang began (0.5 s after ready), all passing.
+        wait_for(lambda: log.read_text(errors="replace").count('"GET /health') >= 20, 30)
+        row = d.status()["m"]
+        assert (row["state"], row["restarts"]) == ("READY", 0)
+
+
+def test_restart_causes_are_in_the_logs(tmp_path: Path) -> None:
+    models = f"""\
+    m: {{backend: vllm, model: org/m, port: {free_port()}}}
+    """
+    with running(tmp_path, models) as d:
+        d.wait_all_ready()
+        os.kill(server_pid(d, "m"), signal.SIGKILL)
+        wait_for(lambda: d.status()["m"]["restarts"] == 1, 10)
+        d.wait_state("m", "READY")
+        r = d.cli("logs", "--file", str(d.manifest), "m", "-n", "500")
+        assert r.returncode == 0, r.stderr
+        ours = [line for line in r.stdout.splitlines() if line.startswith("--- llmsup ")]
+        causes = [line for line in ours if "killed by SIGKILL; restart 1/3 in " in line]
+        assert len(causes) == 1, ours
+        # a timestamp, then the cause and the delay
+        stamp = causes[0].split()[2].rstrip(":")
+        assert datetime.datetime.fromisoformat(stamp).tzinfo is not None, causes[0]
+        assert re.search(r"restart 1/3 in \d+\.\ds$", causes[0]), causes[0]
+        assert sum("ready after" in line for line in ours) == 2
+        # The daemon's own log says the same.
+        assert re.search(r"m: killed by SIGKILL; restart 1/3 in \d+\.\ds", d.log()), d.log()
+        r = d.cli("stop", "-f", str(d.manifest), "m")
+        assert r.returncode == 0, r.stderr
+        tail = d.cli("logs", "--file", str(d.manifest), "m", "-n", "5").stdout
+        assert "stopped (requested)" in tail

@@ -5,8 +5,7 @@ from __future__ import annotations
 from llmsup.backends import Launch, SecretRef, cuda_devices
 from llmsup.manifest import Manifest, VllmModel
 
-# The vLLM version whose flags and values ship in llmsup/data/.
-VLLM_VERSION = "0.33"
+# The flags and values of each vLLM version: llmsup/data/, read by vllm_flags.py.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.33's default
 
 # Typed manifest fields and the vLLM flags (with aliases) they produce.
