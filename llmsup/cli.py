@@ -210,9 +210,11 @@ class _Progress:
             self.settled = True
             ready = sum(v == "READY" for v in self.states.values())
             failed = sum(v == "FAILED" for v in self.states.values())
+            # With nothing launched the daemon says why and exits: no "supervising".
+            going = "; supervising (Ctrl-C stops all)" if failed < len(self.states) else ""
             click.echo(
                 f"{_stamp()} {ready} ready, {failed} failed, "
-                f"after {time.monotonic() - self.t0:.1f}s; supervising (Ctrl-C stops all)",
+                f"after {time.monotonic() - self.t0:.1f}s{going}",
                 err=True,
             )
 
@@ -280,7 +282,7 @@ def _detach(path: Path, state_dir: Path, sock: Path, untrusted: bool) -> None:
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if alive(sock):
+        if alive(sock) and _launch_under_way(sock):
             click.echo(f"llmsup daemon started (pid {proc.pid}); follow it with `llmsup status`")
             return
         if proc.poll() is not None:
@@ -289,6 +291,15 @@ def _detach(path: Path, state_dir: Path, sock: Path, untrusted: bool) -> None:
             raise DaemonError(f"the daemon exited with code {proc.returncode} (log: {log})")
         time.sleep(0.05)
     raise DaemonError(f"the daemon did not answer within 60s (log: {log})")
+
+
+def _launch_under_way(sock: Path) -> bool:
+    """The daemon got a server going (or has none to start now); False while its
+    launches are pending and when none could be launched (it then exits, saying why)."""
+    try:
+        return bool(_call(sock, "GET", "/v1/status").get("launch", "under way") == "under way")
+    except LlmsupError:
+        return False
 
 
 def _print_reload(result: dict[str, list[str]]) -> None:

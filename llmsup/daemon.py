@@ -88,6 +88,8 @@ class Server:
         self.api_key: str | None = None  # the key the server was started with
         self.gpu_memory: dict[int, int] = {}  # GPU index -> bytes its processes hold
         self.retired = False  # replaced or removed by a reload: never starts again
+        self.launched = False  # its launch got under way: a process, or a wait for GPUs
+        self.fatal = False  # FAILED for a reason retrying cannot help (not found, port held)
 
     @property
     def on_demand(self) -> bool:
@@ -102,6 +104,7 @@ class Server:
         if self.task is None or self.task.done():
             # Busy from now on, so that servers ordered after this one wait for it
             # even before its task first runs.
+            self.fatal = False
             self.set_state(State.STARTING, "launching")
             self.task = asyncio.create_task(self._run(), name=f"server:{self.launch.unit}")
 
@@ -170,6 +173,7 @@ class Server:
                 m = self.daemon.loaded.manifest
                 if outcome.fatal:
                     self.reason = outcome.reason
+                    self.fatal = True
                     self.note(f"FAILED: {outcome.reason}; not restarted", logging.ERROR)
                     self.set_state(State.FAILED, outcome.reason)
                     return
@@ -267,6 +271,7 @@ class Server:
             logfile.close()
             return Outcome(True, f"cannot start {exe}: {e}", fatal=True)
         self.child = child
+        self.launched = True
         self.exit_hint = ""
         self.started_at = time.time()
         process.save_record(self.daemon.state_dir, child.record)
@@ -319,6 +324,7 @@ class Server:
                 return Outcome(
                     True, f"GPU memory still held after {limit:g}s (health.gpu_wait): {msg}", True
                 )
+            self.launched = True  # what holds the GPUs may let go: not a launch error
             self.set_state(State.WAITING_GPU, msg)
             await asyncio.sleep(0.5)
 
@@ -527,6 +533,9 @@ class Daemon:
         self.gpu_note = ""  # why there is no GPU information, if there is none
         self.snapshot: gpu.Snapshot | None = None
         self._gateway_config: Any = None
+        self.launches_begun = False
+        self.any_ready = False
+        self.launch_failures: list[str] = []  # why no server could be launched (exit 1)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -544,6 +553,10 @@ class Daemon:
         self._status_dirty = True
         if self.listener:
             self.listener(unit, state, detail)
+        if state == State.READY:
+            self.any_ready = True
+        elif state == State.FAILED:
+            self._none_launched()
 
         async def notify() -> None:
             async with self.cond:
@@ -616,6 +629,7 @@ class Daemon:
                 self.servers[la.unit] = Server(self, la)
                 if not self.servers[la.unit].on_demand:
                     self.servers[la.unit].start()
+            self.launches_begun = True
             # Ready = the control socket answers and launches are under way; a model
             # that loads for twenty minutes must not fail the unit's start.
             self.notifier.send("READY=1")
@@ -637,6 +651,12 @@ class Daemon:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
             self.notifier.close()
+        if self.launch_failures:
+            raise DaemonError(
+                "no model could be launched, so there is nothing to supervise:\n  "
+                + "\n  ".join(self.launch_failures)
+                + "\nfix these and run `llmsup up` again"
+            )
 
     async def _systemd_loop(self) -> None:
         """STATUS= on change, WATCHDOG=1 from this very loop (a stuck loop trips the
@@ -812,6 +832,30 @@ class Daemon:
         known = ", ".join(m for s in self.servers.values() for m in s.launch.models)
         raise DaemonError(f"no model named {model!r} (known: {known})")
 
+    def _none_launched(self) -> None:
+        """Every server FAILED before any was READY, each for a reason retrying cannot
+        help (executable not found, port held): stop, and exit non-zero with the reasons."""
+        servers = list(self.servers.values())
+        if self.any_ready or not self.launches_begun or not servers or self.stopping.is_set():
+            return
+        if all(s.state == State.FAILED and s.fatal and not s.launched for s in servers):
+            self.launch_failures = [f"{s.launch.unit}: {s.reason}" for s in servers]
+            self.stopping.set()
+
+    def launch_phase(self) -> str:
+        """`pending` until some server got a process (or waits for its GPUs), `failed`
+        when none could be launched (the daemon is exiting), else `under way`."""
+        if self.launch_failures:
+            return "failed"
+        if not self.launches_begun:
+            return "pending"
+        starting = [s for s in self.servers.values() if not s.on_demand]
+        if not starting or any(s.launched for s in starting):
+            return "under way"
+        if all(s.state == State.FAILED for s in starting):
+            return "under way"  # for its on-demand models: the daemon goes on
+        return "pending"
+
     def status(self) -> dict[str, Any]:
         return {
             "daemon": {
@@ -822,4 +866,5 @@ class Daemon:
             },
             "models": [row for s in self.servers.values() for row in s.status()],
             "gpu_note": self.gpu_note,
+            "launch": self.launch_phase(),
         }

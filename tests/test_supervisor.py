@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -288,7 +289,11 @@ def test_foreign_process_on_the_port_fails_without_a_loop(tmp_path: Path) -> Non
     holder.bind(("127.0.0.1", port))
     holder.listen()
     try:
-        models = f"m: {{backend: vllm, model: org/m, port: {port}}}\n"
+        # A second model that launches keeps the daemon going (with none, it exits).
+        models = f"""\
+        m: {{backend: vllm, model: org/m, port: {port}, gpu_memory_utilization: 0.4}}
+        ok: {{backend: vllm, model: org/ok, port: {free_port()}, gpu_memory_utilization: 0.4}}
+        """
         with running(tmp_path, models) as d:
             row = d.wait_state("m", "FAILED")
             assert f"port {port} on 127.0.0.1 is held by pid {os.getpid()}" in row["reason"]
@@ -299,7 +304,12 @@ def test_foreign_process_on_the_port_fails_without_a_loop(tmp_path: Path) -> Non
 
 
 def test_missing_executable_names_the_path(tmp_path: Path) -> None:
-    models = f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n"
+    port = free_port()
+    # A second model that launches (by its absolute path) keeps the daemon going.
+    models = f"""\
+    m: {{backend: vllm, model: org/m, port: {free_port()}}}
+    ok: {{backend: command, command: [{sys.executable}, -m, http.server, "{port}"], port: {port}}}
+    """
     d = Daemon(tmp_path, models, extra_env={"PATH": "/nonexistent/bin"})
     d.env["PATH"] = "/nonexistent/bin"
     try:
