@@ -143,6 +143,8 @@ def plan(manifest_file: Path | None, as_json: bool, names: tuple[str, ...]) -> N
             continue
         shown.add(e["unit"])
         after = f", after {', '.join(e['after'])} is ready" if e["after"] else ""
+        if e.get("swapped_with"):
+            after += f", swapped with {', '.join(e['swapped_with'])} (never together)"
         click.echo(f"# {i}. {e['name']} ({e['backend']}) on {e['host']}:{e['port']}{after}")
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in e["env"].items())
         cmd = shlex.join(e["argv"])

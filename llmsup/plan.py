@@ -31,6 +31,7 @@ class Plan:
     after: dict[str, tuple[str, ...]]  # unit -> units that must be ready first
     problems: tuple[Problem, ...] = field(default=())
     vllm_flags: FlagTable | None = None  # what vLLM flags were checked against
+    swaps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # never run together
 
     @property
     def errors(self) -> list[Problem]:
@@ -51,6 +52,7 @@ class Plan:
                         "argv": list(la.argv),
                         "env": la.display_env(),
                         "after": list(self.after.get(la.unit, ())),
+                        "swapped_with": list(self.swaps.get(la.unit, ())),
                         "host": la.host,
                         "port": la.port,
                         "gpus": list(la.gpus),
@@ -111,7 +113,13 @@ def make_plan(loaded: LoadedManifest, vllm_flags: FlagTable | None = None) -> Pl
                 key=True,
             )
         )
-    return Plan(tuple(launches), _launch_order(loaded, launches), tuple(problems), vllm_flags)
+    return Plan(
+        tuple(launches),
+        _launch_order(loaded, launches),
+        tuple(problems),
+        vllm_flags,
+        _swaps(loaded, launches),
+    )
 
 
 def untrusted_problems(loaded: LoadedManifest) -> list[Problem]:
@@ -219,6 +227,16 @@ def swapped(loaded: LoadedManifest, a: tuple[str, ...], b: tuple[str, ...]) -> b
     if not all(models[n].start == "on_demand" for n in (*a, *b)):
         return False
     return any(conflicts(loaded, x, y) for x in a for y in b)
+
+
+def _swaps(loaded: LoadedManifest, launches: list[Launch]) -> dict[str, tuple[str, ...]]:
+    """Server -> the servers the gateway swaps it with (they never run together)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for la in launches:
+        others = [o.unit for o in launches if o is not la and swapped(loaded, o.models, la.models)]
+        if others:
+            out[la.unit] = tuple(others)
+    return out
 
 
 def _utilizations(loaded: LoadedManifest) -> dict[str, dict[str, float]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -729,3 +731,21 @@ def test_check_warns_of_an_executable_not_on_path(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert f"models.a.backend: 'vllm' is not on PATH (searched: {tmp_path})" in r.stderr
     assert "2 warnings" in r.stdout
+
+
+def test_plan_says_swapped_not_after_for_models_that_never_run_together(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from llmsup.cli import main
+
+    path = tmp_path / "models.yaml"
+    path.write_text(TWO_ON_GPU0.format(gateway="gateway: {port: 9000}\n", a=ON, b=ON))
+    r = CliRunner().invoke(main, ["plan", "-f", str(path)])
+    assert r.exit_code == 0, r.output
+    heads = [ln for ln in r.output.splitlines() if re.match(r"# \d+\. ", ln)]
+    assert heads[0].endswith("on 127.0.0.1:8000, swapped with b (never together)"), heads
+    assert heads[1].endswith("on 127.0.0.1:8001, swapped with a (never together)"), heads
+    assert "is ready" not in r.output
+    r = CliRunner().invoke(main, ["plan", "-f", str(path), "--json"])
+    entries = json.loads(r.output)
+    assert [(e["after"], e["swapped_with"]) for e in entries] == [([], ["b"]), ([], ["a"])]
