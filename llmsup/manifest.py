@@ -171,13 +171,15 @@ class HealthOverride(_Strict):
 
 
 class Health(_Strict):
-    interval: float = 10.0
-    timeout: float = 5.0
-    failures: int = 3
-    startup_timeout: float = 1200.0
-    deep_probe: bool = False
-    deep_interval: float = 60.0
-    gpu_wait: float = 300.0
+    """A model's health settings, resolved: its own, else `defaults.health`, else these."""
+
+    interval: float = Field(10.0, description="seconds between liveness probes")
+    timeout: float = Field(5.0, description="timeout of one probe, seconds")
+    failures: int = Field(3, description="failed probes in a row = unhealthy")
+    startup_timeout: float = Field(1200.0, description="deadline to become ready, seconds")
+    deep_probe: bool = Field(False, description="also send a 1-token completion")
+    deep_interval: float = Field(60.0, description="seconds between deep probes")
+    gpu_wait: float = Field(300.0, description="seconds a start waits for free GPU memory")
 
 
 RestartPolicyName = Literal["always", "on-failure", "never"]
@@ -198,11 +200,13 @@ class RestartOverride(_Strict):
 
 
 class Restart(_Strict):
-    policy: RestartPolicyName = "on-failure"
-    backoff_initial: float = 5.0
-    backoff_max: float = 300.0
-    max_restarts: int = 5
-    window: float = 600.0
+    """A model's restart settings, resolved: its own, else `defaults.restart`, else these."""
+
+    policy: RestartPolicyName = Field("on-failure", description="always, on-failure or never")
+    backoff_initial: float = Field(5.0, description="delay before the first restart, seconds")
+    backoff_max: float = Field(300.0, description="cap of the doubling restart delay, seconds")
+    max_restarts: int = Field(5, description="restarts within `window` before FAILED")
+    window: float = Field(600.0, description="the period max_restarts counts over, seconds")
 
 
 class LogSettings(_Strict):

@@ -749,3 +749,25 @@ def test_plan_says_swapped_not_after_for_models_that_never_run_together(tmp_path
     r = CliRunner().invoke(main, ["plan", "-f", str(path), "--json"])
     entries = json.loads(r.output)
     assert [(e["after"], e["swapped_with"]) for e in entries] == [([], ["b"]), ([], ["a"])]
+
+
+def test_every_field_of_every_manifest_class_has_a_description() -> None:
+    import inspect
+
+    from pydantic import BaseModel
+
+    import llmsup.manifest as manifest_module
+
+    classes = [
+        cls
+        for _, cls in inspect.getmembers(manifest_module, inspect.isclass)
+        if issubclass(cls, BaseModel) and cls.__module__ == manifest_module.__name__
+    ]
+    assert {"Manifest", "VllmModel", "Health", "Restart"} <= {c.__name__ for c in classes}
+    missing = [
+        f"{cls.__name__}.{name}"
+        for cls in classes
+        for name, info in cls.model_fields.items()
+        if not info.description
+    ]
+    assert not missing, f"fields without a description: {missing}"
