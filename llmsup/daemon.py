@@ -839,7 +839,8 @@ class Daemon:
         if self.any_ready or not self.launches_begun or not servers or self.stopping.is_set():
             return
         if all(s.state == State.FAILED and s.fatal and not s.launched for s in servers):
-            self.launch_failures = [f"{s.launch.unit}: {s.reason}" for s in servers]
+            where = [self.loaded.problem(("models", s.launch.unit), "", key=True) for s in servers]
+            self.launch_failures = [f"{w}{s.reason}" for w, s in zip(where, servers, strict=True)]
             self.stopping.set()
 
     def launch_phase(self) -> str:

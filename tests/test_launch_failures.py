@@ -67,8 +67,8 @@ def test_up_with_no_model_launched_exits_non_zero_with_the_reasons(
     r = run_up(path, *mode)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "no model could be launched, so there is nothing to supervise" in r.stderr
-    assert f"a: port {held_port} on 127.0.0.1 is held by" in r.stderr
-    assert "b: no-such-server-x: not found on PATH (searched: " in r.stderr
+    assert f"{path}:4:3: models.a: port {held_port} on 127.0.0.1 is held by" in r.stderr
+    assert f"{path}:5:3: models.b: no-such-server-x: not found on PATH (searched: " in r.stderr
     assert "fix these and run `llmsup up` again" in r.stderr
     assert "supervising" not in r.stderr
     assert "Traceback" not in r.stderr
