@@ -34,8 +34,18 @@ CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TOOLS = {"systemd-nspawn": "systemd-container", "debootstrap": "debootstrap"}
 
 
+MIRROR = "http://deb.debian.org/debian"  # debootstrap's default
+
+
 class Unavailable(Exception):
-    """The container cannot be had on this host; the message says why, in one line."""
+    """A prerequisite is missing on this host; the message says which, in one line.
+
+    Only `missing_prerequisite` decides this, before anything is tried."""
+
+
+class SetupFailed(Exception):
+    """With every prerequisite present, building or booting the container failed:
+    a failure of the test, never a reason to skip it."""
 
 
 def cache_dir() -> Path:
@@ -64,12 +74,42 @@ def _run_group(argv: list[str], timeout: float, **kw: object) -> subprocess.Comp
         return subprocess.CompletedProcess(argv, proc.returncode, out, "")
 
 
-def ensure_tools() -> None:
-    """systemd-nspawn, debootstrap and nsenter, installed with apt-get where missing."""
+def missing_prerequisite() -> str | None:
+    """Why this host cannot have the container, in one line; None when it can.
+
+    Decided before anything is built or booted: Linux, root, the tools (installed
+    with apt-get where missing), and a Debian mirror unless the tree is cached.
+    Past this point a failure is a failure."""
     if not sys.platform.startswith("linux"):
-        raise Unavailable("not Linux")
+        return "not Linux"
     if os.geteuid() != 0:
-        raise Unavailable("needs root (systemd-nspawn, debootstrap, nsenter)")
+        return "needs root (systemd-nspawn, debootstrap, nsenter)"
+    ensure_tools()
+    absent = [tool for tool in [*TOOLS, "nsenter"] if shutil.which(tool) is None]
+    if absent:
+        return f"{', '.join(absent)} missing and could not be installed"
+    if not _cached(cache_dir() / SUITE) and not mirror_reachable():
+        return f"no {SUITE} tree cached and {MIRROR} cannot be reached to build one"
+    return None
+
+
+def mirror_reachable(timeout: float = 15.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{MIRROR}/dists/{SUITE}/Release", timeout=timeout) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def _cached(root: Path) -> bool:
+    stamp = root / STAMP
+    return stamp.is_file() and stamp.read_text() == PACKAGES
+
+
+def ensure_tools() -> None:
+    """systemd-nspawn and debootstrap, installed with apt-get where missing."""
     missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None]
     if missing and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -77,9 +117,6 @@ def ensure_tools() -> None:
             r = _run_group(["apt-get", "update", "-qq"], 300, env=env)
             if r.returncode == 0:
                 _run_group(["apt-get", "install", "-y", "-qq", *missing], 300, env=env)
-    absent = [tool for tool in [*TOOLS, "nsenter"] if shutil.which(tool) is None]
-    if absent:
-        raise Unavailable(f"{', '.join(absent)} missing and could not be installed")
 
 
 def _mounts_under(path: Path) -> list[str]:
@@ -104,8 +141,7 @@ def rootfs() -> Path:
     root = cache / SUITE
     with open(cache / f"{SUITE}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building it
-        stamp = root / STAMP
-        if stamp.is_file() and stamp.read_text() == PACKAGES:
+        if _cached(root):
             return root
         for stale in cache.glob(f"{SUITE}.tmp-*"):
             _discard(stale)
@@ -120,7 +156,7 @@ def rootfs() -> Path:
             )
             if r.returncode != 0:
                 last = (r.stdout.strip().splitlines() or ["?"])[-1]
-                raise Unavailable(f"debootstrap {SUITE} failed: {last}")
+                raise SetupFailed(f"debootstrap {SUITE} failed: {last}")
             (tmp / STAMP).write_text(PACKAGES)
             tmp.rename(root)
         finally:
@@ -230,7 +266,7 @@ class Container:
                 try:
                     cgroup.mkdir(exist_ok=True)
                 except OSError as e:
-                    raise Unavailable(f"cannot make a cgroup for the container: {e}") from None
+                    raise SetupFailed(f"cannot make a cgroup for the container: {e}") from None
                 self.cgroups.append(cgroup)
                 moves.append(f"echo $$ > {shlex.quote(str(cgroup / 'cgroup.procs'))} && ")
             argv = ["sh", "-c", "".join(moves) + 'exec "$@"', "sh", *argv]
@@ -246,25 +282,25 @@ class Container:
                     if _nspid(child.pid)[-1] == 1:
                         self.init_pid = child.pid
             if time.monotonic() > deadline:
-                raise Unavailable(f"no init in the container after {timeout:.0f}s: {self.log()}")
+                raise SetupFailed(f"no init in the container after {timeout:.0f}s: {self.log()}")
             time.sleep(0.1)
         while True:
             self._check_alive()
             try:
                 r = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=60)
             except subprocess.TimeoutExpired:
-                raise Unavailable("the container's systemd did not finish booting in 60s") from None
+                raise SetupFailed("the container's systemd did not finish booting in 60s") from None
             state = r.stdout.strip()
             if state in ("running", "degraded"):
                 break
             if time.monotonic() > deadline:
-                raise Unavailable(f"the container's systemd says {state!r}: {r.stderr.strip()}")
+                raise SetupFailed(f"the container's systemd says {state!r}: {r.stderr.strip()}")
             time.sleep(0.5)
 
     def _check_alive(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise Unavailable(f"systemd-nspawn exited with {self.proc.returncode}: {self.log()}")
+            raise SetupFailed(f"systemd-nspawn exited with {self.proc.returncode}: {self.log()}")
 
     def log(self) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -332,16 +368,19 @@ class Container:
 def booted(workdir: Path) -> Iterator[Container]:
     """Build (or reuse) the tree, boot it, yield it, and tear it down whatever happens.
 
-    Raises Unavailable, with the reason, where this host cannot do it.
+    Raises Unavailable where a prerequisite is missing (see `missing_prerequisite`),
+    SetupFailed where, with all of them present, the container could not be had.
     """
-    ensure_tools()
+    reason = missing_prerequisite()
+    if reason is not None:
+        raise Unavailable(reason)
     container = Container(rootfs(), workdir)
     try:
         container.boot()
         r = container.run(sys.executable, "-c", "import llmsup.cli, aiohttp, psutil", check=False)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["?"])[-1]
-            raise Unavailable(f"this project's Python does not run in {SUITE}: {last}")
+            raise SetupFailed(f"this project's Python does not run in {SUITE}: {last}")
         yield container
     finally:
         container.shutdown()

@@ -3,13 +3,11 @@ speaks it, and the whole under a real systemd booted in a container."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
 import signal
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -389,12 +387,18 @@ def test_daemon_speaks_sd_notify_from_its_main_pid(
             message=f"too few pings: {listener.datagrams}",
         )
         # the servers get none of systemd's variables: only llmsup talks to systemd
-        procs = d.processes()
-        assert len(procs) == 4  # API server, EngineCore, two TP workers
-        for p in procs:
+        server = psutil.Process(d.status()["m"]["pid"])
+
+        def whole_tree() -> list[psutil.Process] | None:
+            procs = [server, *server.children(recursive=True)]
+            return procs if len(procs) == 5 else None
+
+        # the API server, its resource tracker, the EngineCore and two TP workers
+        procs = wait_for(whole_tree, message="the server's tree never complete")
+        for p in procs:  # the EngineCore and the workers blank theirs: nothing to read there
             env = environ_of(p.pid)
-            assert MARKER in env
             assert not [v for v in NOTIFY_VARS if v in env], (p.cmdline(), env)
+        assert MARKER in environ_of(server.pid)
         pids = [p.pid for p in procs]
         d.proc.send_signal(signal.SIGTERM)
         assert d.proc.wait(30) == 0, d.log()
@@ -418,12 +422,9 @@ def test_daemon_speaks_sd_notify_from_its_main_pid(
     assert extend, "stopping asks systemd for more time"
     assert all(i > stopping for i, _ in extend)
     assert all(int(f.split("=")[1]) >= 2_000_000 for _, f in extend), "at least stop_timeout"
-    # WATCHDOG=1 every WATCHDOG_USEC/2 = 0.2 s while running
+    # WATCHDOG=1 keeps coming while running (its pace is measured in bench/watchdog.py)
     pings = [g.t for i, g, f in lines if f == "WATCHDOG=1" and ready < i < stopping]
-    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert len(pings) >= 10
-    assert 0.15 <= statistics.median(gaps) <= 0.3, gaps
-    assert min(gaps) >= 0.1, f"pings come in bursts: {gaps}"
 
 
 def test_daemon_without_notify_socket_runs_as_usual(tmp_path: Path) -> None:
@@ -522,11 +523,13 @@ def container_manifest(load_a: str) -> str:
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[systemd_container.Container]:
-    try:
-        with systemd_container.booted(tmp_path_factory.mktemp("nspawn")) as c:
-            yield c
-    except systemd_container.Unavailable as e:
-        pytest.skip(f"no systemd container here: {e}")
+    # Skip only for a missing prerequisite, decided before trying; once root and the
+    # tools are here, a tree that will not build or a system that will not boot fails.
+    reason = systemd_container.missing_prerequisite()
+    if reason is not None:
+        pytest.skip(f"no systemd container here: {reason}")
+    with systemd_container.booted(tmp_path_factory.mktemp("nspawn")) as c:
+        yield c
 
 
 def status_inside(c: systemd_container.Container) -> dict[str, Any]:
@@ -544,11 +547,14 @@ def all_ready(c: systemd_container.Container) -> dict[str, dict[str, Any]] | Non
 
 
 def model_processes(c: systemd_container.Container) -> list[psutil.Process]:
-    """Processes inside the container that llmsup launched (they carry its marker)."""
+    """Processes inside the container that llmsup launched: they carry its marker, or
+    run a fake from FAKES_DIR (vLLM's EngineCore and workers blank their environment)."""
     out = []
     for p in c.processes():
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and MARKER in p.environ():
+            if p.status() != psutil.STATUS_ZOMBIE and (
+                MARKER in p.environ() or str(FAKES_DIR) in cmdline(p)
+            ):
                 out.append(p)
         except psutil.Error:
             continue
@@ -638,8 +644,13 @@ def _install_start_reload_watchdog_stop(c: systemd_container.Container) -> None:
     wait_for(lambda: show("StatusText")["StatusText"] == "2/2 ready", 10, interval=0.3)
 
     # reload: only the changed model restarts
-    old_a = [p for p in model_processes(c) if ":a:" in p.environ()[MARKER]]
-    assert old_a
+    a_server = next(p for p in c.processes() if c.pid_inside(p) == rows["a"]["pid"])
+
+    def a_tree() -> list[psutil.Process] | None:  # vllm, tracker, EngineCore, Worker
+        procs = [a_server, *a_server.children(recursive=True)]
+        return procs if len(procs) == 4 else None
+
+    old_a = until(a_tree, 30, "a's process tree never complete")
     c.write(MANIFEST, container_manifest("0.4"))
     c.run("systemctl", "reload", "llmsup")
 
@@ -655,7 +666,8 @@ def _install_start_reload_watchdog_stop(c: systemd_container.Container) -> None:
 
     # a frozen daemon: the watchdog kills it with all its models; systemd starts it again
     old = model_processes(c)
-    assert len(old) >= 4, [cmdline(p) for p in old]  # vllm, EngineCore, ollama, runner
+    # vllm, its tracker, EngineCore, Worker; ollama, its runner
+    assert len(old) >= 6, [cmdline(p) for p in old]
     c.run("kill", "-STOP", str(main))
 
     def restarted() -> dict[str, str] | None:
