@@ -64,11 +64,13 @@ class NotReady(Exception):
 
 
 class Unavailable(Exception):
-    """The model cannot serve (FAILED, or stopped and not on-demand): 503 with the reason."""
+    """The model cannot serve (FAILED, or stopped and not on-demand): 503 with the reason,
+    and no Retry-After (retrying cannot help until an operator acts)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, stopped: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.stopped = stopped  # stopped on purpose, rather than broken
 
 
 class Registry(Protocol):
@@ -102,6 +104,12 @@ class GatewayConfig:
     first_byte_timeout: float = 900.0
     read_timeout: float = 300.0  # between two chunks of a response body
     extra_collector: Collector | None = None  # the daemon's per-model metrics
+    # Client connections: beyond the cap a new one gets 503 and is closed at once, so
+    # a flood cannot take the descriptors supervision needs (see llmsup.limits).
+    max_connections: int = 1000
+    header_timeout: float = 60.0  # from a request's first byte to the end of its headers
+    body_timeout: float = 60.0  # to read a whole request body
+    keepalive_timeout: float = 75.0  # an idle connection between two requests
 
 
 # Headers that belong to one connection (RFC 9110 7.6.1), plus those we set ourselves.
@@ -155,15 +163,31 @@ class _Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.connections = Gauge(
+            "llmsup_gateway_connections", "Client connections open", registry=r
+        )
+        self.dropped = Counter(
+            "llmsup_gateway_connections_dropped",
+            "Client connections refused (over max_connections) or timed out",
+            ["reason"],
+            registry=r,
+        )
         if extra is not None:
             r.register(extra)
+
+
+_GATEWAY: web.AppKey[_Gateway] = web.AppKey("llmsup_gateway")
 
 
 def create_app(registry: Registry, config: GatewayConfig) -> web.Application:
     """The gateway's aiohttp application; run it with `serve`."""
     gw = _Gateway(registry, config)
     # client_max_size enforces the limit while reading bodies without Content-Length.
-    app = web.Application(middlewares=[gw.errors_and_auth], client_max_size=config.max_body_bytes)
+    app = web.Application(
+        middlewares=[_busy_while_handled, gw.errors_and_auth],
+        client_max_size=config.max_body_bytes,
+    )
+    app[_GATEWAY] = gw
     app.cleanup_ctx.append(gw.client_session)
     app.router.add_get("/health", gw.health)
     app.router.add_get("/metrics", gw.metrics)
@@ -173,14 +197,192 @@ def create_app(registry: Registry, config: GatewayConfig) -> web.Application:
     return app
 
 
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Listen on host:port; stop with `await runner.cleanup()`."""
+class Listening:
+    """The gateway, listening: `addresses`, and `cleanup()` to stop it."""
+
+    def __init__(self, runner: web.AppRunner, server: asyncio.Server) -> None:
+        self.runner = runner
+        self.server = server
+
+    @property
+    def addresses(self) -> list[Any]:
+        return [sock.getsockname() for sock in self.server.sockets]
+
+    async def cleanup(self) -> None:
+        self.server.close()  # no new connections
+        await self.runner.cleanup()  # the open ones: finish, then close
+
+
+async def serve(app: web.Application, host: str, port: int) -> Listening:
+    """Listen on host:port; stop with `await listening.cleanup()`."""
+    gw = app[_GATEWAY]
+    cfg = gw.config
     # handler_cancellation: a client that disconnects cancels its handler at once,
     # which closes the upstream request even while no chunk is flowing.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0)
+    # aiohttp's own keep-alive timer (which also runs from a connection's opening) is
+    # only a backstop, set later than ours.
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=5.0,
+        keepalive_timeout=cfg.keepalive_timeout + cfg.header_timeout,
+    )
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
+    assert runner.server is not None
+    # aiohttp's server has no header timeout and no connection cap: each connection's
+    # protocol is wrapped in a _Guarded that adds both.
+    guard = _Guard(runner.server, cfg, gw.m)
+    try:
+        server = await asyncio.get_running_loop().create_server(
+            guard.protocol, host, port, reuse_address=True
+        )
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return Listening(runner, server)
+
+
+def _raw_response(err: ApiError) -> bytes:
+    """A whole HTTP/1.1 answer, for a connection aiohttp never handles (or no longer)."""
+    body = json.dumps(err.body()).encode()
+    reason = {408: "Request Timeout", 503: "Service Unavailable"}.get(err.status, "Error")
+    head = [f"HTTP/1.1 {err.status} {reason}", "Content-Type: application/json"]
+    head += [f"{k}: {v}" for k, v in err.headers.items()]
+    head += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(head).encode() + body
+
+
+class _Guard:
+    """Counts the gateway's client connections and refuses those over the cap."""
+
+    def __init__(
+        self, factory: Callable[[], asyncio.Protocol], config: GatewayConfig, m: _Metrics
+    ) -> None:
+        self.factory = factory
+        self.config = config
+        self.m = m
+        self.open = 0
+        full = f"The gateway is at its limit of {config.max_connections} connections"
+        self.full = _raw_response(
+            ApiError(503, full, "server_error", "too_many_connections", {"Retry-After": "1"})
+        )
+        late = f"Request headers did not arrive within {config.header_timeout:g}s"
+        self.late = _raw_response(ApiError(408, late, "invalid_request_error", "request_timeout"))
+
+    def protocol(self) -> asyncio.Protocol:
+        return _Guarded(self)
+
+
+class _Guarded(asyncio.Protocol):
+    """One client connection: aiohttp's protocol, behind the cap and two timers.
+
+    From its first byte, a request has `header_timeout` to complete its headers (then
+    408, as nginx answers); a new connection has as long to send that first byte,
+    and one between two requests `keepalive_timeout` (then a quiet close). While a
+    request is handled (see `_busy_while_handled`) no timer runs: the body has its
+    own, and a response may stream for as long as the model writes."""
+
+    def __init__(self, guard: _Guard) -> None:
+        self.guard = guard
+        self.inner: asyncio.Protocol | None = None
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.busy = False  # a request is being handled
+        self.pending = False  # part of the next request has arrived
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        g = self.guard
+        if g.open >= g.config.max_connections:
+            g.m.dropped.labels("max_connections").inc()
+            transport.write(g.full)
+            transport.close()
+            return
+        g.open += 1
+        g.m.connections.inc()
+        self.inner = g.factory()
+        self._arm(g.config.header_timeout)
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is None:
+            return
+        if not self.busy and not self.pending:  # the first byte of a request
+            self.pending = True
+            self._arm(self.guard.config.header_timeout)
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self.inner is not None:
+            self.guard.open -= 1
+            self.guard.m.connections.dec()
+            inner, self.inner = self.inner, None
+            inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    # -- called around each request by _busy_while_handled
+
+    def request_started(self) -> None:
+        self.busy, self.pending = True, False
+        self._disarm()
+
+    def request_done(self) -> None:
+        self.busy = False
+        self._arm(self.guard.config.keepalive_timeout)
+
+    # -- the timer
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._expired, seconds)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expired(self, seconds: float) -> None:
+        self.timer = None
+        t = self.transport
+        if self.busy or t is None or t.is_closing():
+            return
+        if t.get_write_buffer_size():  # the last response is still on its way out
+            self._arm(seconds)
+            return
+        if self.pending:  # a request began and its headers never ended: say so
+            self.guard.m.dropped.labels("header_timeout").inc()
+            t.write(self.guard.late)
+        else:
+            self.guard.m.dropped.labels("idle_timeout").inc()
+        t.close()
+
+
+@web.middleware
+async def _busy_while_handled(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Tell the connection's guard that a request is being handled (its headers
+    arrived), and when it is over."""
+    conn = request.transport.get_protocol() if request.transport is not None else None
+    if not isinstance(conn, _Guarded):
+        return await handler(request)
+    conn.request_started()
+    try:
+        return await handler(request)
+    finally:
+        conn.request_done()
 
 
 def _bearer(headers: CIMultiDictProxy[str]) -> str | None:
@@ -321,6 +523,9 @@ class _Gateway:
                 retry = {"Retry-After": str(max(1, e.retry_after))}
                 raise ApiError(503, message, "server_error", "model_not_ready", retry) from None
             except Unavailable as e:
+                if e.stopped:  # said to an API client: no shell command to run
+                    message = f"Model `{name}` is stopped and is not accepting requests"
+                    raise ApiError(503, message, "server_error", "model_stopped") from None
                 message = f"Model `{name}` is unavailable: {e.reason}"
                 raise ApiError(503, message, "server_error", "model_unavailable") from None
             in_flight = self.m.in_flight.labels(served)
@@ -344,7 +549,11 @@ class _Gateway:
         length = request.content_length
         if length is not None and length > self.config.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(self.config.max_body_bytes, length)
-        body = await request.read()
+        try:
+            body = await asyncio.wait_for(request.read(), self.config.body_timeout)
+        except asyncio.TimeoutError:
+            message = f"Request body did not arrive within {self.config.body_timeout:g}s"
+            raise ApiError(408, message, "invalid_request_error", "request_timeout") from None
         try:
             obj = await _off_loop(len(body), lambda: json.loads(body))
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -387,12 +388,24 @@ AnyModel = Annotated[Union[VllmModel, OllamaModel, CommandModel], Field(discrimi
 BACKENDS = {"vllm": VllmModel, "ollama": OllamaModel, "command": CommandModel}
 
 
+def _key_not_empty(v: SecretStr) -> SecretStr:
+    if not v.get_secret_value().strip():
+        raise ValueError(
+            "the key is empty (after ${VAR} expansion), which would let every client "
+            "in: set the variable to a key of your own, or remove the entry"
+        )
+    return v
+
+
+GatewayKey = Annotated[SecretStr, AfterValidator(_key_not_empty)]
+
+
 class Gateway(_Strict):
     """One OpenAI-compatible endpoint for every model."""
 
     host: str = Field("127.0.0.1", description="address the gateway listens on")
     port: Port = Field(description="port the gateway listens on")
-    api_keys: list[SecretStr] = Field(
+    api_keys: list[GatewayKey] = Field(
         default_factory=list, description="keys clients send as `Authorization: Bearer`"
     )
     api_key_file: str | None = Field(None, description="file with one key per line")
@@ -402,6 +415,21 @@ class Gateway(_Strict):
     max_body: Size = Field(8 * 2**20, description="larger request bodies get 413")
     start_wait: Duration = Field(
         120.0, description="how long a request waits for an on_demand model to start"
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="client connections at once (more get 503); default: what the "
+        "daemon's open-files limit allows after a reserve for supervision",
+    )
+    header_timeout: Duration = Field(
+        60.0, description="a request's headers must arrive within this, or it is closed"
+    )
+    body_timeout: Duration = Field(
+        60.0, description="a request's body must arrive within this, or it gets 408"
+    )
+    keepalive_timeout: Duration = Field(
+        75.0, description="an idle keep-alive connection is closed after this"
     )
 
 
@@ -516,6 +544,14 @@ def parse_manifest(
 
 
 def _located(src: Source, path: KeyPath, msg: str, line: int, col: int) -> Problem:
+    if "api_keys" in path and msg.startswith("environment variable ") and "not set" in msg:
+        # The generic hint (give a default) would ship a key anyone can read.
+        name = msg.split()[2]
+        msg = (
+            f"environment variable {name} is not set: export it with the key clients "
+            "must send (under systemd, in the unit's EnvironmentFile); a default here "
+            "would be a key anyone can read"
+        )
     return Problem(src.file, line, col, dotted(path), msg)
 
 
@@ -540,9 +576,28 @@ def _check_files(loaded: LoadedManifest) -> list[Problem]:
                 loaded.problem(("control", "group"), f"no such group {group!r} (create it first)")
             )
     gw = loaded.manifest.gateway
-    if gw and gw.api_key_file and not Path(gw.api_key_file).is_file():
-        out.append(loaded.problem(("gateway", "api_key_file"), f"no such file: {gw.api_key_file}"))
+    if gw and gw.api_key_file:
+        where = ("gateway", "api_key_file")
+        try:
+            if not gateway_file_keys(gw.api_key_file):
+                out.append(
+                    loaded.problem(
+                        where,
+                        f"{gw.api_key_file} holds no key (an empty key list would let every "
+                        "client in): write one key per line, or remove api_key_file",
+                    )
+                )
+        except FileNotFoundError:
+            out.append(loaded.problem(where, f"no such file: {gw.api_key_file}"))
+        except (OSError, UnicodeDecodeError) as e:
+            out.append(loaded.problem(where, f"cannot read {gw.api_key_file}: {e}"))
     return out
+
+
+def gateway_file_keys(path: str) -> list[str]:
+    """The keys of a gateway's api_key_file: one per line, blank lines skipped."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 # ------------------------------------------------------- pydantic -> Problems

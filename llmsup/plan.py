@@ -6,6 +6,7 @@ Pure: `make_plan(loaded)` returns the launches, their order, and every problem
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -597,4 +598,23 @@ def _check_gateway(loaded: LoadedManifest, launches: list[Launch]) -> list[Probl
             )
         if alias in served:
             out.append(loaded.problem(path, f"alias {alias!r} hides a served name of that name"))
+    if not gw.api_keys and not gw.api_key_file and not _loopback(gw.host):
+        out.append(
+            loaded.problem(
+                ("gateway", "host"),
+                f"the gateway listens on {gw.host} with no api_keys: anyone who can reach "
+                "it can use every model; add api_keys (or api_key_file), or listen on "
+                "127.0.0.1",
+                "warning",
+            )
+        )
     return out
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

@@ -67,7 +67,7 @@ class DaemonRegistry:
             raise NotReady(f"{s.launch.unit} is being swapped out", RETRY_AFTER)
         if not s.on_demand:
             if s.state == State.STOPPED:
-                raise Unavailable(f"{s.launch.unit} is stopped (`llmsup start {s.launch.unit}`)")
+                raise Unavailable(f"{s.launch.unit} is stopped", stopped=True)
             raise NotReady(f"{s.launch.unit} is {s.state.value.lower()}", RETRY_AFTER)
         if s.task is None or s.task.done():
             # Shielded: a client that gives up does not abort a start it began.
@@ -86,7 +86,8 @@ class DaemonRegistry:
                     continue
         if s.state == State.READY:
             return self._take(s, served_name)
-        raise Unavailable(f"{s.launch.unit} {s.state.value}: {s.reason or s.detail}")
+        reason = f"{s.launch.unit} {s.state.value}: {s.reason or s.detail}"
+        raise Unavailable(reason, stopped=s.state == State.STOPPED)  # stopped while starting
 
     def _take(self, s: Server, served_name: str) -> Route:
         s.in_flight += 1

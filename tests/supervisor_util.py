@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class Daemon:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.output = tmp / "daemon.out"
+        self.preexec: Callable[[], None] | None = None  # run in the daemon before exec
 
     def write(self, models: str) -> None:
         body = textwrap.indent(textwrap.dedent(models), "  ")
@@ -64,6 +65,7 @@ class Daemon:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
+                preexec_fn=self.preexec,
             )
         proc = self.proc
         wait_for(lambda: self.answers() or proc.poll() is not None, 30)

@@ -249,9 +249,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 
 
 def test_root_example_is_valid() -> None:
-    r = run_cli("check", "-f", str(ROOT / "models.yaml"))
+    r = run_cli("check", "-f", str(ROOT / "models.yaml"), env={"LLMSUP_GATEWAY_KEY": "k-1"})
     assert r.returncode == 0, r.stderr
     assert "OK, 4 models in 4 servers" in r.stdout
+
+
+def test_root_example_ships_no_gateway_key() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LLMSUP_GATEWAY_KEY"}
+    r = subprocess.run(
+        [*LLMSUP, "check", "-f", "models.yaml"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert r.returncode == 2
+    assert "gateway.api_keys[0]: environment variable LLMSUP_GATEWAY_KEY is not set" in r.stderr
+    assert "a default here would be a key anyone can read" in r.stderr
+    r = run_cli("check", "-f", "models.yaml", env={"LLMSUP_GATEWAY_KEY": ""})
+    assert r.returncode == 2
+    assert "models.yaml:" in r.stderr and "gateway.api_keys[0]: the key is empty" in r.stderr
 
 
 def test_check_invalid_exits_2_with_located_errors(tmp_path: Path) -> None:
@@ -309,7 +322,8 @@ def test_plan_text_is_copy_pasteable(tmp_path: Path) -> None:
     assert "CUDA_VISIBLE_DEVICES=3" in r.stdout
 
 
-def test_plan_unknown_name(tmp_path: Path) -> None:
+def test_plan_unknown_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSUP_GATEWAY_KEY", "k-1")
     r = CliRunner().invoke(main, ["plan", "-f", str(ROOT / "models.yaml"), "nope"])
     assert r.exit_code == 1
     assert "no model named nope" in r.output

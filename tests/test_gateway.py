@@ -696,6 +696,97 @@ def test_fuzzed_inputs_get_4xx_without_a_hang(fakes: dict[str, Fake]) -> None:
     asyncio.run(body())
 
 
+# ------------------------------------------------------------------ connections
+
+
+async def read_all(reader: asyncio.StreamReader, timeout: float = 30) -> bytes:
+    """Everything the gateway sends until it closes the connection."""
+    return await asyncio.wait_for(reader.read(), timeout)
+
+
+def raw_json(answer: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_half_sent_headers_and_idle_connections_are_closed(fakes: dict[str, Fake]) -> None:
+    async def body() -> None:
+        ports: list[int] = []
+        limits = {"header_timeout": 0.3, "keepalive_timeout": 0.3, "body_timeout": 0.3}
+        async with gateway(stub(fakes), ports, **limits) as c:
+            port = ports[0]
+            # Headers that never end: 408 in OpenAI's shape, then the close.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+            status, _, out = raw_json(await read_all(reader))
+            assert status == 408 and error(out)["code"] == "request_timeout"
+            writer.close()
+            # A connection that sends nothing at all is closed too.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert await read_all(reader) == b""
+            writer.close()
+            # A body that stops half-way: 408.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                b'\r\nContent-Length: 100\r\n\r\n{"model": '
+            )
+            status, _, out = raw_json(await read_all(reader))
+            assert status == 408 and "body" in error(out)["message"]
+            writer.close()
+            # A complete request is answered, then the idle connection is closed quietly.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await read_all(reader)
+            assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1") == 1
+            writer.close()
+            # A response that takes longer than every timeout is not cut.
+            req = {**CHAT, "model": "slow", "max_tokens": 8, "stream": True}
+            async with c.post("/v1/chat/completions", json=req) as r:
+                assert r.status == 200
+                assert (await r.read()).rstrip().endswith(b"data: [DONE]")
+            samples = await scrape(c, "/metrics")
+            dropped = "llmsup_gateway_connections_dropped_total{reason=%s}"
+            assert samples[dropped % "header_timeout"] == 1  # the body timeout is not one
+            assert samples[dropped % "idle_timeout"] >= 2
+
+    asyncio.run(body())
+
+
+def test_connections_over_the_cap_get_503_and_the_rest_are_served(
+    fakes: dict[str, Fake],
+) -> None:
+    async def body() -> None:
+        ports: list[int] = []
+        async with gateway(stub(fakes), ports, max_connections=3) as c:
+            port = ports[0]
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            for _, w in held:  # half a request each: they hold their slots
+                w.write(b"POST /v1/completions HTTP/1.1\r\n")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            status, headers, out = raw_json(await read_all(reader))
+            assert status == 503 and headers["Retry-After"] == "1"
+            assert error(out)["code"] == "too_many_connections"
+            writer.close()
+            _, w = held.pop()
+            w.close()
+
+            async def served() -> bool:
+                try:
+                    status = (await call(c, "/v1/chat/completions", {**CHAT, "model": "alpha"}))[0]
+                except aiohttp.ClientError:
+                    return False
+                return status == 200
+
+            await until(served, 10, "a freed slot is used again")
+            for _, w in held:
+                w.close()
+
+    asyncio.run(body())
+
+
 def test_route_is_a_frozen_value() -> None:
     r = Route("a", "u", "vllm", "http://x", None, "READY", "", False)
     assert replace(r, state="FAILED") != r and hash(r) == hash(replace(r))

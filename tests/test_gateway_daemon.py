@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import selectors
+import signal
 import socket
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.supervisor_util import Daemon
@@ -123,6 +130,25 @@ def test_failed_model_gets_503_with_the_reason(tmp_path: Path) -> None:
         d.stop()
 
 
+def test_stopped_model_gets_503_for_an_api_client(tmp_path: Path) -> None:
+    gw = free_port()
+    d = Daemon(
+        tmp_path, f"m: {{backend: vllm, model: org/m, served_name: m, port: {free_port()}}}\n"
+    )
+    d.manifest.write_text(f"gateway: {{port: {gw}}}\n" + d.manifest.read_text())
+    try:
+        d.start()
+        d.wait_state("m", "READY")
+        assert d.cli("stop", "-f", str(d.manifest), "m").returncode == 0
+        code, body, headers = post(gw, chat("m"))
+        assert code == 503 and "Retry-After" not in headers  # retrying cannot help
+        err = body["error"]
+        assert err["code"] == "model_stopped" and err["type"] == "server_error"
+        assert err["message"] == "Model `m` is stopped and is not accepting requests"
+    finally:
+        d.stop()
+
+
 def test_gateway_port_taken_starts_nothing(tmp_path: Path) -> None:
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
@@ -178,5 +204,115 @@ def test_idle_stop_still_works_after_a_reload_adds_a_model(tmp_path: Path) -> No
         d.wait_state("extra", "READY")
         assert post(gw, chat("od"))[0] == 200
         wait_for(lambda: d.status()["od"]["state"] == "STOPPED", 10)
+    finally:
+        d.stop()
+
+
+# ------------------------------------------------------------------ a flood of connections
+
+HALF_REQUEST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le"
+
+
+class Flood:
+    """Connections that send half a request and wait, as anyone who can reach the
+    gateway's port may open; what each received before the gateway closed it."""
+
+    def __init__(self, port: int, n: int) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.received: dict[int, bytes] = {}
+        self.closed: dict[int, bytes] = {}
+        for i in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(HALF_REQUEST)
+            s.setblocking(False)
+            self.sel.register(s, selectors.EVENT_READ, i)
+            self.received[i] = b""
+
+    def poll(self) -> int:
+        """Read what arrived; returns how many connections the gateway has closed."""
+        for key, _ in self.sel.select(0):
+            sock, i = key.fileobj, key.data
+            assert isinstance(sock, socket.socket)
+            try:
+                data = sock.recv(65536)
+            except OSError:  # reset: closed with our half request unread
+                data = b""
+            if data:
+                self.received[i] += data
+                continue
+            self.sel.unregister(sock)
+            sock.close()
+            self.closed[i] = self.received[i]
+        return len(self.closed)
+
+    def close(self) -> None:
+        for key in list(self.sel.get_map().values()):
+            assert isinstance(key.fileobj, socket.socket)
+            key.fileobj.close()
+        self.sel.close()
+
+
+def test_a_flood_of_idle_connections_leaves_supervision_running(tmp_path: Path) -> None:
+    """With 256 descriptors, 300 half-sent requests used to take them all: a killed
+    server was not respawned, status got no answer, the requests were held for ever."""
+    gw = free_port()
+    d = Daemon(
+        tmp_path, f"a: {{backend: vllm, model: org/a, served_name: a, port: {free_port()}}}\n"
+    )
+    d.manifest.write_text(
+        f"gateway: {{port: {gw}, api_keys: [gw-key], header_timeout: 5s}}\n"
+        + d.manifest.read_text()
+    )
+    d.preexec = partial(resource.setrlimit, resource.RLIMIT_NOFILE, (256, 256))
+    flood: Flood | None = None
+    try:
+        d.start()
+        first = d.wait_state("a", "READY")
+        assert d.proc is not None
+        daemon = psutil.Process(d.proc.pid)
+        assert daemon.rlimit(resource.RLIMIT_NOFILE) == (256, 256)
+        before = daemon.num_fds()
+        flood = Flood(gw, 300)
+        wait_for(lambda: daemon.num_fds() >= before + 50, 30, message="the flood never arrived")
+
+        os.kill(first["pid"], signal.SIGKILL)  # while the flood holds its connections
+
+        def respawned() -> dict[str, Any] | None:
+            row = d.status()["a"]
+            return row if row["state"] == "READY" and row["pid"] != first["pid"] else None
+
+        wait_for(respawned, 30, message=f"not respawned: {d.log()[-2000:]}")
+        r = d.cli("status", "-f", str(d.manifest), timeout=30)
+        assert r.returncode == 0 and "READY" in r.stdout, r.stderr
+
+        # Those over the cap got 503 at once; the others 408 after header_timeout.
+        wait_for(lambda: flood is not None and flood.poll() == 300, 60, message="held for ever")
+        heads = Counter(answer.split(b"\r\n")[0] for answer in flood.closed.values())
+        assert set(heads) <= {
+            b"HTTP/1.1 503 Service Unavailable",
+            b"HTTP/1.1 408 Request Timeout",
+            b"",
+        }
+        assert heads[b"HTTP/1.1 408 Request Timeout"] >= 1, heads
+        flood.close()
+        flood = None
+
+        row = d.wait_state("a", "READY")
+        assert row["restarts"] == 1 and "FAILED" not in d.log()  # the kill, and nothing else
+        assert post(gw, chat("a"))[0] == 200
+        assert daemon.num_fds() < before + 10  # the gateway let go of them all
+    finally:
+        if flood is not None:
+            flood.close()
+        d.stop()
+
+
+def test_the_daemon_raises_its_open_files_limit_to_the_hard_one(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, f"a: {{backend: vllm, model: org/a, port: {free_port()}}}\n")
+    d.preexec = partial(resource.setrlimit, resource.RLIMIT_NOFILE, (300, 400))
+    try:
+        d.start()
+        assert d.proc is not None
+        assert psutil.Process(d.proc.pid).rlimit(resource.RLIMIT_NOFILE) == (400, 400)
     finally:
         d.stop()

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llmsup.errors import ManifestError
 from llmsup.gateway import GatewayConfig, NotReady, Route, create_app, serve
 from llmsup.manifest import parse_manifest
 from llmsup.plan import make_plan, untrusted_problems
@@ -356,3 +357,97 @@ def test_untrusted_up_starts_nothing(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "refused for an untrusted manifest" in r.stderr
     assert not marker.exists() and not d.sock.exists()
+
+
+MODEL_A = "models:\n  a: {backend: vllm, model: m}\n"
+
+
+@pytest.mark.parametrize(
+    ("keys", "env"),
+    [
+        ('["${LLMSUP_KEY}"]', {"LLMSUP_KEY": ""}),  # set, but empty
+        ('["${LLMSUP_KEY:-}"]', {}),  # an empty default
+        ('[good-key, "  "]', {}),  # one blank among real ones
+    ],
+)
+def test_an_empty_gateway_key_is_a_located_error(keys: str, env: dict[str, str]) -> None:
+    text = f"gateway:\n  port: 9000\n  api_keys: {keys}\n{MODEL_A}"
+    with pytest.raises(ManifestError) as e:
+        parse_manifest(text, "m.yaml", env)
+    [p] = e.value.problems
+    assert (p.file, p.line) == ("m.yaml", 3)
+    assert p.path.startswith("gateway.api_keys[")
+    assert "the key is empty" in p.message and "let every client in" in p.message
+
+
+def test_an_unset_gateway_key_gets_no_default_advice() -> None:
+    text = 'gateway:\n  port: 9000\n  api_keys: ["${GW_KEY}"]\n' + MODEL_A
+    with pytest.raises(ManifestError) as e:
+        parse_manifest(text, "m.yaml", {})
+    [p] = e.value.problems
+    assert (p.line, p.column, p.path) == (3, 14, "gateway.api_keys[0]")
+    assert "GW_KEY is not set" in p.message and ":-value" not in p.message
+
+
+def test_a_gateway_key_file_without_keys_is_a_located_error(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("\n  \n")
+    text = f"gateway:\n  port: 9000\n  api_key_file: {keys}\n{MODEL_A}"
+    with pytest.raises(ManifestError) as e:
+        parse_manifest(text, "m.yaml", {})
+    [p] = e.value.problems
+    assert (p.line, p.path) == (3, "gateway.api_key_file")
+    assert "holds no key" in p.message
+    keys.write_text("k-1\n\n")
+    assert parse_manifest(text, "m.yaml", {}).manifest.gateway is not None
+
+
+@pytest.mark.parametrize(
+    ("host", "keys", "warned"),
+    [
+        ("0.0.0.0", "[]", True),
+        ("10.1.2.3", "[]", True),
+        ("gpu-host.example", "[]", True),
+        ("0.0.0.0", "[k-1]", False),
+        ("127.0.0.1", "[]", False),
+        ("::1", "[]", False),
+        ("localhost", "[]", False),
+    ],
+)
+def test_a_reachable_gateway_without_keys_is_warned_of(host: str, keys: str, warned: bool) -> None:
+    text = f"gateway: {{host: '{host}', port: 9000, api_keys: {keys}}}\n{MODEL_A}"
+    problems = make_plan(parse_manifest(text, "m.yaml", {})).problems
+    found = [p for p in problems if p.path == "gateway.host"]
+    assert [p.severity for p in found] == (["warning"] if warned else [])
+    if warned:
+        assert "no api_keys" in found[0].message and found[0].line == 1
+
+
+def test_up_with_an_empty_gateway_key_starts_nothing(tmp_path: Path) -> None:
+    """An empty key used to switch authentication off: /v1/models answered anyone."""
+    gw = free_port()
+    d = Daemon(tmp_path, f"a: {{backend: vllm, model: org/a, port: {free_port()}}}\n")
+    d.env["LLMSUP_KEY"] = ""
+    d.manifest.write_text(
+        f'gateway: {{port: {gw}, api_keys: ["${{LLMSUP_KEY}}"]}}\n' + d.manifest.read_text()
+    )
+    r = d.cli("up", "-d", "-f", str(d.manifest))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{d.manifest}:1:" in r.stderr and "gateway.api_keys[0]" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not d.sock.exists()
+    with socket.socket() as s:  # nothing listens on the gateway's port
+        assert s.connect_ex(("127.0.0.1", gw)) != 0
+
+
+def test_up_warns_of_a_reachable_gateway_without_keys(tmp_path: Path) -> None:
+    gw = free_port()
+    d = Daemon(tmp_path, f"a: {{backend: vllm, model: org/a, port: {free_port()}}}\n")
+    d.manifest.write_text(f"gateway: {{host: 0.0.0.0, port: {gw}}}\n" + d.manifest.read_text())
+    try:
+        d.start()  # `up --foreground`: its output goes to d.log()
+        assert "warning: gateway.host: the gateway listens on 0.0.0.0 with no api_keys" in d.log()
+        r = d.cli("check", "-f", str(d.manifest))
+        assert r.returncode == 0 and "with no api_keys" in r.stderr
+    finally:
+        d.stop()
