@@ -6,6 +6,7 @@ Heavy modules (pydantic, aiohttp, psutil) are imported inside commands so that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -407,13 +408,19 @@ def gpus(manifest_file: Path | None, as_json: bool) -> None:
             click.echo(f"no GPU information: {e}")
         return
     current: dict[str, str] = {}
+    owners: dict[int, str] = {}
+    orphans: dict[int, str] = {}
     daemon_note = ""
     try:
         _, data = call(_socket(manifest_file), "GET", "/v1/status", timeout=5.0)
         current = {r["instance"]: r["unit"] for r in data["models"] if r.get("instance")}
+        owners = {pid: r["unit"] for r in data["models"] for pid in r.get("pids", [])}
+        owners = gpucheck.with_descendants(owners)
     except LlmsupError:
         if snap.processes:
             daemon_note = "no llmsup daemon answers: llmsup's processes show as orphans"
+            with contextlib.suppress(LlmsupError, OSError):
+                orphans = gpucheck.recorded(_socket(manifest_file).parent)
     procs: list[dict[str, Any]] = []
     for p in snap.processes:
         info = gpu.process_info(p.pid)
@@ -422,7 +429,7 @@ def gpus(manifest_file: Path | None, as_json: bool) -> None:
                 "gpu": p.gpu_index,
                 "pid": p.pid,
                 "used_memory": p.used_memory,
-                "owner": gpucheck.label(p.pid, gpucheck.marker_of(p.pid), current),
+                "owner": gpucheck.label(p.pid, gpucheck.marker_of(p.pid), current, owners, orphans),
                 "user": info[0] if info else None,
                 "command": info[1] if info else None,
             }

@@ -23,10 +23,10 @@ from typing import Any
 
 import aiohttp
 
-from llmsup import gpu, gpucheck, limits, probe, process
+from llmsup import gpu, gpucheck, probe, process
 from llmsup.backends import Launch
 from llmsup.errors import DaemonError, LlmsupError, ManifestError
-from llmsup.manifest import LoadedManifest, gateway_file_keys, load_manifest
+from llmsup.manifest import LoadedManifest, load_manifest
 from llmsup.notify import Notifier, status_line
 from llmsup.paths import default_state_dir, socket_path
 from llmsup.plan import Plan, plan_or_raise, untrusted_problems
@@ -159,6 +159,8 @@ class Server:
                     else None
                 ),
                 "instance": self.child.record.instance if self.child else None,
+                # Its live processes (by tree and cgroup), to attribute GPU holders.
+                "pids": sorted(self.child.pids | {self.child.proc.pid}) if self.child else [],
             }
             for model in la.models
         ]
@@ -166,21 +168,10 @@ class Server:
     # -------------------------------------------------------- life
 
     async def _run(self) -> None:
-        shortages = 0  # launches in a row that found no file descriptor free
         try:
             while True:
                 await self._wait_for_predecessors()
-                try:
-                    outcome = await self._one_life()
-                except OSError as e:  # the daemon's want of descriptors, not the model's fault
-                    retry = limits.launch_retry(e, shortages + 1)
-                    if retry is None:
-                        raise
-                    shortages += 1
-                    self.set_state(State.BACKOFF, retry.detail)
-                    await asyncio.sleep(retry.delay)
-                    continue
-                shortages = 0
+                outcome = await self._one_life()
                 m = self.daemon.loaded.manifest
                 if outcome.fatal:
                     self.reason = outcome.reason
@@ -241,8 +232,6 @@ class Server:
         try:
             env = process.child_env(os.environ, la.resolve_env())
         except OSError as e:
-            if limits.shortage(e):
-                raise
             return Outcome(True, f"cannot read a secret: {e}", fatal=True)
         self.api_key = env.get(la.auth_env) if la.auth_env else None
         # The daemon's PATH, never the manifest's: a manifest picks a backend, not a binary.
@@ -278,12 +267,17 @@ class Server:
         )
         try:
             child = await process.spawn(
-                la.unit, [exe, *la.argv[1:]], env, self.daemon.key, logfile, self._on_line
+                la.unit,
+                [exe, *la.argv[1:]],
+                env,
+                self.daemon.key,
+                logfile,
+                self._on_line,
+                state_dir=self.daemon.state_dir,
+                cgroups=self.daemon.cgroups,
             )
         except OSError as e:
             logfile.close()
-            if limits.shortage(e):
-                raise
             return Outcome(True, f"cannot start {exe}: {e}", fatal=True)
         self.child = child
         self.launched = True
@@ -311,7 +305,7 @@ class Server:
 
     async def _bury(self, child: process.Child, grace: float) -> None:
         """Stop the whole tree of `child` and forget it."""
-        await process.terminate(lambda: process.members(child.record), grace, child)
+        await process.stop(child.record, grace, child)
         self.tail = list(child.tail)
         await child.close()
         process.drop_record(self.daemon.state_dir, child.record)
@@ -333,7 +327,11 @@ class Server:
             if not missing:
                 return None
             msg = await asyncio.to_thread(
-                gpucheck.waiting_message, missing, snap, daemon.instances()
+                gpucheck.waiting_message,
+                missing,
+                snap,
+                daemon.instances(),
+                gpucheck.with_descendants(daemon.owners()),
             )
             if time.monotonic() >= deadline:
                 return Outcome(
@@ -547,6 +545,7 @@ class Daemon:
         self.gpu_source: gpu.GpuSource | None = None
         self.gpu_note = ""  # why there is no GPU information, if there is none
         self.snapshot: gpu.Snapshot | None = None
+        self.cgroups: Path | None = None  # where each server gets a cgroup, if anywhere
         self._gateway_config: Any = None
         self.launches_begun = False
         self.any_ready = False
@@ -603,18 +602,23 @@ class Daemon:
         self._lock_fd = fd
 
     async def clean_leftovers(self) -> list[int]:
-        """Stop what a daemon that was killed left behind: recorded groups, marked processes."""
+        """Stop what a daemon that was killed left behind: the launches its records
+        name (and their litter), cgroups of ours without a record, marked processes."""
         records = process.load_records(self.state_dir)
         manifest = self.loaded.manifest
 
         async def stop(rec: process.Record) -> list[int]:
-            grace = manifest.stop_timeout(rec.unit)
-            killed = await process.terminate(lambda: process.members(rec), grace)
+            killed = await process.stop(rec, manifest.stop_timeout(rec.unit))
             process.drop_record(self.state_dir, rec)
             return killed
 
         pids = [pid for killed in await asyncio.gather(*map(stop, records)) for pid in killed]
         grace = manifest.defaults.stop_timeout
+        if self.cgroups is not None:
+            named = {r.cgroup for r in records}
+            for cg in await asyncio.to_thread(process.cgroup.leftovers, self.cgroups, named):
+                orphan = process.Record("?", "?", -1, -1, 0.0, [], cgroup=str(cg))
+                pids += await process.stop(orphan, grace)
         pids += await process.terminate(lambda: process.marked_with(self.key + ":"), grace)
         return pids
 
@@ -622,14 +626,15 @@ class Daemon:
         """Run until SIGTERM/SIGINT or `down`: every server stopped, then return."""
         from llmsup import api
 
-        before, after = limits.raise_open_files_limit()
-        if after != before:
-            log.info("open files limit raised from %d to %d", before, after)
         self._lock()
         loop = asyncio.get_running_loop()
         runner = None
         monitor: asyncio.Task[None] | None = None
         systemd = asyncio.create_task(self._systemd_loop())
+        # Orphans of our servers come back to us, and are found in our cgroups.
+        process.become_subreaper()
+        self.cgroups = await asyncio.to_thread(process.cgroup.prepare, self.key)
+        trackers = [asyncio.create_task(process.reap_loop()), asyncio.create_task(self._track())]
         try:
             await self.clean_leftovers()
             self._session = aiohttp.ClientSession(
@@ -658,6 +663,10 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             await self._stop_gateway()
             await asyncio.gather(*(s.stop() for s in self.servers.values()))
+            # Orphans that came back to us and that no record named.
+            await process.terminate(process.strays, self.loaded.manifest.defaults.stop_timeout)
+            for t in trackers:
+                t.cancel()
             systemd.cancel()
             if monitor is not None:
                 monitor.cancel()
@@ -727,13 +736,36 @@ class Daemon:
             if s.child is not None
         }
 
+    def owners(self) -> dict[int, str]:
+        """pid -> unit for every live process of our servers (by tree and cgroup,
+        not by marker: vLLM's EngineCore and workers blank their environment)."""
+        out: dict[int, str] = {}
+        for s in self.servers.values():
+            if s.child is not None:
+                out.update(dict.fromkeys(s.child.pids | {s.child.proc.pid}, s.launch.unit))
+        return out
+
+    async def _track(self) -> None:
+        """Snapshots of the servers' trees, saved in their records: a process that
+        leaves the group and blanks its environment is still known to be ours,
+        even to the next daemon if this one is killed."""
+        while True:
+            children = [s.child for s in self.servers.values() if s.child is not None]
+            if children:
+                changed = await asyncio.to_thread(process.track, children)
+                current = {id(s.child) for s in self.servers.values() if s.child is not None}
+                for child in changed:
+                    if id(child) in current:  # not buried meanwhile (its record is gone)
+                        await asyncio.to_thread(process.save, self.state_dir, child)
+            await asyncio.sleep(process.TRACK_INTERVAL)
+
     async def _gpu_loop(self) -> None:
         """Keeps each server's GPU memory (its whole process tree) for status and metrics."""
         while self.gpu_source is not None:
             snap = await self.gpu_snapshot()
             if snap is not None:
                 for s in list(self.servers.values()):
-                    pids = process.tree_pids(s.child.proc.pid) if s.child else set()
+                    pids = process.tree_pids(s.child.proc.pid) | s.child.pids if s.child else set()
                     s.gpu_memory = gpu.memory_by_pids(snap, pids) if pids else {}
             await asyncio.sleep(GPU_POLL)
 
@@ -741,9 +773,10 @@ class Daemon:
         gw = self.loaded.manifest.gateway
         if gw is None:
             return None
-        keys = [k.get_secret_value() for k in gw.api_keys]  # none empty: the manifest checks
+        keys = [k.get_secret_value() for k in gw.api_keys if k.get_secret_value()]
         if gw.api_key_file:
-            keys += gateway_file_keys(gw.api_key_file)
+            text = Path(gw.api_key_file).read_text(encoding="utf-8")
+            keys += [line.strip() for line in text.splitlines() if line.strip()]
         return (
             gw.host,
             gw.port,
@@ -751,7 +784,6 @@ class Daemon:
             tuple(gw.aliases.items()),
             gw.max_body,
             gw.start_wait,
-            (gw.max_connections, gw.header_timeout, gw.body_timeout, gw.keepalive_timeout),
         )
 
     async def _start_gateway(self) -> None:
@@ -762,16 +794,7 @@ class Daemon:
         self._gateway_config = settings
         if settings is None:
             return
-        host, port, keys, aliases, max_body, start_wait, timeouts = settings
-        max_connections, header_timeout, body_timeout, keepalive_timeout = timeouts
-        soft = limits.open_files_limit()
-        cap = limits.connection_cap(soft, len(self.plan.launches))
-        if max_connections is not None and max_connections > cap:
-            log.warning(
-                "gateway.max_connections %d is more than the open files limit (%d) allows "
-                "with a reserve for supervision: using %d (raise LimitNOFILE)",
-                *(max_connections, soft, cap),
-            )
+        host, port, keys, aliases, max_body, start_wait = settings
         registry = DaemonRegistry(self)
         config = gateway.GatewayConfig(
             api_keys=keys,
@@ -779,10 +802,6 @@ class Daemon:
             max_body_bytes=max_body,
             start_wait=start_wait,
             extra_collector=ModelCollector(self),
-            max_connections=min(cap, max_connections or cap),
-            header_timeout=header_timeout,
-            body_timeout=body_timeout,
-            keepalive_timeout=keepalive_timeout,
         )
         try:
             runner = await gateway.serve(gateway.create_app(registry, config), host, port)
@@ -870,8 +889,7 @@ class Daemon:
         if self.any_ready or not self.launches_begun or not servers or self.stopping.is_set():
             return
         if all(s.state == State.FAILED and s.fatal and not s.launched for s in servers):
-            where = [self.loaded.problem(("models", s.launch.unit), "", key=True) for s in servers]
-            self.launch_failures = [f"{w}{s.reason}" for w, s in zip(where, servers, strict=True)]
+            self.launch_failures = [f"{s.launch.unit}: {s.reason}" for s in servers]
             self.stopping.set()
 
     def launch_phase(self) -> str:

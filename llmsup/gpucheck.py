@@ -128,8 +128,46 @@ def marker_of(pid: int) -> str | None:
         return None
 
 
-def label(pid: int, marker: str | None, current: Mapping[str, str]) -> str:
-    """`model qwen`, `orphan of qwen`, or `foreign`. `current`: instance -> model."""
+def with_descendants(owners: Mapping[int, str]) -> dict[int, str]:
+    """pid -> unit, extended to every live descendant of those pids (effect: one
+    scan of the process table)."""
+    children: dict[int, list[int]] = {}
+    for p in psutil.process_iter(["ppid"]):
+        children.setdefault(p.info["ppid"] or 0, []).append(p.pid)
+    out = dict(owners)
+    todo = list(owners)
+    while todo:
+        pid = todo.pop()
+        for c in children.get(pid, []):
+            if c not in out:
+                out[c] = out[pid]
+                todo.append(c)
+    return out
+
+
+def recorded(state_dir: Path) -> dict[int, str]:
+    """pid -> unit for the live processes that the records in `state_dir` name:
+    what a daemon that is gone left behind (effect: reads processes)."""
+    from llmsup.process import load_records, members
+
+    return {p.pid: rec.unit for rec in load_records(state_dir) for p in members(rec)}
+
+
+def label(
+    pid: int,
+    marker: str | None,
+    current: Mapping[str, str],
+    owners: Mapping[int, str] | None = None,
+    orphans: Mapping[int, str] | None = None,
+) -> str:
+    """`model qwen`, `orphan of qwen`, or `foreign`. `current`: instance -> model;
+    `owners`: pid -> model for the processes of running servers, `orphans`: pid ->
+    model for those a dead daemon's records name (by tree, cgroup and records: vLLM's
+    EngineCore and workers blank the environment that holds the marker)."""
+    if owners and pid in owners:
+        return f"model {owners[pid]}"
+    if marker is None and orphans and pid in orphans:
+        return f"orphan of {orphans[pid]}"
     if marker is None:
         return "foreign"
     if marker in current:
@@ -138,21 +176,29 @@ def label(pid: int, marker: str | None, current: Mapping[str, str]) -> str:
     return f"orphan of {unit}"
 
 
-def who_holds(snapshot: gpu.Snapshot, uuid: str, current: Mapping[str, str]) -> list[str]:
+def who_holds(
+    snapshot: gpu.Snapshot,
+    uuid: str,
+    current: Mapping[str, str],
+    owners: Mapping[int, str] | None = None,
+) -> list[str]:
     """One line per process on a GPU, labelled (effect: reads processes)."""
     lines = []
     for p in gpu.holders(snapshot, uuid):
-        tag = label(p.pid, marker_of(p.pid), current)
+        tag = label(p.pid, marker_of(p.pid), current, owners)
         lines.append(f"{gpu.describe_holder(p, gpu.process_info(p.pid))} [{tag}]")
     return lines
 
 
 def waiting_message(
-    shortfalls: list[tuple[Need, int]], snapshot: gpu.Snapshot, current: Mapping[str, str]
+    shortfalls: list[tuple[Need, int]],
+    snapshot: gpu.Snapshot,
+    current: Mapping[str, str],
+    owners: Mapping[int, str] | None = None,
 ) -> str:
     parts = []
     for need, free in shortfalls:
-        held = who_holds(snapshot, need.gpu.uuid, current)
+        held = who_holds(snapshot, need.gpu.uuid, current, owners)
         holders = "; ".join(held) if held else "no process listed (memory not released yet)"
         parts.append(
             f"GPU {need.gpu.index} has {gpu.fmt_bytes(free)} free, needs "

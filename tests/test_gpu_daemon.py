@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 import _fakegpu
 from llmsup.gpu import GiB, make_sim, sim_uuid
 from tests.supervisor_util import Daemon, gone
@@ -86,9 +88,12 @@ def test_orphan_holding_memory_is_reported_then_cleaned(tmp_path: Path) -> None:
         listed = json.loads(d.cli("gpus", "--json", "-f", str(d.manifest)).stdout)
         owners = {p["owner"] for p in listed["processes"]}
         assert owners == {"model m"}, listed
+        # The tree as the kernel shows it: the workers blank their environment.
+        server = psutil.Process(row["pid"])
+        tree = [c.pid for c in server.children(recursive=True)]
         d.kill_daemon()
-        os.kill(row["pid"], signal.SIGKILL)
-        workers = [p.pid for p in d.processes("m")]
+        server.kill()
+        workers = [pid for pid in tree if psutil.pid_exists(pid)]
         assert workers, "the TP workers outlive their server"
         r = d.cli("gpus", "--json", "-f", str(d.manifest))
         listed = json.loads(r.stdout)

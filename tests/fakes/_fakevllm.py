@@ -939,6 +939,49 @@ def engine_main(name: str, workers: list[str]) -> int:
     return loop.run()
 
 
+_KEPT: list[Any] = []  # the litter a worker holds (a socket, a mapping) while it lives
+
+
+def escape() -> None:
+    """FAKE_WORKER_ESCAPE=1: the worker starts a helper that leaves the server's
+    session and runs with no environment at all (as Ray's workers and some
+    libraries' daemons do), and that outlives the worker: no process group and no
+    marker lead to it, only the kernel (cgroup, parentage) or a supervisor's own
+    memory of the tree. It holds litter too, with FAKE_LITTER=1."""
+    tmp = os.environ.get("TMPDIR", "/tmp") if os.environ.get("FAKE_LITTER") == "1" else ""
+    subprocess.Popen(
+        ["fake-escapee", SCRIPT, WORKER_CMD, "escapee", "0", tmp],
+        executable=python_executable(),
+        env={},
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def leave_litter(tmp: str) -> list[Any]:
+    """FAKE_LITTER=1: what real vLLM leaves behind, made by the worker: a unix
+    socket named by a UUID and a `vllm_dist_*` file in TMPDIR, and a
+    `/dev/shm/psm_*` segment it keeps mapped. Returns what must stay referenced."""
+    import mmap
+    import socket
+    import uuid
+
+    if not tmp:
+        return []
+    kept: list[Any] = []
+    with contextlib.suppress(OSError):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(os.path.join(tmp, str(uuid.uuid4())))
+        kept.append(sock)
+        with open(os.path.join(tmp, f"vllm_dist_{uuid.uuid4().hex[:8]}"), "w") as f:
+            f.write("fake\n")
+        fd = os.open(f"/dev/shm/psm_{uuid.uuid4().hex[:8]}", os.O_CREAT | os.O_EXCL | os.O_RDWR)
+        os.ftruncate(fd, 1 << 16)
+        kept.append(mmap.mmap(fd, 1 << 16))
+        os.close(fd)
+    return kept
+
+
 # ---------------------------------------------------------------------------
 # Entry point
 
@@ -947,9 +990,15 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == ENGINE_CMD:
         exit_now(engine_main(argv[1], argv[2:]))
     if argv and argv[0] == WORKER_CMD:
-        set_process_name(f"VLLM::{argv[1]}")
+        escaped = len(argv) > 3  # the helper `escape` started, with its TMPDIR
+        if not escaped and os.environ.get("FAKE_WORKER_ESCAPE") == "1":
+            escape()
+        set_process_name("fake-escapee" if escaped else f"VLLM::{argv[1]}")
         blank_environ()
-        exit_now(sleep_forever_child(f"VLLM::{argv[1]}", parent=int(argv[2])))
+        if escaped or os.environ.get("FAKE_LITTER") == "1":
+            _KEPT.extend(leave_litter(argv[3] if escaped else os.environ.get("TMPDIR", "/tmp")))
+        parent = None if escaped else int(argv[2])
+        exit_now(sleep_forever_child("fake-escapee" if escaped else f"VLLM::{argv[1]}", parent))
     parser = build_parser()
     ns = parser.parse_args(expand_config(normalize_flags(argv)))
     if ns.subparser != "serve":

@@ -1,19 +1,16 @@
-"""The only place that spawns, signals and reaps server processes.
+"""Starting a server, watching it, and stopping its whole tree.
 
 Every server runs in its own session (so its process group is its pid), with
-`LLMSUP_INSTANCE=<state key>:<unit>:<random>` in its environment. Children
-inherit that variable, so a process that left the group (or was orphaned when
-the daemon itself was SIGKILLed) is still found and never confused with a
-process that merely reuses a pid: we signal only processes that carry our
-marker, or that sit in our group and were created after our launch.
+`LLMSUP_INSTANCE=<state key>:<unit>:<random>` in its environment, a private
+TMPDIR, and (where the daemon may make one) a cgroup of its own that it joins
+before it runs its first instruction. `tracking` says how its processes are
+found again; we signal only those.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -24,30 +21,22 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
 
-MARKER = "LLMSUP_INSTANCE"
+from llmsup.process import cgroup, litter, tracking
+from llmsup.process.records import Record, save_record
+from llmsup.process.tracking import MARKER, members
+
 # Never passed to servers: systemd's notify socket belongs to the daemon alone.
 SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
-
-
-def state_key(state_dir: Path) -> str:
-    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
-
-
-@dataclass(frozen=True)
-class Record:
-    """What the state directory remembers of one launched process group."""
-
-    unit: str
-    instance: str
-    pid: int
-    pgid: int
-    create_time: float
-    argv: list[str]
+TRACK_INTERVAL = 2.0  # seconds between snapshots of the servers' trees
+# The server joins its cgroup itself, between fork and exec: a shell writes its own
+# pid into cgroup.procs, then execs the server in place (same pid). See `spawn`.
+_JOIN = '{ echo $$ > "$1"; } 2>/dev/null; shift; exec "$@"'
+_SH = "/bin/sh"
 
 
 class RotatingLog:
@@ -88,7 +77,8 @@ class Child:
     The process is started in a worker thread (`spawn`): fork/exec blocks the
     calling thread until the new program runs, and the event loop must go on
     serving status, probes and the gateway meanwhile. Nothing else reaps it:
-    `exited` does, through `Popen.poll`.
+    `exited` does, through `Popen.poll`. `record` grows as `track` sees the
+    tree; `pids` are the live members the last snapshot found.
     """
 
     def __init__(
@@ -100,6 +90,7 @@ class Child:
     ) -> None:
         self.proc = proc
         self.record = record
+        self.pids: set[int] = {proc.pid}
         self.log = log
         self.tail: deque[str] = deque(maxlen=20)
         self._on_line = on_line
@@ -189,21 +180,44 @@ async def spawn(
     key: str,
     log: RotatingLog,
     on_line: Callable[[str], None],
+    *,
+    state_dir: Path | None = None,
+    cgroups: Path | None = None,
 ) -> Child:
-    """Start `argv` in a new session; stdout and stderr go to `log`."""
+    """Start `argv` in a new session; stdout and stderr go to `log`.
+
+    With `state_dir`, the server gets a private TMPDIR under it; with `cgroups`
+    (from `cgroup.prepare`), a cgroup of its own there. Python's subprocess
+    cannot start a child inside a cgroup (no clone3 CLONE_INTO_CGROUP), and
+    writing to cgroup.procs in a preexec_fn is unsafe in a threaded daemon; so
+    the child is a /bin/sh that moves itself into the cgroup and then execs the
+    server in place. Every process the server ever forks is thus inside. The
+    daemon writes the pid once more after the fork, in case the shell could not.
+    """
     instance = f"{key}:{unit}:{uuid.uuid4().hex[:12]}"
-    env = {**env, MARKER: instance}
+    tmpdir = litter.make_tmpdir(state_dir, instance) if state_dir else None
+    cg = cgroup.create(cgroups, unit, instance) if cgroups else None
+    env = {**env, MARKER: instance, **(litter.tmp_env(tmpdir) if tmpdir else {})}
     log.write(f"--- llmsup: starting {unit}: {argv[0]} (instance {instance})\n".encode())
+    run = argv
+    if cg is not None and os.path.exists(_SH):
+        run = [_SH, "-c", _JOIN, "llmsup-join", str(cg / "cgroup.procs"), *argv]
 
     def popen() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with tracking.OWN_LOCK:  # orphan reaping must not take this child's exit
+            proc = subprocess.Popen(
+                run,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            tracking.own(proc)
+        if cg is not None:
+            with contextlib.suppress(OSError):
+                cgroup.join(cg, proc.pid)
+        return proc
 
     # A future, not a task: nothing (not even the loop's shutdown) cancels it while
     # the thread forks, so `_kill_unwanted` always learns of the process.
@@ -213,128 +227,61 @@ async def spawn(
     except asyncio.CancelledError:
         # A stop while the thread forks: the server starts all the same, and nobody
         # would supervise it. Stop it as soon as it exists.
-        started.add_done_callback(_kill_unwanted)
+        started.add_done_callback(lambda f: _kill_unwanted(f, cg, tmpdir))
+        raise
+    except OSError:
+        _clean(cg, tmpdir, set())
         raise
     try:
         created = psutil.Process(proc.pid).create_time()
     except psutil.Error:
         created = time.time()
-    record = Record(unit, instance, proc.pid, proc.pid, created, list(argv))
+    record = Record(
+        unit,
+        instance,
+        proc.pid,
+        proc.pid,
+        created,
+        list(argv),
+        cgroup=str(cg) if cg else None,
+        tmpdir=str(tmpdir) if tmpdir else None,
+        known=((proc.pid, created),),
+    )
     return Child(proc, record, log, on_line)
 
 
-def _kill_unwanted(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+def _kill_unwanted(
+    started: asyncio.Future[subprocess.Popen[bytes]], cg: Path | None, tmpdir: Path | None
+) -> None:
     """Kill and reap the server a cancelled `spawn` started all the same."""
     if started.cancelled() or started.exception() is not None:
+        _clean(cg, tmpdir, set())
         return
     proc = started.result()
     with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)  # its group: the server, and any child it started
+    if cg is not None:
+        cgroup.kill(cg)
     if proc.stdout is not None:
         proc.stdout.close()
-    threading.Thread(target=proc.wait, daemon=True).start()  # reap it
+
+    def reap() -> None:
+        proc.wait()
+        _clean(cg, tmpdir, set())
+
+    threading.Thread(target=reap, daemon=True).start()
 
 
-# ----------------------------------------------------------------- finding
-
-
-@dataclass(frozen=True)
-class Seen:
-    """One live process as a scan of the process table saw it."""
-
-    proc: psutil.Process
-    marker: str | None
-    pgid: int
-    create_time: float
-
-
-class ProcessTable:
-    """Scans of the process table, shared and cheap enough for many servers.
-
-    Every stop looks for the members of one launch until none is left, and a
-    `down` runs one stop per server at once: scanning per caller made that
-    quadratic in the number of servers. So a caller gets the latest scan that
-    began after it asked, and callers that ask while a scan runs share the next
-    one. A process's marker is read from its environment once per (pid, start
-    time): the initial environment of a process never changes.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last: tuple[float, list[Seen]] | None = None
-        self._markers: dict[tuple[int, float], str | None] = {}
-        self.scans = 0  # how many scans ran (for tests and benchmarks)
-
-    def scan(self) -> list[Seen]:
-        asked = time.monotonic()
-        with self._lock:
-            if self._last is not None and self._last[0] >= asked:
-                return self._last[1]  # began after we asked: as fresh as our own
-            began = time.monotonic()
-            seen = self._scan()
-            self._last = (began, seen)
-            self.scans += 1
-            return seen
-
-    def _scan(self) -> list[Seen]:
-        me, now = os.getpid(), time.time()
-        seen: list[Seen] = []
-        markers: dict[tuple[int, float], str | None] = {}
-        for p in psutil.process_iter(["create_time", "status"]):
-            if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == me:
-                continue
-            created = p.info["create_time"]
-            key = (p.pid, created)
-            mark = self._markers[key] if key in self._markers else _marker(p)
-            # A process younger than a second may not have exec'd yet (a fork of
-            # ours still holds our environment): read it again next time.
-            if mark is not None or now - created > 1.0:
-                markers[key] = mark
-            try:
-                pgid = os.getpgid(p.pid)
-            except OSError:
-                continue
-            seen.append(Seen(p, mark, pgid, created))
-        self._markers = markers  # forget the dead
-        return seen
-
-
-TABLE = ProcessTable()
-
-
-def _marker(p: psutil.Process) -> str | None:
-    try:
-        return p.environ().get(MARKER)
-    except (psutil.Error, OSError):
-        return None
-
-
-def members(record: Record, table: ProcessTable = TABLE) -> list[psutil.Process]:
-    """Every live process of this launch: its group, and marked escapees."""
-    return [
-        s.proc
-        for s in table.scan()
-        if s.marker == record.instance
-        or (
-            s.marker is None  # environment unreadable, but in our group and young enough
-            and s.pgid == record.pgid
-            and s.create_time >= record.create_time - 1.0
-        )
-    ]
-
-
-def tree_pids(pid: int) -> set[int]:
-    """A process and its descendants (cheap: no environment reads)."""
-    try:
-        root = psutil.Process(pid)
-        return {pid} | {c.pid for c in root.children(recursive=True)}
-    except psutil.Error:
-        return set()
-
-
-def marked_with(prefix: str, table: ProcessTable = TABLE) -> list[psutil.Process]:
-    """Processes whose marker starts with `prefix` (a state key: all of one daemon's)."""
-    return [s.proc for s in table.scan() if s.marker is not None and s.marker.startswith(prefix)]
+def _clean(
+    cg: Path | None, tmpdir: Path | str | None, shm: set[str], since: float | None = None
+) -> None:
+    """Once a tree is gone: its cgroup, its TMPDIR, its shared memory."""
+    if cg is not None:
+        deadline = time.monotonic() + 5.0
+        while not cgroup.remove(cg) and time.monotonic() < deadline:
+            time.sleep(0.05)  # populated until the kernel has finished the exits
+    litter.remove_tmpdir(str(tmpdir) if tmpdir else None)
+    litter.remove_shm(shm, since)
 
 
 def _signal(procs: list[psutil.Process], sig: int) -> None:
@@ -354,9 +301,13 @@ async def _wait_gone(find: Callable[[], list[psutil.Process]], timeout: float) -
 
 
 async def terminate(
-    find: Callable[[], list[psutil.Process]], grace: float, leader: Child | None = None
+    find: Callable[[], list[psutil.Process]],
+    grace: float,
+    leader: Child | None = None,
+    cg: Path | None = None,
 ) -> list[int]:
-    """SIGTERM, `grace` seconds, then SIGKILL everything `find` returns.
+    """SIGTERM, `grace` seconds, then SIGKILL everything `find` returns (and
+    `cgroup.kill` on `cg`: the kernel kills what forks meanwhile, too).
 
     SIGCONT follows SIGTERM so a stopped (SIGSTOP) process can act on it.
     Returns the pids that had to be SIGKILLed. Completes only when none remain.
@@ -370,6 +321,8 @@ async def terminate(
     if await _wait_gone(find, grace if leader is None else 0.5):
         return []
     killed: list[int] = []
+    if cg is not None:
+        cgroup.kill(cg)
     for _ in range(50):  # children may fork while we kill; go until none is left
         procs = await asyncio.to_thread(find)
         if not procs:
@@ -382,32 +335,63 @@ async def terminate(
     return sorted(set(killed))
 
 
-# ---------------------------------------------------------------- records
+async def stop(record: Record, grace: float, leader: Child | None = None) -> list[int]:
+    """Stop every process of a launch, then remove what it leaves (cgroup,
+    TMPDIR, shared memory). Returns the pids that had to be SIGKILLed."""
+    cg = Path(record.cgroup) if record.cgroup else None
+    first = await asyncio.to_thread(members, record)
+    shm = set(record.shm) | await asyncio.to_thread(litter.shm_of, [p.pid for p in first])
+    killed = await terminate(lambda: members(record), grace, leader, cg)
+    since = record.create_time or None  # None: a cgroup without a record
+    await asyncio.to_thread(_clean, cg, record.tmpdir, shm, since)
+    return killed
 
 
-def record_dir(state_dir: Path) -> Path:
-    return state_dir / "procs"
+def track(children: list[Child]) -> list[Child]:
+    """One snapshot of every server's tree (blocking: run it in a thread): each
+    child's record learns the processes and shared memory seen; returns the
+    children whose record changed (to be saved)."""
+    changed = []
+    snaps = tracking.snapshot([c.record for c in children])
+    for child, (rec, alive) in zip(children, snaps, strict=True):
+        shm = set(rec.shm) | litter.shm_of(alive)
+        if len(shm) != len(rec.shm):
+            rec = replace(rec, shm=tuple(sorted(shm)))
+        child.pids = alive
+        if rec != child.record:
+            child.record = rec
+            changed.append(child)
+    return changed
 
 
-def save_record(state_dir: Path, record: Record) -> None:
-    d = record_dir(state_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{record.instance.replace(':', '_')}.tmp"
-    tmp.write_text(json.dumps(asdict(record)))
-    tmp.replace(d / f"{record.instance.replace(':', '_')}.json")
+def save(state_dir: Path, child: Child) -> None:
+    save_record(state_dir, child.record)
 
 
-def drop_record(state_dir: Path, record: Record) -> None:
-    (record_dir(state_dir) / f"{record.instance.replace(':', '_')}.json").unlink(missing_ok=True)
+async def reap_loop(interval: float = 5.0) -> None:
+    """Wait for orphans that came back to us (subreaper) once they exit: on
+    SIGCHLD, and every `interval` seconds in case signals were merged."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    loop.add_signal_handler(signal.SIGCHLD, wake.set)
+    try:
+        while True:
+            tracking.reap_orphans()
+            wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), interval)
+    finally:
+        loop.remove_signal_handler(signal.SIGCHLD)
 
 
-def load_records(state_dir: Path) -> list[Record]:
+def strays() -> list[psutil.Process]:
+    """Orphans of our servers that came back to us and that no record names."""
     out = []
-    for f in sorted(record_dir(state_dir).glob("*.json")):
-        try:
-            out.append(Record(**json.loads(f.read_text())))
-        except (OSError, ValueError, TypeError):
-            f.unlink(missing_ok=True)  # a torn write from a killed daemon
+    for pid in tracking.strays():
+        with contextlib.suppress(psutil.Error):
+            p = psutil.Process(pid)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
     return out
 
 

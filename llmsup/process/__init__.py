@@ -1,0 +1,95 @@
+"""The only place that spawns, signals and reaps server processes.
+
+The contract the daemon (and the CLI, for a daemon that is gone) relies on:
+
+- `spawn(...) -> Child`: start one server in a session of its own, with a
+  marker in its environment, a private TMPDIR and, where the daemon may make
+  one, a cgroup of its own (`cgroup.prepare`). Save `child.record` at once.
+- `Child.exited()`: the server process's exit status, as soon as it exits.
+- `track(children)`: a snapshot of the servers' trees, every few seconds; the
+  records learn every process and shared-memory segment seen (save them).
+- `members(record)`: every live process of a launch, found by its cgroup, its
+  process group, its marker, the processes its record remembers, and their
+  descendants (see `tracking`): none of these is relied on alone.
+- `stop(record, grace, leader)`: SIGTERM to the members, `grace`, then
+  `cgroup.kill` and SIGKILL; complete only when no member is left; then the
+  cgroup, the TMPDIR and the shared memory the tree held are removed.
+- `load_records` / `save_record` / `drop_record`: the state directory's memory
+  of each launch, for a daemon that was killed.
+
+The daemon is a child subreaper (`become_subreaper`): orphans of its servers
+come back to it; `reap_loop` waits for them, never for a server itself.
+"""
+
+from llmsup.process import cgroup, litter
+from llmsup.process.child import (
+    SCRUBBED_ENV,
+    TRACK_INTERVAL,
+    Child,
+    RotatingLog,
+    child_env,
+    find_executable,
+    port_holder,
+    port_in_use,
+    reap_loop,
+    save,
+    spawn,
+    stop,
+    strays,
+    terminate,
+    track,
+)
+from llmsup.process.records import (
+    Record,
+    drop_record,
+    load_records,
+    record_dir,
+    save_record,
+    state_key,
+)
+from llmsup.process.tracking import (
+    MARKER,
+    TABLE,
+    ProcessTable,
+    Seen,
+    become_subreaper,
+    marked_with,
+    members,
+    members_in,
+    tree_pids,
+)
+
+__all__ = [
+    "MARKER",
+    "SCRUBBED_ENV",
+    "TABLE",
+    "TRACK_INTERVAL",
+    "Child",
+    "ProcessTable",
+    "Record",
+    "RotatingLog",
+    "Seen",
+    "become_subreaper",
+    "cgroup",
+    "child_env",
+    "drop_record",
+    "find_executable",
+    "litter",
+    "load_records",
+    "marked_with",
+    "members",
+    "members_in",
+    "port_holder",
+    "port_in_use",
+    "reap_loop",
+    "record_dir",
+    "save",
+    "save_record",
+    "spawn",
+    "state_key",
+    "stop",
+    "strays",
+    "terminate",
+    "track",
+    "tree_pids",
+]

@@ -1,0 +1,76 @@
+"""What the state directory remembers of each launch, for a daemon that was killed.
+
+One JSON file per launch under `STATE/procs/`. Fields added later have
+defaults, so a record written by an older llmsup still loads (and fields this
+version does not know are ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+def state_key(state_dir: Path) -> str:
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One launched server: how to find every process of its tree again."""
+
+    unit: str
+    instance: str
+    pid: int
+    pgid: int
+    create_time: float
+    argv: list[str]
+    cgroup: str | None = None  # its own cgroup v2 directory, where one could be made
+    tmpdir: str | None = None  # its private TMPDIR, removed once the tree is gone
+    # (pid, create time) of every process of the tree seen so far: the fallback
+    # that finds a descendant which left the group and carries no environment.
+    known: tuple[tuple[int, float], ...] = ()
+    shm: tuple[str, ...] = ()  # /dev/shm entries the tree was seen to map or hold open
+
+
+def _from_json(data: dict[str, Any]) -> Record:
+    names = {f.name for f in dataclasses.fields(Record)}
+    data = {k: v for k, v in data.items() if k in names}
+    data["known"] = tuple((int(p), float(t)) for p, t in data.get("known", ()))
+    data["shm"] = tuple(str(s) for s in data.get("shm", ()))
+    return Record(**data)
+
+
+def record_dir(state_dir: Path) -> Path:
+    return state_dir / "procs"
+
+
+def _file(state_dir: Path, record: Record) -> Path:
+    return record_dir(state_dir) / f"{record.instance.replace(':', '_')}.json"
+
+
+def save_record(state_dir: Path, record: Record) -> None:
+    d = record_dir(state_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    final = _file(state_dir, record)
+    tmp = final.with_name(f".{final.stem}.tmp")
+    tmp.write_text(json.dumps(asdict(record)))
+    tmp.replace(final)
+
+
+def drop_record(state_dir: Path, record: Record) -> None:
+    _file(state_dir, record).unlink(missing_ok=True)
+
+
+def load_records(state_dir: Path) -> list[Record]:
+    out = []
+    for f in sorted(record_dir(state_dir).glob("*.json")):
+        try:
+            out.append(_from_json(json.loads(f.read_text())))
+        except (OSError, ValueError, TypeError, AttributeError):
+            f.unlink(missing_ok=True)  # a torn write from a killed daemon
+    return out
