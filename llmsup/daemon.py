@@ -23,10 +23,10 @@ from typing import Any
 
 import aiohttp
 
-from llmsup import gpu, gpucheck, probe, process
+from llmsup import gpu, gpucheck, limits, probe, process
 from llmsup.backends import Launch
 from llmsup.errors import DaemonError, LlmsupError, ManifestError
-from llmsup.manifest import LoadedManifest, load_manifest
+from llmsup.manifest import LoadedManifest, gateway_file_keys, load_manifest
 from llmsup.notify import Notifier, status_line
 from llmsup.paths import default_state_dir, socket_path
 from llmsup.plan import Plan, plan_or_raise, untrusted_problems
@@ -168,10 +168,21 @@ class Server:
     # -------------------------------------------------------- life
 
     async def _run(self) -> None:
+        shortages = 0  # launches in a row that found no file descriptor free
         try:
             while True:
                 await self._wait_for_predecessors()
-                outcome = await self._one_life()
+                try:
+                    outcome = await self._one_life()
+                except OSError as e:  # the daemon's want of descriptors, not the model's fault
+                    retry = limits.launch_retry(e, shortages + 1)
+                    if retry is None:
+                        raise
+                    shortages += 1
+                    self.set_state(State.BACKOFF, retry.detail)
+                    await asyncio.sleep(retry.delay)
+                    continue
+                shortages = 0
                 m = self.daemon.loaded.manifest
                 if outcome.fatal:
                     self.reason = outcome.reason
@@ -232,6 +243,8 @@ class Server:
         try:
             env = process.child_env(os.environ, la.resolve_env())
         except OSError as e:
+            if limits.shortage(e):
+                raise
             return Outcome(True, f"cannot read a secret: {e}", fatal=True)
         self.api_key = env.get(la.auth_env) if la.auth_env else None
         # The daemon's PATH, never the manifest's: a manifest picks a backend, not a binary.
@@ -278,6 +291,8 @@ class Server:
             )
         except OSError as e:
             logfile.close()
+            if limits.shortage(e):
+                raise
             return Outcome(True, f"cannot start {exe}: {e}", fatal=True)
         self.child = child
         self.launched = True
@@ -626,6 +641,9 @@ class Daemon:
         """Run until SIGTERM/SIGINT or `down`: every server stopped, then return."""
         from llmsup import api
 
+        before, after = limits.raise_open_files_limit()
+        if after != before:
+            log.info("open files limit raised from %d to %d", before, after)
         self._lock()
         loop = asyncio.get_running_loop()
         runner = None
@@ -773,10 +791,9 @@ class Daemon:
         gw = self.loaded.manifest.gateway
         if gw is None:
             return None
-        keys = [k.get_secret_value() for k in gw.api_keys if k.get_secret_value()]
+        keys = [k.get_secret_value() for k in gw.api_keys]  # none empty: the manifest checks
         if gw.api_key_file:
-            text = Path(gw.api_key_file).read_text(encoding="utf-8")
-            keys += [line.strip() for line in text.splitlines() if line.strip()]
+            keys += gateway_file_keys(gw.api_key_file)
         return (
             gw.host,
             gw.port,
@@ -784,6 +801,7 @@ class Daemon:
             tuple(gw.aliases.items()),
             gw.max_body,
             gw.start_wait,
+            (gw.max_connections, gw.header_timeout, gw.body_timeout, gw.keepalive_timeout),
         )
 
     async def _start_gateway(self) -> None:
@@ -794,7 +812,16 @@ class Daemon:
         self._gateway_config = settings
         if settings is None:
             return
-        host, port, keys, aliases, max_body, start_wait = settings
+        host, port, keys, aliases, max_body, start_wait, timeouts = settings
+        max_connections, header_timeout, body_timeout, keepalive_timeout = timeouts
+        soft = limits.open_files_limit()
+        cap = limits.connection_cap(soft, len(self.plan.launches))
+        if max_connections is not None and max_connections > cap:
+            log.warning(
+                "gateway.max_connections %d is more than the open files limit (%d) allows "
+                "with a reserve for supervision: using %d (raise LimitNOFILE)",
+                *(max_connections, soft, cap),
+            )
         registry = DaemonRegistry(self)
         config = gateway.GatewayConfig(
             api_keys=keys,
@@ -802,6 +829,10 @@ class Daemon:
             max_body_bytes=max_body,
             start_wait=start_wait,
             extra_collector=ModelCollector(self),
+            max_connections=min(cap, max_connections or cap),
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            keepalive_timeout=keepalive_timeout,
         )
         try:
             runner = await gateway.serve(gateway.create_app(registry, config), host, port)
@@ -889,7 +920,8 @@ class Daemon:
         if self.any_ready or not self.launches_begun or not servers or self.stopping.is_set():
             return
         if all(s.state == State.FAILED and s.fatal and not s.launched for s in servers):
-            self.launch_failures = [f"{s.launch.unit}: {s.reason}" for s in servers]
+            where = [self.loaded.problem(("models", s.launch.unit), "", key=True) for s in servers]
+            self.launch_failures = [f"{w}{s.reason}" for w, s in zip(where, servers, strict=True)]
             self.stopping.set()
 
     def launch_phase(self) -> str:
