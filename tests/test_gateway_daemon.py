@@ -8,7 +8,6 @@ import resource
 import selectors
 import signal
 import socket
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -105,7 +104,6 @@ def test_gateway_routes_starts_on_demand_swaps_and_idles(tmp_path: Path) -> None
         assert ready["big2"] == 1.0 and ready["big1"] == 0.0
         # big1 again, then idle: stopped after its idle_timeout of 1s
         assert post(gw, chat("big1"))[0] == 200
-        time.sleep(0.2)
         wait_for(lambda: d.status()["big1"]["state"] == "STOPPED", 10)
         assert d.processes("big1") == []
     finally:
