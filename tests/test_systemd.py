@@ -615,6 +615,7 @@ def _install_start_reload_watchdog_stop(c: systemd_container.Container) -> None:
     # install: the drop-in first, so that install's own daemon-reload loads both
     c.write("/etc/systemd/system/llmsup.service.d/test.conf", DROP_IN)
     c.write(MANIFEST, container_manifest("0.3"))
+    c.write("/etc/llmsup/env", "LLMSUP_TEST_SECRET=from-the-env-file\n", mode="600")
     r = c.run(sys.executable, "-m", "llmsup.cli", "systemd", "install", "-f", MANIFEST)
     assert "wrote /etc/systemd/system/llmsup.service" in r.stdout
     assert "not running here" not in r.stdout and "failed" not in r.stderr, (r.stdout, r.stderr)
@@ -637,6 +638,8 @@ def _install_start_reload_watchdog_stop(c: systemd_container.Container) -> None:
         "the drop-in's WatchdogSec= (systemd shows it once started)"
     )
     main = int(props["MainPID"])
+    environ = c.run("cat", f"/proc/{main}/environ").stdout.split("\0")
+    assert "LLMSUP_TEST_SECRET=from-the-env-file" in environ, "EnvironmentFile= is read"
     daemon = status_inside(c)["daemon"]
     assert (daemon["pid"], daemon["manifest"]) == (main, MANIFEST)
     assert daemon["state_dir"] == "/var/lib/llmsup"  # StateDirectory=
