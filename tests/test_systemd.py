@@ -695,3 +695,66 @@ def _install_start_reload_watchdog_stop(c: systemd_container.Container) -> None:
     assert gone([p.pid for p in running])
     assert model_processes(c) == []
     assert [cmd for cmd in map(cmdline, c.processes()) if str(FAKES_DIR) in cmd] == []
+
+
+USER_MANIFEST = "/etc/llmsup/as-a-user.yaml"
+
+
+@pytest.mark.container
+@pytest.mark.timeout(900)
+def test_unit_for_a_service_user_in_a_real_system(
+    container: systemd_container.Container,
+) -> None:
+    """`install --user-name` and `--path`, no drop-in: `vllm` is found through the
+    unit's PATH alone, the daemon and its servers run as that user, in the state
+    directory systemd made for it from the manifest's state_dir."""
+    c = container
+    try:
+        _as_a_service_user(c)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n--- journalctl -u llmsup ---\n{journal(c)}") from None
+    finally:
+        c.run("systemctl", "stop", "llmsup", check=False, timeout=330)
+
+
+def _as_a_service_user(c: systemd_container.Container) -> None:
+    c.run("systemctl", "stop", "llmsup", check=False, timeout=330)  # an earlier test's
+    c.run("rm", "-rf", "/etc/systemd/system/llmsup.service.d")  # its PATH would hide ours
+    c.run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "llm")
+    for path in systemd_container.binds():  # the interpreter sits under /root (0700) here
+        for parent in Path(path).parents:
+            if parent != Path("/"):
+                c.run("chmod", "o+x", str(parent), check=False)
+    c.write(
+        USER_MANIFEST,
+        f"state_dir: /var/lib/llmsup-llm\n{FAST_DEFAULTS}models:\n"
+        "  a: {backend: vllm, model: org/a, port: 18011}\n",
+    )
+    unit_path = f"{FAKES_DIR}:{systemd_container.CONTAINER_PATH}"
+    install = ["systemd", "install", "-f", USER_MANIFEST, "--user-name", "llm"]
+    r = c.run(sys.executable, "-m", "llmsup.cli", *install, "--path", unit_path)
+    assert "wrote /etc/systemd/system/llmsup.service" in r.stdout, (r.stdout, r.stderr)
+    assert "not on the unit's PATH" not in r.stderr, r.stderr
+    r = c.run("cat", "/etc/systemd/system/llmsup.service")
+    assert "User=llm\n" in r.stdout and "StateDirectory=llmsup-llm\n" in r.stdout
+    analyze = ["systemd-analyze", "verify", *man_check(c.run)]
+    r = c.run(*analyze, "/etc/systemd/system/llmsup.service", check=False)
+    assert (r.returncode, r.stderr) == (0, "")
+
+    c.run("systemctl", "start", "llmsup", timeout=150)
+    props = c.show("llmsup.service", "ActiveState", "MainPID")
+    assert props["ActiveState"] == "active", props
+    assert c.run("stat", "-c", "%U", f"/proc/{props['MainPID']}").stdout.strip() == "llm"
+    assert c.run("stat", "-c", "%U %a", "/var/lib/llmsup-llm").stdout.split() == ["llm", "700"]
+
+    def ready() -> dict[str, Any] | None:
+        status = ["status", "--json", "-f", USER_MANIFEST]
+        r = c.run(sys.executable, "-m", "llmsup.cli", *status, timeout=30, check=False)
+        rows = json.loads(r.stdout)["models"] if r.returncode == 0 else []
+        return rows[0] if rows and rows[0]["state"] == "READY" else None
+
+    row = until(ready, 60, "a never READY under User=llm")
+    assert c.run("stat", "-c", "%U", f"/proc/{row['pid']}").stdout.strip() == "llm"
+    c.run("systemctl", "stop", "llmsup", timeout=330)
+    props = c.show("llmsup.service", "ActiveState", "Result")
+    assert props == {"ActiveState": "inactive", "Result": "success"}
