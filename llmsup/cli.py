@@ -12,9 +12,10 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -29,6 +30,18 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+MANIFEST_HELP = "Manifest (default: $LLMSUP_MANIFEST, ./models.yaml, /etc/llmsup/models.yaml)."
+
+
+def _or_global(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """A command's own manifest option, else the one given before the command
+    (`llmsup -f FILE logs -f NAME`, as `docker compose -f` does)."""
+    if value is not None:
+        return value
+    given = ctx.find_root().params.get("manifest_file")
+    return given if isinstance(given, Path) else None
+
+
 def manifest_option(fn: F) -> F:
     return click.option(
         "-f",
@@ -36,15 +49,21 @@ def manifest_option(fn: F) -> F:
         "manifest_file",
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
-        help="Manifest (default: $LLMSUP_MANIFEST, ./models.yaml, /etc/llmsup/models.yaml).",
+        callback=_or_global,
+        help=MANIFEST_HELP,
     )(fn)
 
 
 def _load(
-    manifest_file: Path | None, *, gpus: bool = False, untrusted: bool = False
+    manifest_file: Path | None,
+    *,
+    gpus: bool = False,
+    untrusted: bool = False,
+    gpu_note: bool = False,
 ) -> tuple[LoadedManifest, Plan]:
-    """Load and plan; with `gpus`, also check the manifest against this host's GPUs;
-    `untrusted` refuses what runs code beyond vLLM and Ollama."""
+    """Load and plan; with `gpus`, also check the manifest against this host's GPUs
+    (`gpu_note`: say so when they cannot be checked); `untrusted` refuses what runs
+    code beyond vLLM and Ollama."""
     from llmsup.manifest import default_manifest_path, load_manifest
     from llmsup.plan import make_plan, untrusted_problems
 
@@ -62,7 +81,7 @@ def _load(
         raise ManifestError(problems)
     for p in problems:
         click.echo(str(p), err=True)
-    if note:
+    if note and gpu_note:
         click.echo(f"note: {note}", err=True)
     return loaded, plan
 
@@ -73,6 +92,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\nllmsup: interrupted", err=True)
+            sys.exit(ExitCode.INTERRUPTED)
         except ManifestError as e:
             for p in e.problems:
                 click.echo(str(p), err=True)
@@ -86,7 +108,15 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmsup")
-def main() -> None:
+@click.option(
+    "-f",
+    "--file",
+    "manifest_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=MANIFEST_HELP + " Also accepted after the command (`--file` in `logs`).",
+)
+def main(manifest_file: Path | None) -> None:
     """Supervise vLLM and Ollama servers declared in one manifest (models.yaml)."""
 
 
@@ -102,7 +132,7 @@ def check(manifest_file: Path | None, untrusted: bool) -> None:
 
     from llmsup.plan import missing_executables
 
-    loaded, plan = _load(manifest_file, gpus=True, untrusted=untrusted)
+    loaded, plan = _load(manifest_file, gpus=True, untrusted=untrusted, gpu_note=True)
     search = os.environ.get("PATH", os.defpath)
     absent = missing_executables(loaded, plan, lambda exe: shutil.which(exe, path=search), search)
     for p in absent:
@@ -158,25 +188,77 @@ def plan(manifest_file: Path | None, as_json: bool, names: tuple[str, ...]) -> N
 # ------------------------------------------------------------ the daemon
 
 
-def _socket(manifest_file: Path | None) -> Path:
-    from llmsup.paths import (
-        default_manifest_path,
-        default_state_dir,
-        socket_path,
-        state_dir_from_file,
-    )
+@dataclass(frozen=True)
+class _Target:
+    """The daemon a command talks to: its state directory, and the manifest to name."""
 
+    state_dir: Path
+    manifest: Path
+
+    @property
+    def sock(self) -> Path:
+        from llmsup.paths import socket_path
+
+        return socket_path(self.state_dir)
+
+    def no_daemon(self, e: NoDaemonError) -> NoDaemonError:
+        return NoDaemonError(
+            f"{e}; start one with `llmsup up -f {shlex.quote(str(self.manifest))}`"
+        )
+
+
+def _target(manifest_file: Path | None) -> _Target:
+    """`-f FILE`; else $LLMSUP_STATE_DIR or $LLMSUP_MANIFEST; else the one daemon that
+    runs (several: the default manifest's, or an error that lists them); else what a
+    killed daemon left behind; else the default manifest's state directory."""
+    from llmsup import running
+    from llmsup.paths import default_manifest_path, default_state_dir, state_dir_from_file
+
+    default = default_manifest_path()
     if manifest_file is not None:
-        return socket_path(state_dir_from_file(manifest_file))
+        return _Target(state_dir_from_file(manifest_file), manifest_file)
     if os.environ.get("LLMSUP_STATE_DIR"):
-        return socket_path(default_state_dir())
-    return socket_path(state_dir_from_file(default_manifest_path()))
+        return _Target(default_state_dir(), default)
+    if os.environ.get("LLMSUP_MANIFEST"):
+        return _Target(state_dir_from_file(default), default)
+    live, dead = running.entries()
+    if len(live) == 1:
+        return _Target(Path(live[0].state_dir), Path(live[0].manifest))
+    if live:
+        mine = state_dir_from_file(default).resolve() if default.exists() else None
+        chosen = [e for e in live if Path(e.state_dir).resolve() == mine]
+        if chosen:
+            return _Target(Path(chosen[0].state_dir), Path(chosen[0].manifest))
+        listed = "\n".join(f"  pid {e.pid}: {e.manifest} (state {e.state_dir})" for e in live)
+        raise DaemonError(
+            f"{len(live)} llmsup daemons are running:\n{listed}\n"
+            "name the one you mean with -f MANIFEST"
+        )
+    left = []
+    for e in dead:
+        if _records(Path(e.state_dir)):
+            left.append(e)
+        else:
+            running.forget(e)  # a daemon that is gone and left nothing behind
+    if len(left) == 1:
+        return _Target(Path(left[0].state_dir), Path(left[0].manifest))
+    return _Target(state_dir_from_file(default), default)
 
 
-def _call(sock: Path, method: str, url: str, body: Any = None) -> Any:
+def _records(state_dir: Path) -> bool:
+    """Does the state directory hold records of launched processes?"""
+    from llmsup import process
+
+    return bool(process.load_records(state_dir))
+
+
+def _call(target: _Target, method: str, url: str, body: Any = None) -> Any:
     from llmsup.client import call
 
-    code, data = call(sock, method, url, body)
+    try:
+        code, data = call(target.sock, method, url, body)
+    except NoDaemonError as e:
+        raise target.no_daemon(e) from None
     if code >= 400:
         if isinstance(data, dict) and data.get("problems"):
             for line in data["problems"]:
@@ -193,14 +275,17 @@ def _stamp() -> str:
 class _Progress:
     """Prints state changes; says once when every server is ready or failed."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, first: Callable[[], str | None] = lambda: None) -> None:
         self.quiet = quiet
         self.t0 = time.monotonic()
         self.states: dict[str, str] = {}
         self.printed: dict[str, float] = {}
         self.settled = False
+        self.first = first  # said before the first event (the daemon is up by then)
 
     def __call__(self, unit: str, state: Any, detail: str) -> None:
+        if not self.states and not self.quiet and (line := self.first()):
+            click.echo(f"{_stamp()} {line}", err=True)
         # Progress within one state (pull percentages) is printed at most once a second.
         now = time.monotonic()
         same = self.states.get(unit) == state.value
@@ -228,47 +313,89 @@ class _Progress:
 @click.option("--foreground", is_flag=True, help="Run the daemon here (the default; systemd).")
 @click.option("--quiet", is_flag=True, hidden=True)
 @click.option("--untrusted", is_flag=True, help=UNTRUSTED_HELP + " Kept for reloads.")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Hand this manifest to a daemon that runs another one on the same state_dir.",
+)
 def up(
-    manifest_file: Path | None, detach: bool, foreground: bool, quiet: bool, untrusted: bool
+    manifest_file: Path | None,
+    detach: bool,
+    foreground: bool,
+    quiet: bool,
+    untrusted: bool,
+    replace: bool,
 ) -> None:
     """Start the daemon with the manifest, or hand the manifest to the running one."""
     import asyncio
+    import signal
 
     from llmsup.client import alive
     from llmsup.daemon import Daemon, state_dir_of
-    from llmsup.paths import default_manifest_path, socket_path
+    from llmsup.paths import default_manifest_path
 
     if detach and foreground:
         raise click.UsageError("-d and --foreground exclude each other")
-    path = (manifest_file or default_manifest_path()).resolve()
+    given = manifest_file or default_manifest_path()
+    path = given.resolve()
     loaded, plan = _load(path, gpus=True, untrusted=untrusted)
-    state_dir = state_dir_of(loaded)
-    sock = socket_path(state_dir)
-    if alive(sock):
+    target = _Target(state_dir_of(loaded), given)
+    if alive(target.sock):
         if foreground:  # systemd's ExecStart: two daemons on one state_dir is a mistake
             raise DaemonError(
-                f"a daemon already answers on {sock}; stop it (`llmsup down`) first, "
+                f"a daemon already answers on {target.sock}; stop it (`llmsup down`) first, "
                 "or leave out --foreground to hand it this manifest"
             )
-        result = _call(sock, "POST", "/v1/reload", {"manifest": str(path)})
+        current = Path(_call(target, "GET", "/v1/status")["daemon"]["manifest"])
+        if current.resolve() != path and not replace:
+            arg = shlex.quote(str(given))
+            raise DaemonError(
+                f"a daemon already runs {current} on {target.state_dir}; nothing changed. "
+                f"To apply {given} to it instead (changed models restart, missing ones stop): "
+                f"`llmsup reload -f {arg}` or `llmsup up --replace -f {arg}`; "
+                f"to run both, give {given} a state_dir of its own"
+            )
+        result = _call(target, "POST", "/v1/reload", {"manifest": str(path)})
         _print_reload(result)
         return
     if detach:
-        _detach(path, state_dir, sock, untrusted)
+        _detach(path, target, untrusted)
         return
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    progress = _Progress(quiet)
+    daemon: Daemon | None = None
+
+    def gateway_line() -> str | None:
+        return _gateway_line(daemon.gateway_info()) if daemon is not None else None
+
+    progress = _Progress(quiet, gateway_line)
     daemon = Daemon(path, loaded, plan, listener=progress, untrusted=untrusted)
     asyncio.run(daemon.run())
+    if daemon.stopped_by == signal.SIGINT:
+        click.echo("\nllmsup: interrupted (Ctrl-C); every model stopped", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
 
 
-def _detach(path: Path, state_dir: Path, sock: Path, untrusted: bool) -> None:
+def _gateway_line(info: dict[str, Any] | None) -> str | None:
+    """`gateway: http://127.0.0.1:9000/v1 (listening on 0.0.0.0:9000), API key required`"""
+    if info is None:
+        return None
+    where = f"{info['host']}:{info['port']}"
+    if not info["listening"]:
+        return f"gateway: not listening on {where}"
+    keys = (
+        "API key required" if info["keys_required"] else "no API key: open to anyone who reaches it"
+    )
+    return f"gateway: {info['url']} (listening on {where}), {keys}"
+
+
+def _detach(path: Path, target: _Target, untrusted: bool) -> None:
     import subprocess
 
     from llmsup.client import alive
 
+    state_dir, sock = target.state_dir, target.sock
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = state_dir / "daemon.log"
     with open(log, "ab") as out:
@@ -285,8 +412,13 @@ def _detach(path: Path, state_dir: Path, sock: Path, untrusted: bool) -> None:
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if alive(sock) and _launch_under_way(sock):
-            click.echo(f"llmsup daemon started (pid {proc.pid}); follow it with `llmsup status`")
+        if alive(sock) and _launch_under_way(target):
+            follow = f"llmsup status -f {shlex.quote(str(target.manifest))}"
+            click.echo(f"llmsup daemon started (pid {proc.pid}); follow it with `{follow}`")
+            with contextlib.suppress(LlmsupError):
+                line = _gateway_line(_call(target, "GET", "/v1/status").get("gateway"))
+                if line:
+                    click.echo(line)
             return
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").splitlines()[-10:]
@@ -296,11 +428,11 @@ def _detach(path: Path, state_dir: Path, sock: Path, untrusted: bool) -> None:
     raise DaemonError(f"the daemon did not answer within 60s (log: {log})")
 
 
-def _launch_under_way(sock: Path) -> bool:
+def _launch_under_way(target: _Target) -> bool:
     """The daemon got a server going (or has none to start now); False while its
     launches are pending and when none could be launched (it then exits, saying why)."""
     try:
-        return bool(_call(sock, "GET", "/v1/status").get("launch", "under way") == "under way")
+        return bool(_call(target, "GET", "/v1/status").get("launch", "under way") == "under way")
     except LlmsupError:
         return False
 
@@ -315,9 +447,9 @@ def _print_reload(result: dict[str, list[str]]) -> None:
 @manifest_option
 def reload(manifest_file: Path | None) -> None:
     """Apply the manifest: only changed models restart; an invalid one changes nothing."""
-    sock = _socket(manifest_file)
+    target = _target(manifest_file)
     body = {"manifest": str(manifest_file.resolve())} if manifest_file else {}
-    _print_reload(_call(sock, "POST", "/v1/reload", body))
+    _print_reload(_call(target, "POST", "/v1/reload", body))
 
 
 def _fmt_age(seconds: float | None) -> str:
@@ -336,11 +468,18 @@ def _fmt_age(seconds: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.argument("name", required=False)
 def status(manifest_file: Path | None, as_json: bool, name: str | None) -> None:
-    """Per model: state, pid, port, uptime, restarts, last exit, health, progress."""
-    data = _call(_socket(manifest_file), "GET", "/v1/status")
+    """Per model: state, pid, port, uptime, restarts, last exit, health, progress.
+
+    With no daemon: what a killed one left running (exit 3 all the same)."""
+    target = _target(manifest_file)
+    try:
+        data = _call(target, "GET", "/v1/status")
+    except NoDaemonError as e:
+        _status_without_daemon(target, e, as_json)
     rows = [r for r in data["models"] if name is None or name in (r["name"], r["unit"])]
     if name is not None and not rows:
-        raise DaemonError(f"no model named {name!r}")
+        known = ", ".join(r["name"] for r in data["models"])
+        raise DaemonError(f"no model named {name!r} (known: {known or 'none'})")
     if as_json:
         click.echo(json.dumps({**data, "models": rows}, indent=2))
         return
@@ -351,7 +490,10 @@ def status(manifest_file: Path | None, as_json: bool, name: str | None) -> None:
     table = [head]
     for r in rows:
         health = "-" if r["health_latency_ms"] is None else f"{r['health_latency_ms']:.0f}ms"
-        detail = r["progress"] or r["reason"] or r["detail"]
+        if r["state"] == "FAILED":  # why, not the last load step it reached
+            detail = r["reason"] or r["detail"]
+        else:
+            detail = r["progress"] or r["detail"]
         if r["last_exit"] and r["state"] != "FAILED":
             detail = f"{detail} (last: {r['last_exit']})" if detail else f"last: {r['last_exit']}"
         table.append(
@@ -368,18 +510,90 @@ def status(manifest_file: Path | None, as_json: bool, name: str | None) -> None:
                 detail,
             )
         )
-    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
-    for row in table:
-        click.echo(
-            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
-        )
-    if data.get("gpu_note"):
-        click.echo(f"note: {data['gpu_note']}")
+    _print_table(table)
+    if data.get("gpu_note") and any(r.get("gpu_memory") is not None for r in rows):
+        click.echo(f"note: {data['gpu_note']}")  # GPUs were seen, and are no longer
+    if line := _gateway_line(data.get("gateway")):
+        click.echo(line)
     for r in rows:
         if r["state"] == "FAILED" and r["tail"]:
             click.echo(f"\n{r['name']}: last log lines:")
             for line in r["tail"][-10:]:
                 click.echo(f"  {line}")
+
+
+def _print_table(table: Sequence[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one as it comes."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        click.echo(
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        )
+
+
+@contextlib.contextmanager
+def _no_daemon_holds(target: _Target) -> Iterator[None]:
+    """Hold the state directory's daemon lock: no daemon runs there, not even one
+    that does not answer, and none starts until we are done."""
+    import fcntl
+
+    lock = target.state_dir / "daemon.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        yield  # no daemon ever ran there
+        return
+    except PermissionError:
+        raise DaemonError(f"permission denied on {lock}: run as the daemon's user") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise DaemonError(
+                f"a daemon (pid {pid}) holds {target.state_dir} but does not answer on "
+                f"{target.sock}: it may be starting, or stuck; retry in a moment, "
+                f"or stop it with `kill {pid}`"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _leftovers(target: _Target) -> list[dict[str, Any]]:
+    """What the state directory's records name: per launch, its processes still alive."""
+    from llmsup import process
+
+    out = []
+    for rec in process.load_records(target.state_dir):
+        pids = sorted(p.pid for p in process.members(rec))
+        out.append({"unit": rec.unit, "pid": rec.pid, "alive": pids, "argv": list(rec.argv)})
+    return out
+
+
+def _status_without_daemon(target: _Target, e: NoDaemonError, as_json: bool) -> NoReturn:
+    with _no_daemon_holds(target):
+        rows = _leftovers(target)
+    if as_json:
+        out = {"daemon": None, "error": str(target.no_daemon(e)), "leftovers": rows}
+        click.echo(json.dumps(out, indent=2))
+        sys.exit(ExitCode.NO_DAEMON)
+    if not rows:
+        raise target.no_daemon(e)
+    table: list[tuple[str, ...]] = [("UNIT", "PID", "STATE", "ALIVE", "COMMAND")]
+    for r in rows:
+        alive = " ".join(map(str, r["alive"])) or "none"
+        state = "unsupervised" if r["alive"] else "gone"
+        table.append((r["unit"], str(r["pid"]), state, alive, shlex.join(r["argv"])[:100]))
+    click.echo(f"llmsup: {e}; what it started is left over:", err=True)
+    _print_table(table)
+    manifest = shlex.quote(str(target.manifest))
+    click.echo(
+        f"stop them with `llmsup down -f {manifest}`, "
+        f"or start the daemon again (`llmsup up -f {manifest}`): it stops them first",
+        err=True,
+    )
+    sys.exit(ExitCode.NO_DAEMON)
 
 
 def _fmt_gpu(held: dict[str, int] | None) -> str:
@@ -412,7 +626,7 @@ def gpus(manifest_file: Path | None, as_json: bool) -> None:
     orphans: dict[int, str] = {}
     daemon_note = ""
     try:
-        _, data = call(_socket(manifest_file), "GET", "/v1/status", timeout=5.0)
+        _, data = call(_target(manifest_file).sock, "GET", "/v1/status", timeout=5.0)
         current = {r["instance"]: r["unit"] for r in data["models"] if r.get("instance")}
         owners = {pid: r["unit"] for r in data["models"] for pid in r.get("pids", [])}
         owners = gpucheck.with_descendants(owners)
@@ -420,7 +634,7 @@ def gpus(manifest_file: Path | None, as_json: bool) -> None:
         if snap.processes:
             daemon_note = "no llmsup daemon answers: llmsup's processes show as orphans"
             with contextlib.suppress(LlmsupError, OSError):
-                orphans = gpucheck.recorded(_socket(manifest_file).parent)
+                orphans = gpucheck.recorded(_target(manifest_file).state_dir)
     procs: list[dict[str, Any]] = []
     for p in snap.processes:
         info = gpu.process_info(p.pid)
@@ -460,7 +674,7 @@ def gpus(manifest_file: Path | None, as_json: bool) -> None:
 
 
 def _model_action(action: str, manifest_file: Path | None, name: str) -> None:
-    data = _call(_socket(manifest_file), "POST", f"/v1/models/{name}/{action}")
+    data = _call(_target(manifest_file), "POST", f"/v1/models/{name}/{action}")
     for r in data["models"]:
         click.echo(f"{r['name']}: {r['state']}")
 
@@ -496,8 +710,21 @@ def _alive_pid(pid: int) -> bool:
 @manifest_option
 @click.option("--timeout", default=900.0, show_default=True, help="Seconds to wait.")
 def down(manifest_file: Path | None, timeout: float) -> None:
-    """Stop every model and the daemon; returns when no process is left."""
-    data = _call(_socket(manifest_file), "POST", "/v1/down")
+    """Stop every model and the daemon; returns when no process is left.
+
+    With no daemon: stops what the state directory's records name (a killed daemon's)."""
+    target = _target(manifest_file)
+    try:
+        data = _call(target, "POST", "/v1/down")
+    except NoDaemonError as e:
+        with _no_daemon_holds(target):
+            stopped = _stop_leftovers(target)
+        if not stopped:
+            raise NoDaemonError(f"{target.no_daemon(e)} (nothing it started is left)") from None
+        click.echo(f"llmsup: {e}; stopped what a killed daemon left behind:")
+        for unit, pids in stopped:
+            click.echo(f"  {unit}: " + (f"pid {', '.join(map(str, pids))}" if pids else "gone"))
+        return
     pid = int(data["pid"])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -508,33 +735,83 @@ def down(manifest_file: Path | None, timeout: float) -> None:
     raise DaemonError(f"the daemon (pid {pid}) is still stopping after {timeout:g}s")
 
 
+def _stop_leftovers(target: _Target) -> list[tuple[str, list[int]]]:
+    """Stop every process the records name, and any other carrying the state dir's
+    marker, each with its model's stop_timeout; (unit, pids that were alive)."""
+    import asyncio
+
+    from llmsup import process
+
+    key = process.state_key(target.state_dir) + ":"
+    found = [(rec, process.members(rec)) for rec in process.load_records(target.state_dir)]
+    known = {p.pid for _, procs in found for p in procs}
+    strays = [p for p in process.marked_with(key) if p.pid not in known]
+    if not found and not strays:
+        return []
+    grace = _stop_timeouts(target.manifest)
+
+    async def stop_all() -> None:
+        async def stop(rec: process.Record) -> None:
+            await process.stop(rec, grace(rec.unit))  # and its cgroup, TMPDIR, shared memory
+            process.drop_record(target.state_dir, rec)
+
+        await asyncio.gather(*(stop(rec) for rec, _ in found))
+        await process.terminate(lambda: process.marked_with(key), grace(""))
+
+    asyncio.run(stop_all())
+    out = [(rec.unit, sorted(p.pid for p in procs)) for rec, procs in found]
+    return out + ([("unrecorded", sorted(p.pid for p in strays))] if strays else [])
+
+
+def _stop_timeouts(manifest: Path) -> Callable[[str], float]:
+    """The manifest's stop_timeout per unit; 30 s (its default) if it cannot be read."""
+    from llmsup.manifest import load_manifest
+
+    try:
+        return load_manifest(manifest).manifest.stop_timeout
+    except (LlmsupError, OSError):
+        return lambda _unit: 30.0
+
+
 @main.command()
 @click.option(
     "--file",
     "manifest_file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Manifest (to find the state directory).",
+    callback=_or_global,
+    help="Manifest (to find the state directory); `llmsup -f FILE logs` works too.",
 )
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines (Ctrl-C ends).")
 @click.option("-n", "lines", default=50, show_default=True, help="Lines to show.")
 @click.argument("name")
 def logs(manifest_file: Path | None, follow: bool, lines: int, name: str) -> None:
     """Show a model's server log (stdout and stderr)."""
     from llmsup.client import call
 
-    sock = _socket(manifest_file)
-    path = sock.parent / "logs" / f"{name}.log"
+    target = _target(manifest_file)
+    logs_dir = target.state_dir / "logs"
+    path = logs_dir / f"{name}.log"
     try:
-        _, data = call(sock, "GET", "/v1/status", timeout=5.0)
+        _, data = call(target.sock, "GET", "/v1/status", timeout=5.0)
         row = next((r for r in data["models"] if name in (r["name"], r["unit"])), None)
         if row is None:
-            raise DaemonError(f"no model named {name!r}")
+            known = ", ".join(r["name"] for r in data["models"]) or "none"
+            raise DaemonError(f"no model named {name!r} (known: {known})")
         path = Path(row["log"])
     except NoDaemonError:
         pass  # the log files outlive the daemon
     if not path.exists():
-        raise DaemonError(f"no log for {name!r} at {path}")
+        known = ", ".join(sorted(p.name[:-4] for p in logs_dir.glob("*.log"))) or "none"
+        raise DaemonError(
+            f"no log for {name!r} in {logs_dir} (logs there: {known}); "
+            f"is {target.manifest} the manifest that ran it? Name it with --file"
+        )
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how one stops following
+        _print_log(path, lines, follow)
+
+
+def _print_log(path: Path, lines: int, follow: bool) -> None:
     with open(path, "rb") as f:
         tail = f.read().splitlines()[-lines:] if lines > 0 else []
         for raw in tail:

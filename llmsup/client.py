@@ -39,8 +39,7 @@ def call(
             conn.request(method, url, body=payload, headers=headers)
         except (FileNotFoundError, ConnectionRefusedError):
             raise NoDaemonError(
-                f"no llmsup daemon is running (no answer on {socket_path}); "
-                "start one with `llmsup up -f models.yaml`"
+                f"no llmsup daemon is running (no answer on {socket_path})"
             ) from None
         except PermissionError:
             raise DaemonError(

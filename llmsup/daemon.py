@@ -23,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from llmsup import gpu, gpucheck, limits, probe, process
+from llmsup import gpu, gpucheck, limits, probe, process, running
 from llmsup.backends import Launch
 from llmsup.errors import DaemonError, LlmsupError, ManifestError
 from llmsup.manifest import LoadedManifest, gateway_file_keys, load_manifest
@@ -149,8 +149,10 @@ class Server:
                 "restarts": self.tracker.total,
                 "last_exit": self.last_exit,
                 "reason": self.reason,
-                "health_latency_ms": None if self.latency is None else self.latency * 1000,
-                "progress": self.progress,
+                "health_latency_ms": (
+                    self.latency * 1000 if self.latency is not None and self.state.running else None
+                ),
+                "progress": self.progress if self.state.running else "",
                 "log": str(self.daemon.log_path(la.unit)),
                 "tail": self.tail if self.state == State.FAILED else [],
                 "gpu_memory": (
@@ -237,7 +239,15 @@ class Server:
                 self.set_state(State.WAITING, f"after {', '.join(names)} (shared GPU)")
                 await self.daemon.cond.wait()
 
+    def _new_run(self) -> None:
+        """Forget the facts of the run before: status shows the current run's only."""
+        self.reason = ""
+        self.progress = ""
+        self.latency = None
+        self.tail = []
+
     async def _one_life(self) -> Outcome:
+        self._new_run()
         la = self.launch
         m = self.daemon.loaded.manifest
         try:
@@ -549,6 +559,7 @@ class Daemon:
         self.servers: dict[str, Server] = {}
         self.cond = asyncio.Condition()
         self.stopping = asyncio.Event()
+        self.stopped_by: int | None = None  # the signal that stopped us (SIGINT: Ctrl-C)
         self.reloading = asyncio.Lock()  # one reload at a time (SIGHUP and the socket may race)
         self.started = time.time()
         self._session: aiohttp.ClientSession | None = None
@@ -660,8 +671,9 @@ class Daemon:
             )
             group = self.loaded.manifest.control.group
             runner = await api.serve(self, self.socket_path, group)
+            self._register()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stopping.set)
+                loop.add_signal_handler(sig, self._stop_by, sig)
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._sighup()))
             await self._init_gpus()
             monitor = asyncio.create_task(self._gpu_loop())
@@ -691,6 +703,7 @@ class Daemon:
             if runner is not None:
                 await runner.cleanup()
             self.socket_path.unlink(missing_ok=True)
+            running.unregister(self.state_dir)
             if self._session is not None:
                 await self._session.close()
             if self._lock_fd is not None:
@@ -702,6 +715,17 @@ class Daemon:
                 + "\n  ".join(self.launch_failures)
                 + "\nfix these and run `llmsup up` again"
             )
+
+    def _stop_by(self, sig: int) -> None:
+        self.stopped_by = sig
+        self.stopping.set()
+
+    def _register(self) -> None:
+        """Let the CLI find us without a manifest (`llmsup status` after `up -f x.yaml`)."""
+        try:
+            running.register(self.manifest_path, self.state_dir, self.socket_path)
+        except (OSError, running.UnsafeRuntimeDir) as e:
+            log.warning("not registered in %s: %s", running.runtime_dir(), e)
 
     async def _systemd_loop(self) -> None:
         """STATUS= on change, WATCHDOG=1 from this very loop (a stuck loop trips the
@@ -888,6 +912,7 @@ class Daemon:
         added = [u for u in new if u not in old]
         changed = [u for u in new if u in old and new[u].fingerprint() != old[u].fingerprint()]
         self.manifest_path, self.loaded, self.plan = path, loaded, plan
+        self._register()
         for u in removed + changed:
             self.servers[u].retired = True
         await asyncio.gather(*(self.servers[u].stop() for u in removed + changed))
@@ -912,6 +937,20 @@ class Daemon:
                 return s
         known = ", ".join(m for s in self.servers.values() for m in s.launch.models)
         raise DaemonError(f"no model named {model!r} (known: {known})")
+
+    def gateway_info(self) -> dict[str, Any] | None:
+        """Where the gateway listens, and whether it asks for a key."""
+        settings = self._gateway_config
+        if settings is None:
+            return None
+        host, port, keys = settings[0], settings[1], settings[2]
+        return {
+            "host": host,
+            "port": port,
+            "url": f"http://{_connect_host(host)}:{port}/v1",
+            "keys_required": bool(keys),
+            "listening": self._gateway is not None,
+        }
 
     def _none_launched(self) -> None:
         """Every server FAILED before any was READY, each for a reason retrying cannot
@@ -949,4 +988,5 @@ class Daemon:
             "models": [row for s in self.servers.values() for row in s.status()],
             "gpu_note": self.gpu_note,
             "launch": self.launch_phase(),
+            "gateway": self.gateway_info(),
         }

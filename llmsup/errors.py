@@ -21,6 +21,7 @@ class ExitCode(enum.IntEnum):
     FAILURE = 1
     INVALID = 2
     NO_DAEMON = 3
+    INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,18 @@
-"""Markers of this test suite."""
+"""Markers of this test suite, and the runtime directory its daemons register in."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _runtime_dir_of_the_tests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Daemons the tests start register here, not in the host's runtime directory."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMSUP_RUNTIME_DIR", str(tmp_path_factory.mktemp("run")))
+        yield
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -352,16 +352,16 @@ def test_help_does_not_import_heavy_modules() -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "code"),
+    ("args", "code", "also_absent"),
     [
-        (["status", "-f"], 3),  # no daemon answers
-        (["stop", "m", "-f"], 3),
-        (["down", "-f"], 3),
-        (["logs", "m", "--file"], 1),  # read from the state dir, daemon or not: none yet
+        (["status", "-f"], 3, "[]"),  # no daemon answers: looks for leftovers (psutil)
+        (["stop", "m", "-f"], 3, "['psutil']"),
+        (["down", "-f"], 3, "[]"),
+        (["logs", "m", "--file"], 1, "['psutil']"),  # the state dir, daemon or not: none yet
     ],
 )
 def test_daemon_commands_do_not_import_the_schema(
-    tmp_path: Path, args: list[str], code: int
+    tmp_path: Path, args: list[str], code: int, also_absent: str
 ) -> None:
     """Commands that only talk to the daemon (or read its state dir) stay light."""
     manifest = tmp_path / "m.yaml"
@@ -370,7 +370,8 @@ def test_daemon_commands_do_not_import_the_schema(
         "import sys; from llmsup.cli import main\n"
         f"try: main({[*args, str(manifest)]!r})\n"
         "except SystemExit as e: print('EXIT', e.code)\n"
-        "heavy = [m for m in ('pydantic', 'aiohttp', 'psutil', 'pynvml') if m in sys.modules]\n"
+        f"heavy = [m for m in ('pydantic', 'aiohttp', 'pynvml', *{also_absent})\n"
+        "         if m in sys.modules]\n"
         "print('HEAVY', heavy)"
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
