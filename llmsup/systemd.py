@@ -28,6 +28,10 @@ ExecReload=/bin/kill -HUP $MAINPID
 # SIGTERM goes to llmsup alone, which stops its models in order (each SIGTERM,
 # its stop_timeout, SIGKILL); whatever is left in the cgroup after it exits is killed.
 KillMode=mixed
+# The unit's cgroup is llmsup's to divide: the daemon moves itself into a leaf
+# `supervisor/` and gives each server a cgroup of its own beside it, so every
+# process a server forks (whatever its session or environment) is found and killed.
+Delegate=yes
 TimeoutStartSec=2min
 # Longer than the models' stop_timeout (default 30s); while they drain the daemon
 # asks for more with EXTEND_TIMEOUT_USEC.
@@ -52,7 +56,6 @@ ProtectSystem=full
 ProtectKernelTunables=yes
 # The NVIDIA modules must be loaded at boot (nvidia-persistenced, udev), not by us.
 ProtectKernelModules=yes
-ProtectControlGroups=yes
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
@@ -60,7 +63,8 @@ RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 # Not set, on purpose: PrivateDevices= and DeviceAllow= (they hide /dev/nvidia*),
 # ProtectClock= (implies a device allow-list), MemoryDenyWriteExecute= (breaks
 # torch.compile and Triton JIT), ProtectHome= (vLLM caches under ~/.cache),
-# PrivateTmp= (vLLM's engine IPC sockets and other tools expect the host /tmp).
+# PrivateTmp= (vLLM's engine IPC sockets and other tools expect the host /tmp),
+# ProtectControlGroups= (it makes the delegated cgroup read-only).
 
 [Install]
 WantedBy=multi-user.target
@@ -77,6 +81,7 @@ NotifyAccess=main
 ExecStart={exec_start} up --foreground -f {manifest}
 ExecReload=/bin/kill -HUP $MAINPID
 KillMode=mixed
+Delegate=yes
 TimeoutStartSec=2min
 TimeoutStopSec=5min
 WatchdogSec=30s

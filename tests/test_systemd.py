@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from llmsup.notify import Notifier, status_line
-from llmsup.process import MARKER
+from llmsup.process import MARKER, cgroup
 from llmsup.systemd import Options, edited_by_hand, render, shipped, state_lines
 from tests import systemd_container
 from tests.supervisor_util import FAST_DEFAULTS, LLMSUP, Daemon, gone
@@ -644,6 +644,17 @@ def _install_start_reload_watchdog_stop(c: systemd_container.Container) -> None:
     assert (daemon["pid"], daemon["manifest"]) == (main, MANIFEST)
     assert daemon["state_dir"] == "/var/lib/llmsup"  # StateDirectory=
     rows = until(lambda: all_ready(c), 60, "models never READY")
+
+    # Delegate=yes: the daemon sits in a leaf of the unit's cgroup, each server in a
+    # cgroup of its own beside it (found and killed whatever its session or environment).
+    def cgroup_of(pid: int) -> str:
+        return cgroup.own_cgroup(c.run("cat", f"/proc/{pid}/cgroup").stdout) or ""
+
+    unit_cgroup = cgroup_of(main).removesuffix("/supervisor")
+    assert unit_cgroup.endswith("/llmsup.service"), cgroup_of(main)
+    for name in ("a", "b"):
+        server_cgroup = cgroup_of(rows[name]["pid"])
+        assert server_cgroup.startswith(f"{unit_cgroup}/{rows[name]['unit']}-"), server_cgroup
     wait_for(lambda: show("StatusText")["StatusText"] == "2/2 ready", 10, interval=0.3)
 
     # reload: only the changed model restarts
