@@ -423,13 +423,13 @@ class Gateway(_Strict):
         "daemon's open-files limit allows after a reserve for supervision",
     )
     header_timeout: Duration = Field(
-        60.0, description="a request's headers must arrive within this, or it is closed"
+        60.0, gt=0, description="a request's headers must arrive within this, or it is closed"
     )
     body_timeout: Duration = Field(
-        60.0, description="a request's body must arrive within this, or it gets 408"
+        60.0, gt=0, description="a request's body must arrive within this, or it gets 408"
     )
     keepalive_timeout: Duration = Field(
-        75.0, description="an idle keep-alive connection is closed after this"
+        75.0, gt=0, description="an idle keep-alive connection is closed after this"
     )
 
 

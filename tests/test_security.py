@@ -451,3 +451,16 @@ def test_up_warns_of_a_reachable_gateway_without_keys(tmp_path: Path) -> None:
         assert r.returncode == 0 and "with no api_keys" in r.stderr
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize("key", ["header_timeout", "body_timeout", "keepalive_timeout"])
+def test_gateway_timeouts_must_be_positive(key: str) -> None:
+    """A zero timeout would close every connection at once."""
+    text = f"gateway: {{port: 9000, {key}: 0s}}\n{MODEL_A}"
+    with pytest.raises(ManifestError) as e:
+        parse_manifest(text, "m.yaml", {})
+    [p] = e.value.problems
+    assert (p.path, p.message) == (f"gateway.{key}", "must be greater than 0, got 0.0")
+    parsed = parse_manifest(f"gateway: {{port: 9000, {key}: 2s}}\n{MODEL_A}", "m.yaml", {})
+    assert parsed.manifest.gateway is not None
+    assert getattr(parsed.manifest.gateway, key) == 2.0
