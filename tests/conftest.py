@@ -21,3 +21,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "container: boots a Debian container under a real systemd (root, systemd-nspawn, "
         "debootstrap); deselect with -m 'not container'",
     )
+    config.addinivalue_line(
+        "markers",
+        "vllm: runs the real vLLM CPU build (installed once into a cache, about 4 minutes "
+        "a run); deselect with -m 'not vllm'",
+    )

@@ -1,0 +1,331 @@
+"""The real vLLM (PyPI's CPU build, 0.32) serving a tiny local model under llmsup.
+
+One daemon and one model for the whole module: each start costs 20-35 s here,
+so the tests below run in file order, each a scenario that ends with the model
+READY again. Whether a tree is gone is judged by an independent oracle: the
+pids (with their start times) and the session captured before the fault, and
+the ports; never by llmsup's own marker.
+
+vLLM is installed on first use into a cache of its own (tests/engines/vllm_cpu.py);
+the module skips only where that install is impossible or the CPU lacks AVX2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.engines import vllm_cpu
+from tests.supervisor_util import Daemon
+from tests.util import free_port, wait_for
+
+# The install takes minutes the first time; each scenario takes one or two starts.
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
+
+START = 600.0  # seconds allowed for one start (30 s alone; minutes on a busy 2-core machine)
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A server's process tree as seen at one moment: the oracle for "gone"."""
+
+    api: int  # the API server, root of the tree
+    pids: dict[int, float]  # pid -> create_time: a reused pid is another process
+    names: list[str]
+    sid: int
+    tmpdir: Path
+
+    @classmethod
+    def of(cls, pid: int) -> Tree:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = dict(e.decode(errors="replace").partition("=")[::2] for e in environ if e)
+        return cls(
+            api=pid,
+            pids={p.pid: p.create_time() for p in procs},
+            names=sorted(p.name() for p in procs),
+            sid=os.getsid(pid),
+            tmpdir=Path(env.get("TMPDIR") or "/tmp"),
+        )
+
+    def alive(self) -> list[int]:
+        """Pids of this tree still running (zombies count as gone), and any
+        process that has joined its session since."""
+        out = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if p.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                if self.pids.get(p.pid) == p.create_time() or os.getsid(p.pid) == self.sid:
+                    out.append(p.pid)
+        return out
+
+    def engine_core(self) -> int:
+        return next(
+            pid for pid in self.pids if psutil.Process(pid).name().startswith("VLLM::EngineCor")
+        )
+
+
+@dataclass
+class Rig:
+    d: Daemon
+    port: int
+    gateway: int
+    daemon_tmp: Path
+    shm_before: set[str]
+    trees: list[Tree] = field(default_factory=list)
+
+    def ready(self, unlike: int | None = None, timeout: float = START) -> dict[str, Any]:
+        """Wait until the model is READY with a server other than pid `unlike`;
+        remember that server's tree."""
+
+        def reached() -> dict[str, Any] | None:
+            row = self.d.status()["tiny"]
+            if row["state"] == "FAILED":
+                raise AssertionError(f"FAILED: {row}\n{self.log()}")
+            ok = row["state"] == "READY" and row["pid"] not in (None, unlike)
+            return row if ok else None
+
+        row: dict[str, Any] = wait_for(
+            reached, timeout, 0.2, message=f"never READY again: {self.d.status()}\n{self.log()}"
+        )
+        self.trees.append(Tree.of(row["pid"]))
+        return row
+
+    def current(self) -> Tree:
+        """The tree of the READY server (waiting for one if an earlier scenario failed)."""
+        row = self.ready() if not self.trees else self.d.status()["tiny"]
+        if row["state"] != "READY" or row["pid"] != self.trees[-1].api:
+            self.ready()
+        return self.trees[-1]
+
+    def log(self) -> str:
+        path = self.d.state / "logs" / "tiny.log"
+        server = path.read_text(errors="replace")[-4000:] if path.exists() else ""
+        return f"daemon:\n{self.d.log()[-3000:]}\nserver:\n{server}"
+
+
+@pytest.fixture(scope="module")
+def engine() -> vllm_cpu.Engine:
+    try:
+        return vllm_cpu.ensure()
+    except vllm_cpu.Unavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def rig(engine: vllm_cpu.Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    tmp = tmp_path_factory.mktemp("real-vllm")
+    port, gw = free_port(), free_port()
+    daemon_tmp = tmp / "tmp"
+    daemon_tmp.mkdir()
+    env = json.dumps(vllm_cpu.SERVE_ENV)
+    args = vllm_cpu.SERVE_ARGS
+    assert args == ("--max-model-len", "512", "--dtype", "float32", "--enforce-eager")
+    d = Daemon(
+        tmp,
+        f"""\
+        tiny:
+          backend: vllm
+          model: {engine.model}
+          served_name: tiny
+          port: {port}
+          max_model_len: 512
+          dtype: float32
+          extra_args: [--enforce-eager]
+          env: {env}
+          health: {{interval: 1s, timeout: 3s, failures: 3, startup_timeout: {START:g}s}}
+          restart: {{backoff_initial: 100ms, max_restarts: 10, window: 30m}}
+          stop_timeout: 5s
+        """,
+        # The daemon's own TMPDIR: what a server inherits unless llmsup gives it one.
+        extra_env={**engine.path_env(dict(os.environ)), "TMPDIR": str(daemon_tmp)},
+    )
+    d.manifest.write_text(f"gateway: {{port: {gw}}}\n" + d.manifest.read_text())
+    r = Rig(d, port, gw, daemon_tmp, shm_segments())
+    try:
+        d.start()
+        yield r
+    finally:
+        d.stop()
+        for tree in r.trees:  # whatever llmsup failed to stop must not outlive the test
+            for pid in tree.alive():
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(pid).kill()
+
+
+def shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("psm_*")}
+
+
+def mapped_shm() -> set[str]:
+    out: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            out |= set(re.findall(r"/dev/shm/(psm_\w+)", maps.read_text()))
+    return out
+
+
+def listens(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def post(port: int, path: str, body: dict[str, Any]) -> Any:
+    """POST JSON; the open response (200 asserted), to read or iterate by lines."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    r = urllib.request.urlopen(req, timeout=120)
+    assert r.status == 200
+    return r
+
+
+def health(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+        return int(r.status)
+
+
+# ------------------------------------------------------------------ scenarios
+
+
+def test_up_gets_the_real_server_ready_with_its_engine_and_worker(rig: Rig) -> None:
+    row = rig.ready()
+    tree = rig.trees[-1]
+    assert tree.api == row["pid"]
+    assert listens(rig.port)
+    # comm is cut to 15 characters ("VLLM::EngineCor"); psutil completes it from the cmdline
+    assert any(n.startswith("VLLM::EngineCor") for n in tree.names), tree.names
+    assert any(n.startswith("VLLM::Worker") for n in tree.names), tree.names
+    assert health(rig.port) == 200
+    assert row["restarts"] == 0
+
+
+def test_completion_and_stream_through_the_gateway(rig: Rig) -> None:
+    rig.current()
+    body = {"model": "tiny", "prompt": "def main(", "max_tokens": 8, "temperature": 0}
+    body["ignore_eos"] = True  # random weights may well pick </s> first
+    with post(rig.gateway, "/v1/completions", body) as r:
+        via = json.load(r)
+    with post(rig.port, "/v1/completions", body) as r:
+        direct = json.load(r)
+    assert via["usage"]["completion_tokens"] == 8
+    assert via["choices"][0]["text"] == direct["choices"][0]["text"] != ""
+
+    chat = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Name three colours."}],
+        "max_tokens": 8,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    events = []
+    with post(rig.gateway, "/v1/chat/completions", chat) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        for line in r:
+            if line.startswith(b"data: "):
+                events.append(line[6:].decode().strip())
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    assert len([p for p in pieces if p]) >= 2, chunks  # relayed token by token
+    assert chunks[-1]["usage"]["completion_tokens"] == 8
+
+
+def test_sigkill_of_the_api_server_stops_its_engine_and_worker(rig: Rig) -> None:
+    old = rig.current()
+    api = old.api
+    before = rig.d.status()["tiny"]["restarts"]
+    os.kill(api, signal.SIGKILL)
+    # Left alone, EngineCore and Worker would live on forever (FACTS.md).
+    wait_for(lambda: not old.alive(), 60, 0.2, message=f"orphans left: {old.alive()}")
+    row = rig.ready(unlike=api)
+    assert row["restarts"] > before
+    assert not set(rig.trees[-1].pids) & set(old.pids)
+
+
+def test_sigkill_of_the_engine_core_restarts_the_server(rig: Rig) -> None:
+    old = rig.current()
+    api = old.api
+    os.kill(old.engine_core(), signal.SIGKILL)
+    wait_for(lambda: not old.alive(), 60, 0.2, message=f"left: {old.alive()}\n{rig.log()}")
+    rig.ready(unlike=api)
+    assert listens(rig.port)
+
+
+def test_sigstop_of_the_api_server_is_unhealthy_then_restarted(rig: Rig) -> None:
+    old = rig.current()
+    api = old.api
+    os.kill(api, signal.SIGSTOP)
+    try:
+        rig.d.wait_state("tiny", "UNHEALTHY", 60)
+        wait_for(lambda: not old.alive(), 90, 0.2, message=f"left: {old.alive()}\n{rig.log()}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(api, signal.SIGCONT)
+    rig.ready(unlike=api)
+
+
+def test_a_killed_daemon_is_followed_by_an_up_that_gets_ready(rig: Rig) -> None:
+    old = rig.current()
+    api = old.api
+    rig.d.kill_daemon()
+    assert old.alive()  # the servers outlive their daemon...
+    rig.d.start()
+    # ...until the next daemon stops them before it starts anything
+    wait_for(lambda: not old.alive(), 60, 0.2, message=f"left: {old.alive()}\n{rig.log()}")
+    rig.ready(unlike=api)
+
+
+def test_down_leaves_no_process(rig: Rig) -> None:
+    last = rig.current()
+    r = rig.d.cli("down", "-f", str(rig.d.manifest), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not last.alive()  # down returns only when no process is left
+    assert not listens(rig.port)
+    assert all(not t.alive() for t in rig.trees)
+
+
+def test_down_leaves_no_files_in_the_servers_tmpdir(rig: Rig) -> None:
+    def litter() -> list[str]:
+        out = []
+        for tmpdir in {t.tmpdir for t in rig.trees}:
+            if tmpdir.is_dir():
+                out += [str(f) for f in tmpdir.iterdir() if vllm_litter(f.name)]
+        return out
+
+    left = litter()
+    if left and all(t.tmpdir == rig.daemon_tmp for t in rig.trees):
+        # Issue 10, must 5: each server gets a private TMPDIR, emptied once its tree is gone.
+        pytest.xfail(f"NOT YET IMPLEMENTED: no private TMPDIR per server; vLLM left {left}")
+    assert not left
+
+
+def test_down_leaves_no_shared_memory_of_the_tree(rig: Rig) -> None:
+    def litter() -> set[str]:
+        return (shm_segments() - rig.shm_before) - mapped_shm()
+
+    left = litter()
+    assert not left, f"/dev/shm segments vLLM created and nothing maps: {sorted(left)}"
+
+
+def vllm_litter(name: str) -> bool:
+    return name.startswith("vllm_dist_") or UUID.fullmatch(name) is not None
