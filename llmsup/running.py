@@ -42,18 +42,28 @@ class Entry:
 
 
 def runtime_dir() -> Path:
+    """Where this process registers a daemon: the first of `_places()` that exists."""
+    return _places()[0]
+
+
+def _places() -> list[Path]:
+    """Every place a daemon of this user may have registered, best first. A
+    system service run as a user has no $XDG_RUNTIME_DIR (and, before the user
+    logs in, no /run/user/UID), so the CLI of a login shell looks at each."""
     if os.environ.get("LLMSUP_RUNTIME_DIR"):
-        return Path(os.environ["LLMSUP_RUNTIME_DIR"])
+        return [Path(os.environ["LLMSUP_RUNTIME_DIR"])]
     uid = os.geteuid()
     if uid == 0:
-        return Path("/run/llmsup")
+        return [Path("/run/llmsup")]
+    places = []
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and Path(xdg).is_dir():
-        return Path(xdg) / "llmsup"
+        places.append(Path(xdg) / "llmsup")
     user_run = Path(f"/run/user/{uid}")
     if user_run.is_dir() and user_run.stat().st_uid == uid:
-        return user_run / "llmsup"
-    return Path(f"/tmp/llmsup-{uid}")
+        places.append(user_run / "llmsup")
+    places.append(Path(f"/tmp/llmsup-{uid}"))
+    return list(dict.fromkeys(places))
 
 
 def _private_dir(path: Path, create: bool) -> Path | None:
@@ -101,21 +111,20 @@ def unregister(state_dir: Path) -> None:
 
 
 def entries() -> tuple[list[Entry], list[Entry]]:
-    """(running, stale) daemons of this user; both empty if the directory is not safe."""
-    try:
-        folder = _private_dir(runtime_dir(), create=False)
-    except UnsafeRuntimeDir:
-        return [], []
-    if folder is None:
-        return [], []
+    """(running, stale) daemons of this user; a directory that is not safe is skipped."""
     live: list[Entry] = []
     dead: list[Entry] = []
-    for f in sorted(folder.glob("*.json")):
-        entry = _read(f)
-        if entry is None:
-            f.unlink(missing_ok=True)
-        else:
-            (live if entry.alive else dead).append(entry)
+    for place in _places():
+        try:
+            folder = _private_dir(place, create=False)
+        except UnsafeRuntimeDir:
+            continue
+        for f in sorted(folder.glob("*.json")) if folder else []:
+            entry = _read(f)
+            if entry is None:
+                f.unlink(missing_ok=True)
+            else:
+                (live if entry.alive else dead).append(entry)
     return live, dead
 
 
