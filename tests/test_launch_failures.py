@@ -65,6 +65,9 @@ def test_up_with_no_model_launched_exits_non_zero_with_the_reasons(
 ) -> None:
     path = unlaunchable(tmp_path, held_port)
     r = run_up(path, *mode)
+    sock = tmp_path / "state" / "control.sock"
+    if alive(sock):  # a daemon that stayed (the bug): stop it before failing
+        subprocess.run([*LLMSUP, "down", "-f", str(path)], capture_output=True, timeout=60)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "no model could be launched, so there is nothing to supervise" in r.stderr
     assert f"{path}:4:3: models.a: port {held_port} on 127.0.0.1 is held by" in r.stderr
@@ -73,7 +76,6 @@ def test_up_with_no_model_launched_exits_non_zero_with_the_reasons(
     assert "supervising" not in r.stderr
     assert "Traceback" not in r.stderr
     assert "daemon started" not in r.stdout
-    sock = tmp_path / "state" / "control.sock"
     assert not alive(sock) and not sock.exists()
 
 
