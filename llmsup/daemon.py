@@ -175,6 +175,9 @@ class Server:
             while True:
                 await self._wait_for_predecessors()
                 try:
+                    if self.child is not None:  # a stop cut short for want of descriptors
+                        grace = self.daemon.loaded.manifest.stop_timeout(self.launch.unit)
+                        await _uncancellable(self._bury(self.child, grace))
                     outcome = await self._one_life()
                 except OSError as e:  # the daemon's want of descriptors, not the model's fault
                     retry = limits.launch_retry(e, shortages + 1)

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from llmsup.limits import SHORTAGE_BACKOFF_MAX, connection_cap, launch_retry
-from tests.supervisor_util import Daemon
+from tests.supervisor_util import Daemon, gone
 from tests.util import free_port, wait_for
 
 
@@ -76,6 +76,8 @@ def test_a_daemon_out_of_descriptors_retries_the_launch_and_never_gives_up(
         first = d.wait_state("a", "READY")
         assert d.proc is not None
         daemon = psutil.Process(d.proc.pid)
+        tree = [p.pid for p in psutil.Process(first["pid"]).children(recursive=True)]
+        assert tree  # the fake, like vLLM, runs an EngineCore and a Worker
         limit = daemon.rlimit(resource.RLIMIT_NOFILE)
         daemon.rlimit(resource.RLIMIT_NOFILE, (0, limit[1]))
         try:
@@ -89,6 +91,7 @@ def test_a_daemon_out_of_descriptors_retries_the_launch_and_never_gives_up(
             daemon.rlimit(resource.RLIMIT_NOFILE, limit)
         row = d.wait_state("a", "READY", 60)
         assert row["pid"] != first["pid"] and row["restarts"] <= 1
+        wait_for(lambda: gone(tree), 30, message=f"the killed server's tree outlived it: {tree}")
         assert "FAILED" not in d.log()
         assert "not counted" in d.log()
     finally:
