@@ -202,9 +202,10 @@ class _Target:
         return socket_path(self.state_dir)
 
     def no_daemon(self, e: NoDaemonError) -> NoDaemonError:
-        return NoDaemonError(
-            f"{e}; start one with `llmsup up -f {shlex.quote(str(self.manifest))}`"
-        )
+        arg = shlex.quote(str(self.manifest))
+        if self.manifest.exists():
+            return NoDaemonError(f"{e}; start one with `llmsup up -f {arg}`")
+        return NoDaemonError(f"{e}; start one with `llmsup up -f MANIFEST` (there is no {arg})")
 
 
 def _target(manifest_file: Path | None) -> _Target:
@@ -575,17 +576,20 @@ def _status_without_daemon(target: _Target, e: NoDaemonError, as_json: bool) -> 
     with _no_daemon_holds(target):
         rows = _leftovers(target)
     if as_json:
-        out = {"daemon": None, "error": str(target.no_daemon(e)), "leftovers": rows}
+        out = {"daemon": None, "error": str(e), "leftovers": rows}
         click.echo(json.dumps(out, indent=2))
         sys.exit(ExitCode.NO_DAEMON)
     if not rows:
-        raise target.no_daemon(e)
+        raise e
     table: list[tuple[str, ...]] = [("UNIT", "PID", "STATE", "ALIVE", "COMMAND")]
     for r in rows:
         alive = " ".join(map(str, r["alive"])) or "none"
         state = "unsupervised" if r["alive"] else "gone"
         table.append((r["unit"], str(r["pid"]), state, alive, shlex.join(r["argv"])[:100]))
-    click.echo(f"llmsup: {e}; what it started is left over:", err=True)
+    click.echo(
+        f"llmsup: no llmsup daemon is running on {target.state_dir}; what it started is left over:",
+        err=True,
+    )
     _print_table(table)
     manifest = shlex.quote(str(target.manifest))
     click.echo(
@@ -720,8 +724,11 @@ def down(manifest_file: Path | None, timeout: float) -> None:
         with _no_daemon_holds(target):
             stopped = _stop_leftovers(target)
         if not stopped:
-            raise NoDaemonError(f"{target.no_daemon(e)} (nothing it started is left)") from None
-        click.echo(f"llmsup: {e}; stopped what a killed daemon left behind:")
+            raise NoDaemonError(f"{e}; nothing it started is left") from None
+        click.echo(
+            f"llmsup: no llmsup daemon was running on {target.state_dir}; "
+            "stopped what it left behind:"
+        )
         for unit, pids in stopped:
             click.echo(f"  {unit}: " + (f"pid {', '.join(map(str, pids))}" if pids else "gone"))
         return

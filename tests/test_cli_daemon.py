@@ -45,18 +45,20 @@ def test_down_after_the_daemon_was_killed_stops_what_it_left(tmp_path: Path) -> 
         # status, no -f: the killed daemon's registration still points at its records
         r = _cli(d, "status")
         assert r.returncode == 3, r.stdout + r.stderr
-        assert "no llmsup daemon is running" in r.stderr
+        assert f"no llmsup daemon is running on {d.state}" in r.stderr
+        assert "start one" not in r.stderr  # the daemon's leftovers come first
         row = _row(r.stdout, "m")
         assert str(pid) in row and "unsupervised" in row
         assert f"llmsup down -f {d.manifest}" in r.stderr
         r = _cli(d, "status", "--json")
         assert r.returncode == 3
+        assert json.loads(r.stdout)["error"].count("start one") == 1
         left = json.loads(r.stdout)["leftovers"]
         assert [(x["unit"], x["pid"]) for x in left] == [("m", pid)] and left[0]["alive"]
         assert not gone(tree), "status must not stop anything"
         r = _cli(d, "down", "-f", str(d.manifest))
         assert r.returncode == 0, r.stderr
-        assert "stopped what a killed daemon left behind" in r.stdout
+        assert "stopped what it left behind" in r.stdout
         assert f"m: pid {pid}" in r.stdout
         assert gone(tree) and d.processes() == []
         assert load_records(d.state) == []
@@ -122,10 +124,13 @@ def test_commands_without_f_find_the_running_daemon(tmp_path: Path) -> None:
         assert list((tmp_path / "one" / "run").glob("*.json")) == []
         r = _cli(one, "status")
         assert r.returncode == 3
-        # no daemon: the hint names the file the user gave
+        # no daemon: the hint names the file the user gave, once
         r = _cli(one, "status", "-f", str(two.manifest))
         assert r.returncode == 3
         assert f"start one with `llmsup up -f {two.manifest}`" in r.stderr
+        assert r.stderr.count("start one") == 1
+        r = _cli(one, "status", "-f", "nosuch.yaml")
+        assert "start one with `llmsup up -f MANIFEST` (there is no nosuch.yaml)" in r.stderr
     finally:
         with contextlib.suppress(Exception):
             _cli(one, "down", "-f", str(one.manifest))
