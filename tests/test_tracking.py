@@ -27,7 +27,7 @@ import pytest
 
 import _fakegpu
 from llmsup.gpu import GiB, make_sim, sim_uuid
-from llmsup.process import Record, cgroup, load_records, members, port_in_use
+from llmsup.process import Record, cgroup, load_records, members, port_in_use, tracking
 from llmsup.process.tracking import ProcessTable
 from tests.supervisor_util import Daemon, running
 from tests.util import free_port, wait_for
@@ -197,6 +197,36 @@ def test_daemon_sigkill_then_up_stops_the_escaped_worker(tmp_path: Path, mode: s
         after, _ = tree_with_escapee(server2)
         assert d.cli("down", "-f", str(d.manifest)).returncode == 0
         assert alive(after) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_daemon_sigkill_then_down_without_a_daemon(tmp_path: Path, mode: str) -> None:
+    """`down` with no daemon stops what the records name, the escapee too."""
+    port = free_port()
+    with running(tmp_path, one_model(port), extra_env=env_for(mode)) as d:
+        server = d.wait_all_ready()["m"]["pid"]
+        before, escaped = tree_with_escapee(server)
+        cg = kernel_cgroup(server)
+        tmpdir, segments = litter_of(server, escaped)
+        if mode == "no-cgroup":
+            wait_for(lambda: record_knows(d, escaped), 10)
+        d.kill_daemon()
+        r = d.cli("down", "-f", str(d.manifest))
+        assert r.returncode == 0, r.stderr
+        assert alive(before) == []
+        assert port_free(port)
+        assert cg is None or not cg.exists()
+        assert no_litter(tmpdir, segments)
+
+
+def test_records_keep_the_live_tree_only() -> None:
+    """Snapshots add what they see and forget the dead: a record does not grow
+    with every child a server ever had."""
+    with hidden_process() as (proc, created):
+        rec = record(known=((proc.pid, created), (999998, 1.0)))
+        [(after, alive_pids)] = tracking.snapshot([rec], ProcessTable())
+        assert dict(after.known) == {proc.pid: created, rec.pid: rec.create_time}
+        assert alive_pids == {proc.pid}
 
 
 def test_litter_is_removed_after_a_stop(tmp_path: Path) -> None:

@@ -354,8 +354,9 @@ def track(children: list[Child]) -> list[Child]:
     changed = []
     snaps = tracking.snapshot([c.record for c in children])
     for child, (rec, alive) in zip(children, snaps, strict=True):
-        shm = set(rec.shm) | litter.shm_of(alive)
-        if len(shm) != len(rec.shm):
+        # Segments still on disk: one the tree removed itself is no litter.
+        shm = {p for p in rec.shm if os.path.exists(p)} | litter.shm_of(alive)
+        if shm != set(rec.shm):
             rec = replace(rec, shm=tuple(sorted(shm)))
         child.pids = alive
         if rec != child.record:

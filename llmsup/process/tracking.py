@@ -172,15 +172,12 @@ def snapshot(
     out = []
     for rec in records:
         found = members_in(rec, seen, cgroup_pids(rec))
-        known = dict(rec.known)
-        for s in found:
-            known.setdefault(s.proc.pid, s.create_time)
-        alive = {s.proc.pid for s in found}
-        # Keep the dead too: a pid that comes back with another create time is
-        # another process and does not match.
-        if len(known) != len(rec.known):
+        # The live tree only: a dead process needs no finding, and the record of a
+        # server that runs for months must not grow with every child it ever had.
+        known = {rec.pid: rec.create_time} | {s.proc.pid: s.create_time for s in found}
+        if known != dict(rec.known):
             rec = _with_known(rec, known)
-        out.append((rec, alive))
+        out.append((rec, {s.proc.pid for s in found}))
     return out
 
 
