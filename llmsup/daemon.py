@@ -700,6 +700,8 @@ class Daemon:
             await process.terminate(process.strays, self.loaded.manifest.defaults.stop_timeout)
             for t in trackers:
                 t.cancel()
+            if self.cgroups is not None:
+                process.cgroup.release(self.cgroups)
             systemd.cancel()
             if monitor is not None:
                 monitor.cancel()

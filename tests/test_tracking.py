@@ -159,6 +159,8 @@ def test_down_stops_the_escaped_worker_and_leaves_no_litter(tmp_path: Path, mode
         assert port_free(port)
         assert cg is None or not cg.exists()
         assert no_litter(tmpdir, segments)
+        if cg is not None:  # and the daemon's own directory goes with it
+            wait_for(lambda: not cg.parent.exists(), 10)
 
 
 @pytest.mark.parametrize("mode", MODES)

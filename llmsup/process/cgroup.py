@@ -95,6 +95,15 @@ def prepare(key: str) -> Path | None:
     return None
 
 
+def release(base: Path) -> None:
+    """At the daemon's exit: remove the directory `prepare` made (root case), if
+    empty. A delegated cgroup belongs to the unit and stays."""
+    if base.parent.name == "llmsup":
+        for d in (base, base.parent):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
 def create(base: Path, unit: str, instance: str) -> Path | None:
     """A fresh cgroup for one launch, or None if it cannot be made."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in unit)
