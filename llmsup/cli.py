@@ -400,6 +400,7 @@ def _detach(path: Path, target: _Target, untrusted: bool) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log = state_dir / "daemon.log"
     with open(log, "ab") as out:
+        start = out.tell()  # the log is appended to: show this start's lines only
         proc = subprocess.Popen(
             [
                 *[sys.executable, "-m", "llmsup.cli", "up", "--foreground", "--quiet"],
@@ -422,7 +423,9 @@ def _detach(path: Path, target: _Target, untrusted: bool) -> None:
                     click.echo(line)
             return
         if proc.poll() is not None:
-            tail = log.read_text(errors="replace").splitlines()[-10:]
+            with open(log, "rb") as f:
+                f.seek(start)
+                tail = f.read().decode(errors="replace").splitlines()[-40:]
             click.echo("\n".join(tail), err=True)
             raise DaemonError(f"the daemon exited with code {proc.returncode} (log: {log})")
         time.sleep(0.05)

@@ -45,8 +45,19 @@ def call(
             raise DaemonError(
                 f"permission denied on {socket_path}: run as the daemon's user or group"
             ) from None
-        resp = conn.getresponse()
-        data = resp.read()
+        try:
+            resp = conn.getresponse()
+            data = resp.read()
+        except TimeoutError:
+            raise DaemonError(
+                f"the daemon on {socket_path} did not answer within {timeout:g}s; "
+                "see `llmsup status`, or its log"
+            ) from None
+        except (ConnectionError, http.client.HTTPException) as e:
+            raise DaemonError(
+                f"the daemon on {socket_path} closed the connection without an answer "
+                f"({e.__class__.__name__}); it may be stopping: run the command again"
+            ) from None
         return resp.status, json.loads(data) if data else None
     finally:
         conn.close()

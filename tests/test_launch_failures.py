@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -99,3 +100,30 @@ def test_one_model_launched_is_enough_to_supervise(tmp_path: Path) -> None:
         env = {**os.environ, "PATH": f"{FAKES_DIR}:/usr/bin:/bin"}
         subprocess.run([*LLMSUP, "down", "-f", str(path)], capture_output=True, timeout=60, env=env)
     assert not alive(sock)
+
+
+def test_a_daemon_that_hangs_up_mid_request_is_a_clean_error(tmp_path: Path) -> None:
+    """As when a daemon exits while a command asks it something: no traceback."""
+    import threading
+
+    from llmsup.errors import DaemonError
+
+    sock_path = tmp_path / "control.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    server.listen()
+
+    def hang_up() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # a reset, no answer
+
+    t = threading.Thread(target=hang_up)
+    t.start()
+    try:
+        with pytest.raises(DaemonError, match="closed the connection without an answer"):
+            call(sock_path, "GET", "/v1/status", timeout=10)
+    finally:
+        t.join(10)
+        server.close()
