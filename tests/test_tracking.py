@@ -5,8 +5,10 @@ The oracle is independent of llmsup's own bookkeeping: the tree of the server
 as the kernel shows it (psutil's children of the server's pid, captured before
 the fault, with create times), the cgroup the kernel says the server is in,
 the TMPDIR in the server's environment, the /dev/shm files its worker maps.
-The fake's worker leaves the session and runs with an empty environment
-(FAKE_WORKER_ESCAPE=1), so no marker and no process group lead to it.
+With FAKE_WORKER_ESCAPE=1 the fake's worker starts a helper that leaves the
+session, runs with an empty environment and outlives the worker, so no marker
+and no process group lead to it. Each scenario runs with a cgroup per server
+(as root) and without (LLMSUP_NO_CGROUP=1: subreaper and snapshots alone).
 """
 
 from __future__ import annotations
@@ -307,19 +309,19 @@ def found(rec: Record, pid: int) -> bool:
     return pid in {p.pid for p in members(rec, ProcessTable())}
 
 
-def test_members_by_snapshot_alone(tmp_path: Path) -> None:
+def test_members_by_snapshot_alone() -> None:
     with hidden_process() as (proc, created):
         assert not found(record(), proc.pid)
         assert found(record(known=((proc.pid, created),)), proc.pid)
         assert not found(record(known=((proc.pid, created - 100),)), proc.pid)  # pid reused
 
 
-def test_members_by_process_group_alone(tmp_path: Path) -> None:
+def test_members_by_process_group_alone() -> None:
     with hidden_process() as (proc, _):
         assert found(record(pgid=proc.pid), proc.pid)  # no marker, not known, no cgroup
 
 
-def test_members_by_descent(tmp_path: Path) -> None:
+def test_members_by_descent() -> None:
     """A child that left the session is found through its known parent."""
     script = "import subprocess, sys, time; subprocess.Popen(['sleep', '60'], env={}, "
     script += "start_new_session=True); time.sleep(60)"
@@ -339,7 +341,7 @@ def test_members_by_descent(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not CAN_CGROUP, reason=NO_CGROUP_REASON)
-def test_members_by_cgroup_alone(tmp_path: Path) -> None:
+def test_members_by_cgroup_alone() -> None:
     assert MOUNT is not None
     base = MOUNT / "llmsup" / f"test-{os.getpid()}"
     base.mkdir(parents=True, exist_ok=True)
