@@ -18,7 +18,6 @@ from typing import Any
 import psutil
 
 from llmsup.client import call
-from llmsup.process import MARKER
 from tests.supervisor_util import Daemon, gone, running
 from tests.util import free_port, wait_for
 
@@ -489,9 +488,7 @@ def test_two_reloads_at_once_leave_one_server(tmp_path: Path) -> None:
         probes = log.read_text(errors="replace").count('"GET /health')
 
         def ten_more_probes() -> bool:  # it stays READY, with one instance, meanwhile
-            for p in d.processes("a"):
-                with contextlib.suppress(psutil.Error):
-                    instances.add(p.environ().get(MARKER))
+            instances.update(d.instances("a"))
             instances.add(d.status()["a"]["instance"])
             return log.read_text(errors="replace").count('"GET /health') >= probes + 10
 
@@ -515,7 +512,7 @@ def test_leftover_of_our_own_on_the_port_is_stopped_not_reported(tmp_path: Path)
             start_new_session=True,
         )
         try:
-            wait_for(lambda: d.processes("m") and _listening(port), 10)
+            wait_for(lambda: stale.poll() is None and _listening(port), 10)
             assert d.cli("start", "-f", str(d.manifest), "m").returncode == 0
             row = d.wait_state("m", "READY")
             assert row["pid"] != stale.pid
