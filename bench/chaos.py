@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llmsup.client import call  # noqa: E402
-from llmsup.process import MARKER, state_key  # noqa: E402
+from llmsup.process import state_key  # noqa: E402
 from tests.supervisor_util import Daemon  # noqa: E402
 from tests.util import free_port, wait_for  # noqa: E402
 
@@ -147,6 +147,7 @@ class Model:
     gpus: list[int] = field(default_factory=list)
     on_demand: bool = False
     fragile: bool = False  # restart policy never: every fault ends FAILED
+    escape: bool = False  # vLLM workers start a helper that leaves the session, no env
     gen: int = 0  # an env value that reloads change
 
     @property
@@ -155,6 +156,8 @@ class Model:
 
     def yaml(self, tmp: Path) -> str:
         env = {"FAKE_CONTROL_FILE": str(self.control), "CHAOS_GEN": str(self.gen)}
+        if self.escape:
+            env["FAKE_WORKER_ESCAPE"] = "1"
         if self.backend == "ollama":
             env |= {"OLLAMA_MODELS": str(tmp / f"ollama-{self.name}"), "FAKE_PULL_TIME": "0.1"}
             head = f"backend: ollama, model: {json.dumps(self.served)}"
@@ -180,9 +183,9 @@ def fleet(tmp: Path) -> dict[str, Model]:
 
     models = [
         m("v1", "vllm", "v1", [0]),
-        m("v2", "vllm", "v2", [1]),
+        m("v2", "vllm", "v2", [1], escape=True),
         m("tp1", "vllm", "tp1", [2, 3]),
-        m("tp2", "vllm", "tp2", [4, 5]),
+        m("tp2", "vllm", "tp2", [4, 5], escape=True),
         m("o1", "ollama", "qwen2.5:0.5b", []),
         m("o2", "ollama", "llama3.2:1b", []),
         m("od", "vllm", "od", [6], on_demand=True),
@@ -428,15 +431,19 @@ class Chaos:
     # -- processes
 
     def marked(self) -> list[tuple[psutil.Process, str]]:
-        """Live processes carrying this daemon's marker, with it."""
+        """Live processes of this daemon's servers, with the instance of the server
+        they belong to: by the kernel's process tree, session, group and cgroup as
+        `Lineage` remembers them, not by llmsup's marker (which vLLM blanks)."""
+        return [(p, s.instance) for p, s in self.d.lineage.servers_live() if s.instance]
+
+    def unattributed(self) -> list[psutil.Process]:
+        """Live processes that came from a daemon but belong to no server and are not
+        a daemon or a CLI this run started (their parent is this process)."""
         out = []
-        for p in psutil.process_iter():
-            try:
-                mark = p.environ().get(MARKER, "")
-                if mark.startswith(self.key + ":") and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append((p, mark))
-            except psutil.Error:
-                continue
+        for p, s in self.d.lineage.live():
+            with contextlib.suppress(psutil.Error):
+                if s.server is None and p.ppid() != os.getpid():
+                    out.append(p)
         return out
 
     def instance_procs(self, instance: str) -> list[psutil.Process]:
@@ -452,6 +459,7 @@ class Chaos:
         models' ports."""
         before = self.status()
         procs = self.marked()
+        loose = self.unattributed()
         ports = {m.port for m in [*self.models.values(), self.extra]}
         listeners: dict[int, int] = {}
         with contextlib.suppress(psutil.Error):
@@ -465,6 +473,8 @@ class Chaos:
             current = {r[unit]["instance"] for r in (before, after) if unit in r}
             if mark not in current:
                 out.setdefault(unit, []).append((p, mark))
+        for p in loose:  # one key each: the same process must be there at every look
+            out[f"(none: pid {p.pid})"] = [(p, "")]
         return out, {"rows": after, "listeners": listeners}
 
     def scan_orphans(self, context: str) -> int:

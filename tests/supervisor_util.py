@@ -250,6 +250,7 @@ class Lineage:
         self.interval = interval  # of the snapshots in the background (None: none)
         self.seen: dict[Ident, Seen] = {}
         self.cgroups: dict[Ident, Path] = {}  # server -> its cgroup directory
+        self.unnamed: set[Ident] = set()  # below a daemon, no server: not exec'd yet?
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
@@ -284,6 +285,8 @@ class Lineage:
             groups.setdefault(st.sid, set()).add(pid)
             groups.setdefault(st.pgid, set()).add(pid)
         with self.lock:
+            for ident in list(self.unnamed):
+                self._name(ident, table)
             memo: dict[int, Seen | None] = {}
             for pid in table:
                 self._by_descent(pid, table, memo)
@@ -307,16 +310,28 @@ class Lineage:
         parent = self._by_descent(st.ppid, table, memo) if st.ppid > 1 else None
         if parent is None:
             return None
-        seen = Seen(parent.server, parent.unit, parent.instance, "descent")
+        self.seen[ident] = Seen(parent.server, parent.unit, parent.instance, "descent")
         if parent.server is None:  # below a daemon: a server, if it says so
-            mark = _marker(pid) if self.key else ""
-            if mark.startswith(self.key + ":"):
-                unit = mark.split(":", 1)[1].rsplit(":", 1)[0]
-                seen = Seen(ident, unit, mark, "descent")
-                if (cg := _cgroup_dir(pid)) is not None:
-                    self.cgroups[ident] = cg
-        self.seen[ident] = memo[pid] = seen
-        return seen
+            self.unnamed.add(ident)
+            self._name(ident, table)
+        memo[pid] = self.seen[ident]
+        return memo[pid]
+
+    def _name(self, ident: Ident, table: dict[int, Stat]) -> None:
+        """A process below a daemon is a server once it carries the marker llmsup
+        launches it with; a fork caught before its exec does not yet, so it is asked
+        again at each look while it lives and belongs to no server."""
+        st = table.get(ident[0])
+        if st is None or st.start != ident[1] or not self.key:
+            self.unnamed.discard(ident)
+            return
+        mark = _marker(ident[0])
+        if mark.startswith(self.key + ":"):
+            unit = mark.split(":", 1)[1].rsplit(":", 1)[0]
+            self.seen[ident] = Seen(ident, unit, mark, "descent")
+            self.unnamed.discard(ident)
+            if (cg := _cgroup_dir(ident[0])) is not None:
+                self.cgroups[ident] = cg
 
     def _by_session(self, server: Ident, table: dict[int, Stat], members: set[int]) -> None:
         label = self.seen[server]
