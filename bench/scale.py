@@ -53,7 +53,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -68,13 +67,12 @@ sys.path.insert(0, str(ROOT))
 from bench.stats import summary_ms  # noqa: E402
 from llmsup import process  # noqa: E402
 from llmsup.client import call  # noqa: E402
+from tests.supervisor_util import Lineage  # noqa: E402
 
 FAKES = ROOT / "tests" / "fakes"
 RESULTS = ROOT / "bench" / "results"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmsup-bench"
 LOAD_TIME = 1.0  # FAKE_LOAD_TIME of every server
-TAG = "LLMSUP_SCALE_BENCH"  # marks the servers that the floor and supervisord start
-RUN_ID = uuid.uuid4().hex[:12]
 KILL_GAP = 0.5  # seconds between kills: the new server's start-up settles
 PROFILE_RATE = 100  # py-spy samples per second
 
@@ -201,14 +199,22 @@ def idle_usage(pid: int, seconds: float) -> dict[str, float]:
     }
 
 
-def tagged() -> list[psutil.Process]:
-    """Live processes this run started outside llmsup (the floor, supervisord's servers)."""
-    out = []
-    for p in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if p.environ().get(TAG) == RUN_ID and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
+LINEAGES: list[Lineage] = []
+
+
+def lineage() -> Lineage:
+    """What descends from the processes this run launches, by the kernel's process
+    table (not by an environment tag, which vLLM's EngineCore blanks). Snapshots are
+    taken where the run asks for them (`look`), so that none competes with what is
+    measured."""
+    out = Lineage(interval=None)
+    LINEAGES.append(out)
     return out
+
+
+def leftovers() -> list[psutil.Process]:
+    """Every live process that descended from anything this run launched."""
+    return list({p.pid: p for ours in LINEAGES for p, _ in ours.live()}.values())
 
 
 def kill_all(procs: list[psutil.Process]) -> int:
@@ -372,6 +378,7 @@ def run_bare(root: Path, s: Setup) -> dict[str, Any]:
     env = base_env()
     out = root / f"bare-{s.n}.log"
     procs: list[subprocess.Popen[bytes]] = []
+    ours = lineage()
     try:
         with open(out, "ab") as f:
             t0 = time.monotonic()
@@ -379,14 +386,17 @@ def run_bare(root: Path, s: Setup) -> dict[str, Any]:
                 procs.append(
                     subprocess.Popen(
                         spec.argv,
-                        env={**env, **spec.env, TAG: RUN_ID},
+                        env={**env, **spec.env},
                         stdin=subprocess.DEVNULL,
                         stdout=f,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
                     )
                 )
-        return watch_up(s, t0, os.getpid())
+                ours.anchor(procs[-1].pid)
+        res = watch_up(s, t0, os.getpid())
+        ours.look()
+        return res
     finally:
         for p in procs:
             with contextlib.suppress(OSError):
@@ -394,7 +404,7 @@ def run_bare(root: Path, s: Setup) -> dict[str, Any]:
         for p in procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(10)
-        kill_all(tagged())
+        kill_all([p for p, _ in ours.live()])
 
 
 # ---------------------------------------------------------------------- llmsup
@@ -406,6 +416,7 @@ class LlmsupDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.t0 = 0.0
         self.calls: list[float] = []  # status call latencies while polling for READY
+        self.lineage = lineage()
 
     def start(self, extra_env: dict[str, str] | None = None) -> None:
         with open(self.s.dir / "daemon.out", "ab") as out:
@@ -418,6 +429,7 @@ class LlmsupDaemon:
                 stderr=out,
                 start_new_session=True,
             )
+        self.lineage.anchor(self.proc.pid)
 
     @property
     def pid(self) -> int:
@@ -482,6 +494,7 @@ class LlmsupDaemon:
 
     def stop(self) -> None:
         """Whatever happened: no daemon and no server of this state dir is left."""
+        self.lineage.look()  # the tree as it stands, before `down` orphans anything
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(Exception):
                 self.cli("down", timeout=120)
@@ -490,7 +503,7 @@ class LlmsupDaemon:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait(10)
-        kill_all(process.marked_with(self.s.key + ":"))
+        kill_all([p for p, _ in self.lineage.live()])
 
 
 def scans(s: Setup) -> dict[str, float]:
@@ -515,6 +528,7 @@ def run_llmsup(s: Setup, kills: int, idle: float, status_runs: int) -> dict[str,
         d.start()
         res["api_answers_s"] = d.wait_api()
         res.update(watch_up(s, d.t0, d.pid, d.all_ready))
+        d.lineage.look()  # every server's tree, EngineCores included
         res["up_minus_load_s"] = res["all_ready_s"] - LOAD_TIME
         res["status_api_call_during_up"] = summary_ms(d.calls)
         time.sleep(3)
@@ -537,10 +551,11 @@ def run_llmsup(s: Setup, kills: int, idle: float, status_runs: int) -> dict[str,
         targets = kill_targets(s, kills)
         res["respawn"] = summary_ms(respawns(d.pid, targets))
         d.wait_all_ready()
+        d.lineage.look()  # the new servers' trees
         restarts = {r["name"]: r["restarts"] for r in d.status()}
         res["restarts_seen"] = sum(restarts.values())
         res["down_s"] = d.down()
-        res["left_after_down"] = len(process.marked_with(s.key + ":"))
+        res["left_after_down"] = len(d.lineage.live())
         return res
     finally:
         d.stop()
@@ -613,7 +628,7 @@ def supervisord_conf(s: Setup, root: Path) -> Path:
         f"[supervisorctl]\nserverurl=unix://{d}/supervisor.sock\n",
     ]
     for spec in s.specs:
-        env = ",".join(f'{k}="{v}"' for k, v in {**spec.env, TAG: RUN_ID}.items())
+        env = ",".join(f'{k}="{v}"' for k, v in spec.env.items())
         parts.append(
             f"[program:{spec.name}]\ncommand={shlex.join(spec.argv)}\nenvironment={env}\n"
             "autostart=true\nautorestart=true\nstartsecs=1\nstopwaitsecs=10\n"
@@ -630,6 +645,7 @@ def run_supervisord(
     conf = supervisord_conf(s, root)
     res: dict[str, Any] = {}
     proc: subprocess.Popen[bytes] | None = None
+    ours = lineage()
     try:
         with open(conf.parent / "supervisord.out", "ab") as out:
             t0 = time.monotonic()
@@ -641,7 +657,9 @@ def run_supervisord(
                 stderr=out,
                 start_new_session=True,
             )
+        ours.anchor(proc.pid)
         res.update(watch_up(s, t0, proc.pid))
+        ours.look()  # every server's tree, EngineCores included
         res["up_minus_load_s"] = res["all_healthy_s"] - LOAD_TIME
         time.sleep(3)
         res.update(idle_usage(proc.pid, idle))
@@ -665,17 +683,18 @@ def run_supervisord(
             if time.monotonic() > deadline:
                 raise BenchError("supervisord: servers not back after the kills")
             time.sleep(0.1)
+        ours.look()
         t = time.monotonic()
         proc.terminate()
         proc.wait(120)
         res["shutdown_s"] = time.monotonic() - t
-        res["orphans_left_after_shutdown"] = len(tagged())  # EngineCores of killed servers
+        res["orphans_left_after_shutdown"] = len(ours.live())  # EngineCores of killed servers
         return res
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        kill_all(tagged())
+        kill_all([p for p, _ in ours.live()])
 
 
 # --------------------------------------------------------------------- profile
@@ -800,6 +819,7 @@ def profile_llmsup(root: Path, s: Setup, kills: int) -> dict[str, Any]:
         d.start({"PYTHONASYNCIODEBUG": "1"})
         d.wait_api()
         up = watch_up(s, d.t0, d.pid, d.all_ready)
+        d.lineage.look()
         res["up_asyncio_debug"] = {
             "all_ready_s": up["all_ready_s"],
             "status_api_call_max_ms": max(d.calls) * 1000,
@@ -813,11 +833,13 @@ def profile_llmsup(root: Path, s: Setup, kills: int) -> dict[str, Any]:
         d.start()
         d.wait_api()
         d.wait_all_ready(timeout=180)
+        d.lineage.look()
         with py_spy(d.pid, root / "profile-kills.txt"):
             lat = respawns(d.pid, kill_targets(s, kills))
         res["kills"] = {"respawn_under_profiler": summary_ms(lat)}
         res["kills"].update(parse_profile(root / "profile-kills.txt"))
         d.wait_all_ready()
+        d.lineage.look()
         with py_spy(d.pid, root / "profile-down.txt"):
             d.down()
         res["down"] = parse_profile(root / "profile-down.txt")
@@ -1058,7 +1080,7 @@ def main() -> None:
                     **profile_llmsup(root, s, args.profile_kills),
                 }
         finally:
-            left = kill_all(tagged())
+            left = kill_all(leftovers())
             if left:
                 log(f"stopped {left} leftover processes")
     res["growth"] = growth(res["points"])
