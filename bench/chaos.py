@@ -15,7 +15,10 @@ all along.
 
 After each fault (and every few faults, with nothing in flight) it checks that
 models recover (READY, or FAILED where the policy says so), that no process of
-a dead instance is left, and samples the daemon's fds and RSS. Writes
+a dead instance is left, and samples the daemon's fds and RSS. What is left is
+judged by the kernel's process tree, sessions, groups and cgroups as the tests'
+`Lineage` remembers them, not by llmsup's marker; two vLLM models run workers
+whose helper leaves the session with an empty environment (FAKE_WORKER_ESCAPE). Writes
 bench/results/chaos.json, prints a summary, and exits 1 if a check failed.
 """
 
