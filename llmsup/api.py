@@ -4,77 +4,64 @@ GET  /v1/status                      daemon and per-model status
 POST /v1/models/{name}/{action}      action: start | stop | restart
 POST /v1/reload   {"manifest": path} apply a manifest (400 with its problems)
 POST /v1/down                        stop every model, then the daemon
+
+Errors answer with `{"error": message}` (a ManifestError adds its "problems") and
+the status its class carries (llmsup.errors), mapped in one middleware.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from llmsup.errors import DaemonError, ManifestError
+from llmsup.control import Control
+from llmsup.errors import LlmsupError
 
-if TYPE_CHECKING:
-    from llmsup.daemon import Daemon
-
-DAEMON_KEY = web.AppKey("daemon", object)
+CONTROL: web.AppKey[Control] = web.AppKey("control")
 
 
-def _daemon(request: web.Request) -> Daemon:
-    return request.app[DAEMON_KEY]  # type: ignore[return-value]
+@web.middleware
+async def errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every LlmsupError answers with its class's status and body."""
+    try:
+        return await handler(request)
+    except LlmsupError as e:
+        return web.json_response(e.body(), status=e.http_status)
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(_daemon(request).status())
+    return web.json_response(request.app[CONTROL].status())
 
 
 async def model_action(request: web.Request) -> web.Response:
-    daemon = _daemon(request)
     name, action = request.match_info["name"], request.match_info["action"]
-    try:
-        server = daemon.server_of(name)
-    except DaemonError as e:
-        return web.json_response({"error": str(e)}, status=404)
-    if action == "start":
-        server.tracker.reset()
-        server.start()
-    elif action == "stop":
-        await server.stop()
-    elif action == "restart":
-        await server.restart()
-    else:
-        return web.json_response({"error": f"unknown action {action!r}"}, status=400)
-    return web.json_response({"ok": True, "models": server.status()})
+    rows = await request.app[CONTROL].act(name, action)
+    return web.json_response({"ok": True, "models": rows})
 
 
 async def reload(request: web.Request) -> web.Response:
-    daemon = _daemon(request)
     try:
         body = await request.json()
     except ValueError:
         body = {}
-    path = Path(body.get("manifest") or daemon.manifest_path)
-    try:
-        result = await daemon.reload(path)
-    except ManifestError as e:
-        return web.json_response(
-            {"error": "manifest not valid", "problems": [str(p) for p in e.problems]}, status=400
-        )
-    except DaemonError as e:
-        return web.json_response({"error": str(e)}, status=409)
+    path = body.get("manifest") if isinstance(body, dict) else None
+    result = await request.app[CONTROL].reload(Path(path) if path else None)
     return web.json_response(result)
 
 
 async def down(request: web.Request) -> web.Response:
-    _daemon(request).stopping.set()
+    request.app[CONTROL].down()
     return web.json_response({"ok": True, "pid": os.getpid()}, status=202)
 
 
-async def serve(daemon: Daemon, path: Path, group: str | None = None) -> web.AppRunner:
-    app = web.Application()
-    app[DAEMON_KEY] = daemon
+async def serve(control: Control, path: Path, group: str | None = None) -> web.AppRunner:
+    app = web.Application(middlewares=[errors])
+    app[CONTROL] = control
     app.add_routes(
         [
             web.get("/v1/status", status),

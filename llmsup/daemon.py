@@ -25,11 +25,13 @@ import aiohttp
 
 from llmsup import gpu, gpucheck, limits, probe, process, running
 from llmsup.backends import Launch
-from llmsup.errors import DaemonError, LlmsupError, ManifestError
+from llmsup.control import ServerView
+from llmsup.errors import BadRequest, DaemonError, LlmsupError, ManifestError, UnknownModel
 from llmsup.manifest import LoadedManifest, gateway_file_keys, load_manifest
 from llmsup.notify import Notifier, status_line
 from llmsup.paths import default_state_dir, socket_path
 from llmsup.plan import Plan, plan_or_raise, untrusted_problems
+from llmsup.plan import conflicts as models_conflict
 from llmsup.state import (
     Fail,
     Liveness,
@@ -81,10 +83,6 @@ class Server:
         self.tail: list[str] = []
         self._wake = asyncio.Event()  # set by the server's last line before it listens
         self.exit_hint = ""  # what the server's log said about its coming exit
-        # The gateway's view: requests in flight, the last one, a swap under way.
-        self.in_flight = 0
-        self.last_used = 0.0
-        self.draining = False
         self.api_key: str | None = None  # the key the server was started with
         self.gpu_memory: dict[int, int] = {}  # GPU index -> bytes its processes hold
         self.retired = False  # replaced or removed by a reload: never starts again
@@ -437,7 +435,6 @@ class Server:
             except asyncio.TimeoutError:
                 return Outcome(True, timeout_msg)
         self.tracker.ready()
-        self.last_used = time.monotonic()
         self.set_progress("")
         self.note(f"ready after {time.monotonic() - started:.1f}s (pid {child.proc.pid})")
         self.set_state(State.READY, f"pid {child.proc.pid}")
@@ -890,13 +887,14 @@ class Daemon:
             if self.listener:
                 self.listener("reload", State.FAILED, str(e))
 
-    async def reload(self, path: Path) -> dict[str, list[str]]:
-        """Apply a manifest: restart changed servers only; an invalid one changes nothing.
+    async def reload(self, path: Path | None = None) -> dict[str, list[str]]:
+        """Apply a manifest (None: the current file again): restart changed servers
+        only; an invalid one changes nothing.
 
         Reloads run one after another: two at once would each replace a changed
         server, and the first replacement would go on running unsupervised."""
         async with self.reloading:
-            return await self._reload(path)
+            return await self._reload(path or self.manifest_path)
 
     async def _reload(self, path: Path) -> dict[str, list[str]]:
         loaded = load_manifest(path)
@@ -941,7 +939,72 @@ class Daemon:
             if model in s.launch.models or model == s.launch.unit:
                 return s
         known = ", ".join(m for s in self.servers.values() for m in s.launch.models)
-        raise DaemonError(f"no model named {model!r} (known: {known})")
+        raise UnknownModel(f"no model named {model!r} (known: {known})")
+
+    # -------------------------------------------------------- Control (llmsup.control)
+
+    async def act(self, model: str, action: str) -> list[dict[str, Any]]:
+        server = self.server_of(model)
+        if action == "start":
+            server.tracker.reset()
+            server.start()
+        elif action == "stop":
+            await server.stop()
+        elif action == "restart":
+            await server.restart()
+        else:
+            raise BadRequest(f"unknown action {action!r} (start, stop or restart)")
+        return server.status()
+
+    def down(self) -> None:
+        self.stopping.set()
+
+    def views(self) -> list[ServerView]:
+        return [self._view(s) for s in self.servers.values()]
+
+    def view(self, unit: str) -> ServerView | None:
+        s = self.servers.get(unit)
+        return self._view(s) if s is not None else None
+
+    def _view(self, s: Server) -> ServerView:
+        spec = self.loaded.manifest.models.get(s.launch.models[0])
+        return ServerView(
+            launch=s.launch,
+            state=s.state,
+            detail=s.detail,
+            reason=s.reason,
+            progress=s.progress,
+            on_demand=s.on_demand,
+            active=s.task is not None and not s.task.done(),
+            api_key=s.api_key,
+            restarts=s.tracker.total,
+            latency=s.latency,
+            gpu_memory=s.gpu_memory,
+            idle_timeout=spec.idle_timeout if spec is not None else None,
+        )
+
+    async def wait_change(self, timeout: float) -> None:
+        async with self.cond:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.cond.wait(), timeout)
+
+    def conflicts(self, unit: str, other: str) -> bool:
+        a, b = self.servers[unit].launch, self.servers[other].launch
+        return models_conflict(self.loaded, a.models[0], b.models[0])
+
+    def start_server(self, unit: str) -> None:
+        s = self.servers[unit]
+        s.tracker.reset()
+        s.reason = ""
+        s.start()
+
+    async def stop_server(self, unit: str, detail: str = "") -> None:
+        s = self.servers.get(unit)
+        if s is None:
+            return
+        await s.stop()
+        if detail:
+            s.set_state(State.STOPPED, detail)
 
     def gateway_info(self) -> dict[str, Any] | None:
         """Where the gateway listens, and whether it asks for a key."""

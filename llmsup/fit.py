@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmsup.errors import LlmsupError
+from llmsup.errors import FitError as FitError
 from llmsup.gpu import GiB, fmt_bytes
 
 # What vLLM needs besides weights and KV cache: peak activations while profiling,
@@ -76,10 +76,6 @@ MAX_LEN_KEYS = (
 )
 # Multimodal configs keep the language model's numbers in a sub-config.
 TEXT_CONFIG_KEYS = ("text_config", "llm_config", "language_config")
-
-
-class FitError(LlmsupError):
-    """A model directory whose files cannot be read for an estimate."""
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ from prometheus_client import (
 from prometheus_client.registry import Collector
 from yarl import URL
 
+from llmsup.errors import ApiError, ModelNotReady, ModelUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -54,25 +56,6 @@ class Route:
     on_demand: bool
 
 
-class NotReady(Exception):
-    """The model is starting: the client gets 503 with Retry-After."""
-
-    def __init__(self, reason: str, retry_after: int) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
-
-
-class Unavailable(Exception):
-    """The model cannot serve (FAILED, or stopped and not on-demand): 503 with the reason,
-    and no Retry-After (retrying cannot help until an operator acts)."""
-
-    def __init__(self, reason: str, *, stopped: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.stopped = stopped  # stopped on purpose, rather than broken
-
-
 class Registry(Protocol):
     """What the daemon gives the gateway. Every method runs on the event loop."""
 
@@ -83,7 +66,7 @@ class Registry(Protocol):
 
     async def acquire(self, served_name: str, wait: float) -> Route:
         """A READY route. An on-demand model is started (maybe swapping another out)
-        and waited for up to `wait` s. Raises NotReady while still starting, Unavailable
+        and waited for up to `wait` s. Raises ModelNotReady while starting, ModelUnavailable
         when FAILED or stopped. May be cancelled (the client went away): a start it
         began should go on regardless."""
         ...
@@ -123,27 +106,8 @@ _THREAD_PARSE_BYTES = 256 * 1024  # json.loads of more than this would stall the
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
-class ApiError(Exception):
-    """An answer in OpenAI's error shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str,
-        code: str,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        error = {"message": self.message, "type": self.type, "param": None, "code": self.code}
-        return {"error": error}
-
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
+def _response(e: ApiError) -> web.Response:
+    return web.json_response(e.body(), status=e.status, headers=e.headers)
 
 
 class _Metrics:
@@ -437,7 +401,7 @@ class _Gateway:
                 raise _unauthorized()
             return await handler(request)
         except ApiError as e:
-            return e.response()
+            return _response(e)
         except web.HTTPException as e:  # from the router and the body reader
             if e.status < 400:
                 raise
@@ -447,11 +411,11 @@ class _Gateway:
             if e.status == 413:
                 message = f"Request body larger than {self.config.max_body_bytes} bytes"
             code = codes.get(e.status, "invalid_request")
-            return ApiError(e.status, message, "invalid_request_error", code, headers).response()
+            return _response(ApiError(e.status, message, "invalid_request_error", code, headers))
         except Exception:
             log.exception("gateway: %s %s failed", request.method, request.path)
             error = ApiError(500, "Internal error in the gateway", "server_error", "internal_error")
-            return error.response()
+            return _response(error)
 
     # -- small endpoints
 
@@ -518,11 +482,11 @@ class _Gateway:
                 body = await _off_loop(len(body), lambda: json.dumps(obj).encode())
             try:
                 route = await self.registry.acquire(served, self.config.start_wait)
-            except NotReady as e:
+            except ModelNotReady as e:
                 message = f"Model `{name}` is not ready yet: {e.reason}"
                 retry = {"Retry-After": str(max(1, e.retry_after))}
                 raise ApiError(503, message, "server_error", "model_not_ready", retry) from None
-            except Unavailable as e:
+            except ModelUnavailable as e:
                 if e.stopped:  # said to an API client: no shell command to run
                     message = f"Model `{name}` is stopped and is not accepting requests"
                     raise ApiError(503, message, "server_error", "model_stopped") from None

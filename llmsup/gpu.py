@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from llmsup.errors import LlmsupError
+from llmsup.errors import GpuUnavailable as GpuUnavailable
 
 GiB = 1024**3
 SIM_ENV = "LLMSUP_GPU_SIM"
@@ -84,10 +84,6 @@ class Snapshot:
 
     def gpu(self, uuid: str) -> Gpu | None:
         return next((g for g in self.gpus if g.uuid == uuid), None)
-
-
-class GpuUnavailable(LlmsupError):
-    """No GPU information at all on this host; the message is a one-line reason."""
 
 
 class GpuSource(Protocol):
@@ -149,7 +145,9 @@ class NvmlSource:
 
 
 class _DriverGone(Exception):
-    pass
+    """The driver stopped answering in the middle of a read. Outside LlmsupError on
+    purpose: it never leaves this module (the source re-initialises NVML once, then
+    raises GpuUnavailable), and no `except LlmsupError` may swallow it on the way."""
 
 
 def _import_pynvml() -> Any:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from llmsup.errors import StepError as StepError
+
 
 @dataclass(frozen=True)
 class ProbeResult:
@@ -64,10 +66,6 @@ async def completion_ok(
         )
     except aiohttp.ClientError as e:
         return ProbeResult(False, time.monotonic() - start, type(e).__name__)
-
-
-class StepError(Exception):
-    pass
 
 
 async def ollama_pull(

@@ -7,34 +7,38 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from llmsup.gateway import NotReady, Route, Unavailable
-from llmsup.plan import conflicts
+from llmsup.control import Control, ServerView
+from llmsup.errors import ModelNotReady, ModelUnavailable
+from llmsup.gateway import Route
 from llmsup.state import State
-
-if TYPE_CHECKING:
-    from llmsup.daemon import Daemon, Server
 
 RETRY_AFTER = 5  # seconds a client is told to wait for a model that is starting
 DRAIN_LIMIT = 60.0  # how long a swap waits for the requests of the model it stops
+_SETTLED = (State.READY, State.FAILED, State.STOPPED)
 
 
 class DaemonRegistry:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self._swap = asyncio.Lock()
+    """The gateway's routing policy: it owns the requests in flight per server, when
+    each was last used and which are being swapped out (drained)."""
 
-    def _server(self, served_name: str) -> Server:
-        for s in self.daemon.servers.values():
+    def __init__(self, control: Control) -> None:
+        self.control = control
+        self._swap = asyncio.Lock()
+        self.in_flight: dict[str, int] = {}  # unit -> requests being served
+        self.last_used: dict[str, float] = {}  # unit -> when READY or last used (monotonic)
+        self.draining: set[str] = set()  # units being stopped for a swap
+
+    def _server(self, served_name: str) -> ServerView:
+        for s in self.control.views():
             if served_name in s.launch.served_names:
                 return s
-        raise Unavailable(f"no server serves {served_name!r}")
+        raise ModelUnavailable(f"no server serves {served_name!r}")
 
-    def _route(self, s: Server, served_name: str) -> Route:
+    def _route(self, s: ServerView, served_name: str) -> Route:
         la = s.launch
         host = "127.0.0.1" if la.host in ("0.0.0.0", "") else la.host
         host = f"[{host}]" if ":" in host else host
@@ -50,111 +54,109 @@ class DaemonRegistry:
         )
 
     def routes(self) -> list[Route]:
-        return [
-            self._route(s, name)
-            for s in self.daemon.servers.values()
-            for name in s.launch.served_names
-        ]
+        views = self.control.views()
+        return [self._route(s, name) for s in views for name in s.launch.served_names]
 
     async def acquire(self, served_name: str, wait: float) -> Route:
         s = self._server(served_name)
+        unit = s.launch.unit
         deadline = time.monotonic() + wait
-        if s.state == State.READY and not s.draining:
+        if s.state == State.READY and unit not in self.draining:
             return self._take(s, served_name)
         if s.state == State.FAILED:
-            raise Unavailable(f"{s.launch.unit} FAILED: {s.reason}")
-        if s.draining:
-            raise NotReady(f"{s.launch.unit} is being swapped out", RETRY_AFTER)
+            raise ModelUnavailable(f"{unit} FAILED: {s.reason}")
+        if unit in self.draining:
+            raise ModelNotReady(f"{unit} is being swapped out", RETRY_AFTER)
         if not s.on_demand:
             if s.state == State.STOPPED:
-                raise Unavailable(f"{s.launch.unit} is stopped", stopped=True)
-            raise NotReady(f"{s.launch.unit} is {s.state.value.lower()}", RETRY_AFTER)
-        if s.task is None or s.task.done():
+                raise ModelUnavailable(f"{unit} is stopped", stopped=True)
+            raise ModelNotReady(f"{unit} is {s.state.value.lower()}", RETRY_AFTER)
+        if not s.active:
             # Shielded: a client that gives up does not abort a start it began.
-            await asyncio.shield(asyncio.ensure_future(self._start(s)))
-        async with self.daemon.cond:
-            while s.state not in (State.READY, State.FAILED, State.STOPPED):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise NotReady(
-                        f"{s.launch.unit} is starting ({s.progress or s.state.value.lower()})",
-                        RETRY_AFTER,
-                    )
-                try:
-                    await asyncio.wait_for(self.daemon.cond.wait(), left)
-                except asyncio.TimeoutError:
-                    continue
+            await asyncio.shield(asyncio.ensure_future(self._start(unit)))
+        while True:
+            now = self.control.view(unit)
+            if now is None:  # removed by a reload meanwhile
+                raise ModelUnavailable(f"{unit} is no longer in the manifest")
+            s = now
+            if s.state in _SETTLED:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ModelNotReady(
+                    f"{unit} is starting ({s.progress or s.state.value.lower()})", RETRY_AFTER
+                )
+            await self.control.wait_change(left)
         if s.state == State.READY:
             return self._take(s, served_name)
-        reason = f"{s.launch.unit} {s.state.value}: {s.reason or s.detail}"
-        raise Unavailable(reason, stopped=s.state == State.STOPPED)  # stopped while starting
+        reason = f"{unit} {s.state.value}: {s.reason or s.detail}"
+        raise ModelUnavailable(reason, stopped=s.state == State.STOPPED)  # stopped while starting
 
-    def _take(self, s: Server, served_name: str) -> Route:
-        s.in_flight += 1
-        s.last_used = time.monotonic()
+    def _take(self, s: ServerView, served_name: str) -> Route:
+        unit = s.launch.unit
+        self.in_flight[unit] = self.in_flight.get(unit, 0) + 1
+        self.last_used[unit] = time.monotonic()
         return self._route(s, served_name)
 
     def release(self, route: Route) -> None:
-        s = self.daemon.servers.get(route.unit)
-        if s is not None:
-            s.in_flight = max(0, s.in_flight - 1)
-            s.last_used = time.monotonic()
+        left = self.in_flight.get(route.unit, 0) - 1
+        if left > 0:
+            self.in_flight[route.unit] = left
+        else:
+            self.in_flight.pop(route.unit, None)
+        self.last_used[route.unit] = time.monotonic()
 
-    async def _start(self, s: Server) -> None:
+    async def _start(self, unit: str) -> None:
         """Start an on-demand server, first draining and stopping those it cannot
         run beside (its exclusive group, or not enough GPU memory for both)."""
         async with self._swap:
-            if s.task is not None and not s.task.done():
+            s = self.control.view(unit)
+            if s is None or s.active:
                 return
-            loaded = self.daemon.loaded
             victims = [
-                o
-                for o in self.daemon.servers.values()
-                if o is not s
+                o.launch.unit
+                for o in self.control.views()
+                if o.launch.unit != unit
                 and o.on_demand
-                and o.task is not None
-                and not o.task.done()
-                and conflicts(loaded, o.launch.models[0], s.launch.models[0])
+                and o.active
+                and self.control.conflicts(o.launch.unit, unit)
             ]
-            for v in victims:
-                v.draining = True
+            self.draining.update(victims)
             try:
                 end = time.monotonic() + DRAIN_LIMIT
-                while any(v.in_flight for v in victims) and time.monotonic() < end:
+                while any(self.in_flight.get(v) for v in victims) and time.monotonic() < end:
                     await asyncio.sleep(0.05)
-                await asyncio.gather(*(v.stop() for v in victims))
+                await asyncio.gather(*(self.control.stop_server(v) for v in victims))
             finally:
-                for v in victims:
-                    v.draining = False
-            s.tracker.reset()
-            s.reason = ""
-            s.start()
+                self.draining.difference_update(victims)
+            self.control.start_server(unit)
 
     async def idle_loop(self) -> None:
-        """Stop on-demand servers that had no request for their idle_timeout."""
+        """Stop on-demand servers that had no request for their idle_timeout, counted
+        from their last request or from when they became READY."""
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
-            models = self.daemon.loaded.manifest.models  # read anew: reloads replace it
-            for s in list(self.daemon.servers.values()):
-                spec = models.get(s.launch.models[0])
-                limit = spec.idle_timeout if spec is not None else None
+            for s in self.control.views():
+                unit, limit = s.launch.unit, s.idle_timeout
+                if s.state != State.READY:
+                    self.last_used.pop(unit, None)
+                    continue
+                since = self.last_used.setdefault(unit, now)
                 if (
                     s.on_demand
                     and limit is not None
-                    and s.state == State.READY
-                    and s.in_flight == 0
-                    and now - s.last_used >= limit
+                    and not self.in_flight.get(unit)
+                    and now - since >= limit
                 ):
-                    await s.stop()
-                    s.set_state(State.STOPPED, f"idle for {limit:g}s")
+                    await self.control.stop_server(unit, f"idle for {limit:g}s")
 
 
 class ModelCollector:
     """Per-model metrics for the gateway's /metrics, read from the daemon on scrape."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, control: Control) -> None:
+        self.control = control
 
     def collect(self) -> Iterator[Metric]:
         state = GaugeMetricFamily(
@@ -172,12 +174,12 @@ class ModelCollector:
             "GPU memory held by the model's processes",
             labels=["model", "gpu"],
         )
-        for s in self.daemon.servers.values():
+        for s in self.control.views():
             for model in s.launch.models:
                 for st in State:
                     state.add_metric([model, st.value], 1.0 if s.state == st else 0.0)
                 ready.add_metric([model], 1.0 if s.state == State.READY else 0.0)
-                restarts.add_metric([model], float(s.tracker.total))
+                restarts.add_metric([model], float(s.restarts))
                 if s.latency is not None:
                     latency.add_metric([model], s.latency)
                 for index, held in s.gpu_memory.items():

@@ -22,9 +22,7 @@ import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
-class UnsafeRuntimeDir(Exception):
-    """The runtime directory is not ours alone: nothing is read from it or written to it."""
+from llmsup.errors import UnsafeRuntimeDir as UnsafeRuntimeDir
 
 
 @dataclass(frozen=True)

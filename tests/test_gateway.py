@@ -30,14 +30,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from llmsup.gateway import (
-    GatewayConfig,
-    NotReady,
-    Route,
-    Unavailable,
-    create_app,
-    serve,
-)
+from llmsup.errors import ModelNotReady, ModelUnavailable
+from llmsup.gateway import GatewayConfig, Route, create_app, serve
 from tests.util import FAKES_DIR, fake_env, free_port, wait_for
 
 UPSTREAM_KEY = "upstream-key-123"
@@ -122,9 +116,9 @@ class StubRegistry:
         if route.unit == "boom":
             raise RuntimeError("registry bug")
         if route.state == "FAILED" or (route.state == "STOPPED" and not route.on_demand):
-            raise Unavailable(route.reason)
+            raise ModelUnavailable(route.reason)
         if route.state != "READY":
-            raise NotReady(route.reason or "starting", 5)
+            raise ModelNotReady(route.reason or "starting", 5)
         self.acquired.append((served_name, wait))
         return route
 

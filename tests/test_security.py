@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmsup.errors import ManifestError
-from llmsup.gateway import GatewayConfig, NotReady, Route, create_app, serve
+from llmsup.errors import ManifestError, ModelNotReady
+from llmsup.gateway import GatewayConfig, Route, create_app, serve
 from llmsup.manifest import parse_manifest
 from llmsup.plan import make_plan, untrusted_problems
 from tests.supervisor_util import Daemon
@@ -178,7 +178,7 @@ class _Registry:
         return [Route("alpha", "alpha", "vllm", "http://127.0.0.1:9", None, "STARTING", "", False)]
 
     async def acquire(self, served_name: str, wait: float) -> Route:
-        raise NotReady("starting", 5)
+        raise ModelNotReady("starting", 5)
 
     def release(self, route: Route) -> None:
         raise AssertionError("never acquired")
