@@ -712,7 +712,7 @@ SUSPECTS = {
     "process.spawn": "spawn (llmsup/process.py)",
     "fork/exec (Popen._execute_child)": "Popen._execute_child (subprocess.py)",
     "Child._pump (server output)": "_pump (llmsup/process.py)",
-    "foreground listener (cli printer)": "__call__ (llmsup/cli.py)",
+    "foreground listener (cli printer)": "__call__ (llmsup/cli/daemon.py)",
     "loop idle (waiting in select)": "EpollSelector.select (selectors.py)",
 }
 

@@ -1,0 +1,5 @@
+"""`python -m llmsup.cli`: the `llmsup` command."""
+
+from llmsup.cli import main
+
+main()
