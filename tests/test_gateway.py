@@ -13,6 +13,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -25,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDictProxy
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -791,3 +793,64 @@ def test_connections_over_the_cap_get_503_and_the_rest_are_served(
 def test_route_is_a_frozen_value() -> None:
     r = Route("a", "u", "vllm", "http://x", None, "READY", "", False)
     assert replace(r, state="FAILED") != r and hash(r) == hash(replace(r))
+
+
+class _Loopback(AbstractResolver):
+    """Resolves every name to 127.0.0.1: only a session built with it reaches the fakes
+    under a made-up host name."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        loopback = ResolveResult(
+            hostname=host, host="127.0.0.1", port=port, family=socket.AF_INET, proto=0, flags=0
+        )
+        return [loopback]
+
+    async def close(self) -> None:
+        pass
+
+
+def test_an_injected_upstream_session_carries_the_requests(fakes: dict[str, Fake]) -> None:
+    async def body() -> None:
+        url = f"http://alpha.upstream.invalid:{fakes['alpha'].port}"
+        route = Route("alpha", "alpha-unit", "vllm", url, None, "READY", "", False)
+        seen: list[str] = []
+
+        async def on_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
+            seen.append(str(params.url))
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_start.append(on_start)
+        connector = aiohttp.TCPConnector(resolver=_Loopback())
+        async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as up:
+            app = create_app(StubRegistry([route]), GatewayConfig(), upstream=up)
+            runner = await serve(app, "127.0.0.1", 0)
+            try:
+                port = runner.addresses[0][1]
+                async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as c:
+                    status, out, _ = await call(
+                        c, "/v1/chat/completions", {**CHAT, "model": "alpha"}
+                    )
+                    assert status == 200 and out["model"] == "alpha", out
+            finally:
+                await runner.cleanup()
+            assert seen == [f"{url}/v1/chat/completions"]
+            assert not up.closed  # its owner closes it, not the gateway
+
+        async with aiohttp.ClientSession() as client:
+            # Without it, the gateway's own session cannot resolve the made-up name.
+            app = create_app(StubRegistry([route]), GatewayConfig())
+            runner = await serve(app, "127.0.0.1", 0)
+            try:
+                port = runner.addresses[0][1]
+                status, out, _ = await call(
+                    client,
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    {**CHAT, "model": "alpha"},
+                )
+                assert status == 502 and error(out)["code"] == "upstream_unreachable", out
+            finally:
+                await runner.cleanup()
+
+    asyncio.run(body())

@@ -1,27 +1,62 @@
-"""The daemon as the gateway sees it: routes, on-demand starts, swaps, idle stops,
-and the per-model Prometheus metrics.
+"""Which server answers a request: routes, on-demand starts, swaps and idle stops.
+
+`Registry` is what the gateway's app asks; `Routing` implements it over the daemon's
+`Control`, and owns the gateway's counts: requests in flight per server, when each
+was last used, and which are being drained for a swap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
+from dataclasses import dataclass
+from typing import Protocol
 
 from llmsup.control import Control, ServerView
 from llmsup.errors import ModelNotReady, ModelUnavailable
-from llmsup.gateway import Route
 from llmsup.state import State
+
+
+@dataclass(frozen=True)
+class Route:
+    """One served name and the server behind it, as the daemon sees it now."""
+
+    served_name: str  # the name clients send as "model"
+    unit: str  # the server (process) that serves it
+    backend: str  # "vllm" | "ollama" | "command"
+    base_url: str  # e.g. "http://127.0.0.1:8000"; the request path (/v1/...) is appended
+    api_key: str | None  # sent upstream as "Authorization: Bearer ..."
+    state: str  # "READY", "STARTING", "LOADING", "BACKOFF", "FAILED", "STOPPED", ...
+    reason: str  # why FAILED / what it is doing
+    on_demand: bool
+
+
+class Registry(Protocol):
+    """What the daemon gives the gateway. Every method runs on the event loop."""
+
+    def routes(self) -> list[Route]:
+        """Every served name (aliases are the gateway's own, from its config). Called
+        per request: keep it cheap."""
+        ...
+
+    async def acquire(self, served_name: str, wait: float) -> Route:
+        """A READY route. An on-demand model is started (maybe swapping another out)
+        and waited for up to `wait` s. Raises ModelNotReady while starting, ModelUnavailable
+        when FAILED or stopped. May be cancelled (the client went away): a start it
+        began should go on regardless."""
+        ...
+
+    def release(self, route: Route) -> None:
+        """The request that acquired `route` is over (called exactly once per acquire)."""
+        ...
+
 
 RETRY_AFTER = 5  # seconds a client is told to wait for a model that is starting
 DRAIN_LIMIT = 60.0  # how long a swap waits for the requests of the model it stops
 _SETTLED = (State.READY, State.FAILED, State.STOPPED)
 
 
-class DaemonRegistry:
+class Routing:
     """The gateway's routing policy: it owns the requests in flight per server, when
     each was last used and which are being swapped out (drained)."""
 
@@ -150,38 +185,3 @@ class DaemonRegistry:
                     and now - since >= limit
                 ):
                     await self.control.stop_server(unit, f"idle for {limit:g}s")
-
-
-class ModelCollector:
-    """Per-model metrics for the gateway's /metrics, read from the daemon on scrape."""
-
-    def __init__(self, control: Control) -> None:
-        self.control = control
-
-    def collect(self) -> Iterator[Metric]:
-        state = GaugeMetricFamily(
-            "llmsup_model_state", "1 for the state each model is in", labels=["model", "state"]
-        )
-        ready = GaugeMetricFamily("llmsup_model_ready", "1 when READY", labels=["model"])
-        restarts = CounterMetricFamily(
-            "llmsup_model_restarts", "Restarts since the daemon started", labels=["model"]
-        )
-        latency = GaugeMetricFamily(
-            "llmsup_model_health_latency_seconds", "Last health probe latency", labels=["model"]
-        )
-        gpu = GaugeMetricFamily(
-            "llmsup_model_gpu_memory_bytes",
-            "GPU memory held by the model's processes",
-            labels=["model", "gpu"],
-        )
-        for s in self.control.views():
-            for model in s.launch.models:
-                for st in State:
-                    state.add_metric([model, st.value], 1.0 if s.state == st else 0.0)
-                ready.add_metric([model], 1.0 if s.state == State.READY else 0.0)
-                restarts.add_metric([model], float(s.restarts))
-                if s.latency is not None:
-                    latency.add_metric([model], s.latency)
-                for index, held in s.gpu_memory.items():
-                    gpu.add_metric([model, str(index)], float(held))
-        yield from (state, ready, restarts, latency, gpu)

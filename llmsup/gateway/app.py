@@ -1,4 +1,4 @@
-"""The gateway: one OpenAI-compatible endpoint in front of every model.
+"""The gateway's HTTP application: authentication, routing, relaying, errors.
 
 It runs inside the daemon's event loop, so nothing here blocks: bodies are relayed
 chunk by chunk as they arrive, and large request bodies are parsed in a worker
@@ -19,80 +19,22 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client.registry import Collector
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
 from llmsup.errors import ApiError, ModelNotReady, ModelUnavailable
+from llmsup.gateway.config import GatewayConfig
+from llmsup.gateway.connections import Guard, busy_while_handled
+from llmsup.gateway.metrics import Metrics
+from llmsup.gateway.routing import Registry, Route
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Route:
-    """One served name and the server behind it, as the daemon sees it now."""
-
-    served_name: str  # the name clients send as "model"
-    unit: str  # the server (process) that serves it
-    backend: str  # "vllm" | "ollama" | "command"
-    base_url: str  # e.g. "http://127.0.0.1:8000"; the request path (/v1/...) is appended
-    api_key: str | None  # sent upstream as "Authorization: Bearer ..."
-    state: str  # "READY", "STARTING", "LOADING", "BACKOFF", "FAILED", "STOPPED", ...
-    reason: str  # why FAILED / what it is doing
-    on_demand: bool
-
-
-class Registry(Protocol):
-    """What the daemon gives the gateway. Every method runs on the event loop."""
-
-    def routes(self) -> list[Route]:
-        """Every served name (aliases are the gateway's own, from its config). Called
-        per request: keep it cheap."""
-        ...
-
-    async def acquire(self, served_name: str, wait: float) -> Route:
-        """A READY route. An on-demand model is started (maybe swapping another out)
-        and waited for up to `wait` s. Raises ModelNotReady while starting, ModelUnavailable
-        when FAILED or stopped. May be cancelled (the client went away): a start it
-        began should go on regardless."""
-        ...
-
-    def release(self, route: Route) -> None:
-        """The request that acquired `route` is over (called exactly once per acquire)."""
-        ...
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    api_keys: Sequence[str] = ()  # resolved keys; empty = no authentication
-    aliases: Mapping[str, str] = field(default_factory=dict)  # alias -> served name
-    max_body_bytes: int = 8 * 1024 * 1024
-    start_wait: float = 120.0  # how long a request waits for an on-demand start
-    connect_timeout: float = 10.0
-    # Until the response headers: a non-streamed completion sends them only when done.
-    first_byte_timeout: float = 900.0
-    read_timeout: float = 300.0  # between two chunks of a response body
-    extra_collector: Collector | None = None  # the daemon's per-model metrics
-    # Client connections: beyond the cap a new one gets 503 and is closed at once, so
-    # a flood cannot take the descriptors supervision needs (see llmsup.limits).
-    max_connections: int = 1000
-    header_timeout: float = 60.0  # from a request's first byte to the end of its headers
-    body_timeout: float = 60.0  # to read a whole request body
-    keepalive_timeout: float = 75.0  # an idle connection between two requests
 
 
 # Headers that belong to one connection (RFC 9110 7.6.1), plus those we set ourselves.
@@ -103,52 +45,25 @@ _HOP_BY_HOP = frozenset(
 _NOT_UPSTREAM = _HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
 _NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length", "date", "server"}
 _THREAD_PARSE_BYTES = 256 * 1024  # json.loads of more than this would stall the loop
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 def _response(e: ApiError) -> web.Response:
     return web.json_response(e.body(), status=e.status, headers=e.headers)
 
 
-class _Metrics:
-    def __init__(self, extra: Collector | None) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "llmsup_gateway_requests", "Requests by model and status", ["model", "code"], registry=r
-        )
-        self.in_flight = Gauge(
-            "llmsup_gateway_in_flight", "Requests being served", ["model"], registry=r
-        )
-        self.latency = Histogram(
-            "llmsup_gateway_upstream_latency_seconds",
-            "Time from forwarding a request to the upstream's response headers",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.connections = Gauge(
-            "llmsup_gateway_connections", "Client connections open", registry=r
-        )
-        self.dropped = Counter(
-            "llmsup_gateway_connections_dropped",
-            "Client connections refused (over max_connections) or timed out",
-            ["reason"],
-            registry=r,
-        )
-        if extra is not None:
-            r.register(extra)
-
-
 _GATEWAY: web.AppKey[_Gateway] = web.AppKey("llmsup_gateway")
 
 
-def create_app(registry: Registry, config: GatewayConfig) -> web.Application:
-    """The gateway's aiohttp application; run it with `serve`."""
-    gw = _Gateway(registry, config)
+def create_app(
+    registry: Registry, config: GatewayConfig, upstream: aiohttp.ClientSession | None = None
+) -> web.Application:
+    """The gateway's aiohttp application; run it with `serve`. Requests go upstream
+    through `upstream` when given (its owner closes it), else through a pooled
+    session of the app's own."""
+    gw = _Gateway(registry, config, upstream)
     # client_max_size enforces the limit while reading bodies without Content-Length.
     app = web.Application(
-        middlewares=[_busy_while_handled, gw.errors_and_auth],
+        middlewares=[busy_while_handled, gw.errors_and_auth],
         client_max_size=config.max_body_bytes,
     )
     app[_GATEWAY] = gw
@@ -194,8 +109,8 @@ async def serve(app: web.Application, host: str, port: int) -> Listening:
     await runner.setup()
     assert runner.server is not None
     # aiohttp's server has no header timeout and no connection cap: each connection's
-    # protocol is wrapped in a _Guarded that adds both.
-    guard = _Guard(runner.server, cfg, gw.m)
+    # protocol is wrapped in a Guarded that adds both.
+    guard = Guard(runner.server, cfg, gw.m)
     try:
         server = await asyncio.get_running_loop().create_server(
             guard.protocol, host, port, reuse_address=True
@@ -204,149 +119,6 @@ async def serve(app: web.Application, host: str, port: int) -> Listening:
         await runner.cleanup()
         raise
     return Listening(runner, server)
-
-
-def _raw_response(err: ApiError) -> bytes:
-    """A whole HTTP/1.1 answer, for a connection aiohttp never handles (or no longer)."""
-    body = json.dumps(err.body()).encode()
-    reason = {408: "Request Timeout", 503: "Service Unavailable"}.get(err.status, "Error")
-    head = [f"HTTP/1.1 {err.status} {reason}", "Content-Type: application/json"]
-    head += [f"{k}: {v}" for k, v in err.headers.items()]
-    head += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
-    return "\r\n".join(head).encode() + body
-
-
-class _Guard:
-    """Counts the gateway's client connections and refuses those over the cap."""
-
-    def __init__(
-        self, factory: Callable[[], asyncio.Protocol], config: GatewayConfig, m: _Metrics
-    ) -> None:
-        self.factory = factory
-        self.config = config
-        self.m = m
-        self.open = 0
-        full = f"The gateway is at its limit of {config.max_connections} connections"
-        self.full = _raw_response(
-            ApiError(503, full, "server_error", "too_many_connections", {"Retry-After": "1"})
-        )
-        late = f"Request headers did not arrive within {config.header_timeout:g}s"
-        self.late = _raw_response(ApiError(408, late, "invalid_request_error", "request_timeout"))
-
-    def protocol(self) -> asyncio.Protocol:
-        return _Guarded(self)
-
-
-class _Guarded(asyncio.Protocol):
-    """One client connection: aiohttp's protocol, behind the cap and two timers.
-
-    From its first byte, a request has `header_timeout` to complete its headers (then
-    408, as nginx answers); a new connection has as long to send that first byte,
-    and one between two requests `keepalive_timeout` (then a quiet close). While a
-    request is handled (see `_busy_while_handled`) no timer runs: the body has its
-    own, and a response may stream for as long as the model writes."""
-
-    def __init__(self, guard: _Guard) -> None:
-        self.guard = guard
-        self.inner: asyncio.Protocol | None = None
-        self.transport: asyncio.Transport | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.busy = False  # a request is being handled
-        self.pending = False  # part of the next request has arrived
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        g = self.guard
-        if g.open >= g.config.max_connections:
-            g.m.dropped.labels("max_connections").inc()
-            transport.write(g.full)
-            transport.close()
-            return
-        g.open += 1
-        g.m.connections.inc()
-        self.inner = g.factory()
-        self._arm(g.config.header_timeout)
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self.inner is None:
-            return
-        if not self.busy and not self.pending:  # the first byte of a request
-            self.pending = True
-            self._arm(self.guard.config.header_timeout)
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        if self.inner is not None:
-            self.guard.open -= 1
-            self.guard.m.connections.dec()
-            inner, self.inner = self.inner, None
-            inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
-
-    # -- called around each request by _busy_while_handled
-
-    def request_started(self) -> None:
-        self.busy, self.pending = True, False
-        self._disarm()
-
-    def request_done(self) -> None:
-        self.busy = False
-        self._arm(self.guard.config.keepalive_timeout)
-
-    # -- the timer
-
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self.timer = asyncio.get_running_loop().call_later(seconds, self._expired, seconds)
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _expired(self, seconds: float) -> None:
-        self.timer = None
-        t = self.transport
-        if self.busy or t is None or t.is_closing():
-            return
-        if t.get_write_buffer_size():  # the last response is still on its way out
-            self._arm(seconds)
-            return
-        if self.pending:  # a request began and its headers never ended: say so
-            self.guard.m.dropped.labels("header_timeout").inc()
-            t.write(self.guard.late)
-        else:
-            self.guard.m.dropped.labels("idle_timeout").inc()
-        t.close()
-
-
-@web.middleware
-async def _busy_while_handled(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Tell the connection's guard that a request is being handled (its headers
-    arrived), and when it is over."""
-    conn = request.transport.get_protocol() if request.transport is not None else None
-    if not isinstance(conn, _Guarded):
-        return await handler(request)
-    conn.request_started()
-    try:
-        return await handler(request)
-    finally:
-        conn.request_done()
 
 
 def _bearer(headers: CIMultiDictProxy[str]) -> str | None:
@@ -358,15 +130,20 @@ def _bearer(headers: CIMultiDictProxy[str]) -> str | None:
 
 
 class _Gateway:
-    def __init__(self, registry: Registry, config: GatewayConfig) -> None:
+    def __init__(
+        self, registry: Registry, config: GatewayConfig, upstream: aiohttp.ClientSession | None
+    ) -> None:
         self.registry = registry
         self.config = config
         self.keys = [k.encode("utf-8", "surrogatepass") for k in config.api_keys]
-        self.m = _Metrics(config.extra_collector)
-        self.session: aiohttp.ClientSession | None = None
+        self.m = Metrics(config.extra_collector)
+        self.session = upstream
         self.created = int(time.time())
 
     async def client_session(self, app: web.Application) -> AsyncIterator[None]:
+        if self.session is not None:  # injected: its owner closes it
+            yield
+            return
         # One pooled session: connections to the backends stay open between requests,
         # idle for less than uvicorn's 5 s, so we never pick one vLLM is closing.
         # auto_decompress=False relays compressed bodies as they are, with their headers.

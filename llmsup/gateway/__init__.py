@@ -1,0 +1,28 @@
+"""The gateway: one OpenAI-compatible endpoint in front of every model.
+
+    config       GatewayConfig, resolved from the manifest's `gateway:` section
+    app          the aiohttp application: authentication, relaying, OpenAI-shaped errors
+    connections  the connection cap and the header and keep-alive timeouts
+    routing      Route, the Registry the app asks, and Routing: the swap and idle
+                 policy over the daemon's Control, owning the in-flight counts
+    metrics      the gateway's Prometheus metrics, and each model's
+
+It runs inside the daemon's event loop and knows the daemon only as a
+`llmsup.control.Control`.
+"""
+
+from llmsup.gateway.app import Listening, create_app, serve
+from llmsup.gateway.config import GatewayConfig
+from llmsup.gateway.metrics import ModelCollector
+from llmsup.gateway.routing import Registry, Route, Routing
+
+__all__ = [
+    "GatewayConfig",
+    "Listening",
+    "ModelCollector",
+    "Registry",
+    "Route",
+    "Routing",
+    "create_app",
+    "serve",
+]
