@@ -15,7 +15,7 @@ import click
 
 from llmsup.cli import leftovers, render
 from llmsup.cli.common import UNTRUSTED_HELP, Target, call, load, manifest_option, target
-from llmsup.errors import DaemonError, ExitCode, LlmsupError, NoDaemonError
+from llmsup.errors import DaemonError, ExitCode, LlmsupError, NoDaemonError, UnknownModel
 
 
 def _stamp() -> str:
@@ -172,7 +172,7 @@ def status(manifest_file: Path | None, as_json: bool, name: str | None) -> None:
     rows = [r for r in data["models"] if name is None or name in (r["name"], r["unit"])]
     if name is not None and not rows:
         known = ", ".join(r["name"] for r in data["models"])
-        raise DaemonError(f"no model named {name!r} (known: {known or 'none'})")
+        raise UnknownModel(f"no model named {name!r} (known: {known or 'none'})")
     shown = {**data, "models": rows}
     if as_json:
         click.echo(json.dumps(shown, indent=2))

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from llmsup.cli.common import or_global, target
-from llmsup.errors import DaemonError, NoDaemonError
+from llmsup.errors import DaemonError, NoDaemonError, UnknownModel
 
 
 @click.command()
@@ -37,7 +37,7 @@ def logs(manifest_file: Path | None, follow: bool, lines: int, name: str) -> Non
         row = next((r for r in data["models"] if name in (r["name"], r["unit"])), None)
         if row is None:
             known = ", ".join(r["name"] for r in data["models"]) or "none"
-            raise DaemonError(f"no model named {name!r} (known: {known})")
+            raise UnknownModel(f"no model named {name!r} (known: {known})")
         path = Path(row["log"])
     except NoDaemonError:
         pass  # the log files outlive the daemon

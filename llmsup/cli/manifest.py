@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import click
 
 from llmsup.cli import render
 from llmsup.cli.common import UNTRUSTED_HELP, load, manifest_option
-from llmsup.errors import ExitCode
+from llmsup.errors import UnknownModel
 
 
 @click.command()
@@ -49,8 +48,7 @@ def plan(manifest_file: Path | None, as_json: bool, names: tuple[str, ...]) -> N
     unknown = [n for n in names if n not in loaded.manifest.models]
     if unknown:
         known = ", ".join(loaded.manifest.models)
-        click.echo(f"llmsup: no model named {', '.join(unknown)} (known: {known})", err=True)
-        sys.exit(ExitCode.FAILURE)
+        raise UnknownModel(f"no model named {', '.join(unknown)} (known: {known})")
     entries = [e for e in the_plan.to_json() if not names or e["name"] in names]
     if as_json:
         click.echo(json.dumps(entries, indent=2))
