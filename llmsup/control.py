@@ -1,4 +1,5 @@
-"""What the control API and the gateway may ask of the daemon: the `Control` protocol.
+"""What the control API and the gateway may ask of the daemon: the `Control` protocol,
+of which the gateway needs only the `Servers` part.
 
 The daemon implements it; `api` and `gateway` know only this module, so that none of
 them imports the daemon (the import graph has no cycles: tests/test_imports.py).
@@ -34,28 +35,8 @@ class ServerView:
     idle_timeout: float | None  # an on-demand server stops after this long unused
 
 
-class Control(Protocol):
-    # -- the control API
-
-    def status(self) -> dict[str, Any]:
-        """The daemon and every model, as `GET /v1/status` answers."""
-        ...
-
-    async def act(self, model: str, action: str) -> list[dict[str, Any]]:
-        """start | stop | restart the server of `model` (a model or server name) and
-        return its status rows. Raises UnknownModel, or BadRequest for another action."""
-        ...
-
-    async def reload(self, path: Path | None = None) -> dict[str, list[str]]:
-        """Apply a manifest (None: the current file again). Raises ManifestError
-        (nothing changed) or DaemonError."""
-        ...
-
-    def down(self) -> None:
-        """Stop every model, then the daemon (this returns at once)."""
-        ...
-
-    # -- the gateway
+class Servers(Protocol):
+    """The part the gateway's routing and metrics need."""
 
     def views(self) -> list[ServerView]:
         """Every server, in manifest order. Called per request: cheap."""
@@ -77,4 +58,26 @@ class Control(Protocol):
 
     async def stop_server(self, unit: str, detail: str = "") -> None:
         """Stop a server and wait until it is; `detail` says why, in its status."""
+        ...
+
+
+class Control(Servers, Protocol):
+    """Everything: the control API's part, and the gateway's."""
+
+    def status(self) -> dict[str, Any]:
+        """The daemon and every model, as `GET /v1/status` answers."""
+        ...
+
+    async def act(self, model: str, action: str) -> list[dict[str, Any]]:
+        """start | stop | restart the server of `model` (a model or server name) and
+        return its status rows. Raises UnknownModel, or BadRequest for another action."""
+        ...
+
+    async def reload(self, path: Path | None = None) -> dict[str, list[str]]:
+        """Apply a manifest (None: the current file again). Raises ManifestError
+        (nothing changed) or DaemonError."""
+        ...
+
+    def down(self) -> None:
+        """Stop every model, then the daemon (this returns at once)."""
         ...

@@ -4,11 +4,11 @@
     app          the aiohttp application: authentication, relaying, OpenAI-shaped errors
     connections  the connection cap and the header and keep-alive timeouts
     routing      Route, the Registry the app asks, and Routing: the swap and idle
-                 policy over the daemon's Control, owning the in-flight counts
+                 policy over the daemon's Servers, owning the in-flight counts
     metrics      the gateway's Prometheus metrics, and each model's
 
-It runs inside the daemon's event loop and knows the daemon only as a
-`llmsup.control.Control`.
+It runs inside the daemon's event loop and knows the daemon only as
+`llmsup.control.Servers`, the gateway's part of the `Control` protocol.
 """
 
 from llmsup.gateway.app import Listening, create_app, serve

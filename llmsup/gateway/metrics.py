@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from llmsup.control import Control
+from llmsup.control import Servers
 from llmsup.state import State
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -50,7 +50,7 @@ class Metrics:
 class ModelCollector:
     """Per-model metrics for the gateway's /metrics, read from the daemon on scrape."""
 
-    def __init__(self, control: Control) -> None:
+    def __init__(self, control: Servers) -> None:
         self.control = control
 
     def collect(self) -> Iterator[Metric]:

@@ -1,8 +1,8 @@
 """Which server answers a request: routes, on-demand starts, swaps and idle stops.
 
-`Registry` is what the gateway's app asks; `Routing` implements it over the daemon's
-`Control`, and owns the gateway's counts: requests in flight per server, when each
-was last used, and which are being drained for a swap.
+`Registry` is what the gateway's app asks; `Routing` implements it over the
+daemon's `Servers` (llmsup.control), and owns the gateway's counts: requests in
+flight per server, when each was last used, and which are being drained for a swap.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from llmsup.control import Control, ServerView
+from llmsup.control import Servers, ServerView
 from llmsup.errors import ModelNotReady, ModelUnavailable
 from llmsup.state import State
 
@@ -60,7 +60,7 @@ class Routing:
     """The gateway's routing policy: it owns the requests in flight per server, when
     each was last used and which are being swapped out (drained)."""
 
-    def __init__(self, control: Control) -> None:
+    def __init__(self, control: Servers) -> None:
         self.control = control
         self._swap = asyncio.Lock()
         self.in_flight: dict[str, int] = {}  # unit -> requests being served
