@@ -187,3 +187,30 @@ def test_plan_text_from_the_plans_json() -> None:
     ollama_only = [e for e in entries if e["backend"] == "ollama"]
     assert not render.plan(ollama_only, ("0.32", "why"))[0].startswith("# vLLM")
     assert render.plan([], None) == []
+
+
+def test_gpus_text_puts_each_process_under_its_gpu() -> None:
+    gib = 2**30
+    gpu = {"name": "H100", "memory_total": 80 * gib, "utilization": None, "temperature": None}
+    data = {
+        "gpus": [
+            {**gpu, "index": 0, "uuid": "GPU-a", "memory_used": 40 * gib, "memory_free": 40 * gib},
+            {**gpu, "index": 1, "uuid": "GPU-b", "memory_used": 0, "memory_free": 80 * gib},
+        ],
+        "processes": [
+            {"gpu": 0, "pid": 77, "used_memory": 40 * gib, "owner": "orphan of m"}
+            | {"user": "root", "command": "python -m vllm.entrypoints"},
+            {"gpu": 1, "pid": 78, "used_memory": None, "owner": "foreign"}
+            | {"user": None, "command": None},
+        ],
+        "notes": ["GPU 2 skipped: lost"],
+    }
+    out = render.gpus(data)
+    assert out[0] == "GPU 0  H100  40.0 GiB / 80.0 GiB used, 40.0 GiB free  util -  -  GPU-a"
+    assert cells(out[1]) == [
+        *("pid", "77", "40.0", "GiB", "orphan", "of", "m"),
+        *("root:", "python", "-m", "vllm.entrypoints"),
+    ]
+    assert out[2].startswith("GPU 1  H100  0 B / 80.0 GiB used")
+    assert cells(out[3]) == ["pid", "78", "?", "foreign", "not", "visible", "to", "this", "user"]
+    assert out[4:] == ["note: GPU 2 skipped: lost"]
