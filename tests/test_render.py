@@ -214,3 +214,14 @@ def test_gpus_text_puts_each_process_under_its_gpu() -> None:
     assert out[2].startswith("GPU 1  H100  0 B / 80.0 GiB used")
     assert cells(out[3]) == ["pid", "78", "?", "foreign", "not", "visible", "to", "this", "user"]
     assert out[4:] == ["note: GPU 2 skipped: lost"]
+
+
+def test_settled_once_no_server_is_on_its_way_up() -> None:
+    assert render.settled({}, 1.0) is None
+    for busy in ("WAITING", "WAITING_GPU", "STARTING", "LOADING", "BACKOFF"):
+        assert render.settled({"a": "READY", "b": busy}, 1.0) is None
+    assert render.settled({"a": "READY", "b": "FAILED", "c": "STOPPED"}, 3.14) == (
+        "1 ready, 1 failed, after 3.1s; supervising (Ctrl-C stops all)"
+    )
+    # Nothing launched: the daemon exits saying why, so it does not claim to supervise.
+    assert render.settled({"a": "FAILED", "b": "FAILED"}, 0.5) == "0 ready, 2 failed, after 0.5s"

@@ -43,18 +43,9 @@ class Progress:
         if not self.quiet and (not same or now - self.printed.get(unit, 0.0) >= 1.0):
             self.printed[unit] = now
             click.echo(f"{_stamp()} {unit:<24} {state.value:<9} {detail}", err=True)
-        busy = {"WAITING", "WAITING_GPU", "STARTING", "LOADING", "BACKOFF"}
-        if not self.settled and self.states and not busy & set(self.states.values()):
+        if not self.settled and (line := render.settled(self.states, now - self.t0)):
             self.settled = True
-            ready = sum(v == "READY" for v in self.states.values())
-            failed = sum(v == "FAILED" for v in self.states.values())
-            # With nothing launched the daemon says why and exits: no "supervising".
-            going = "; supervising (Ctrl-C stops all)" if failed < len(self.states) else ""
-            click.echo(
-                f"{_stamp()} {ready} ready, {failed} failed, "
-                f"after {time.monotonic() - self.t0:.1f}s{going}",
-                err=True,
-            )
+            click.echo(f"{_stamp()} {line}", err=True)
 
 
 def _echo(lines: list[str], err: bool = False) -> None:

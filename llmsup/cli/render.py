@@ -99,6 +99,21 @@ def status(data: Mapping[str, Any]) -> list[str]:
     return out
 
 
+BUSY = frozenset({"WAITING", "WAITING_GPU", "STARTING", "LOADING", "BACKOFF"})
+
+
+def settled(states: Mapping[str, str], elapsed: float) -> str | None:
+    """`2 ready, 1 failed, after 3.1s; supervising (Ctrl-C stops all)` once no server
+    (of `states`, unit -> state) is on its way up; None until then."""
+    if not states or BUSY & set(states.values()):
+        return None
+    ready = sum(v == "READY" for v in states.values())
+    failed = sum(v == "FAILED" for v in states.values())
+    # With nothing launched the daemon says why and exits: no "supervising".
+    going = "; supervising (Ctrl-C stops all)" if failed < len(states) else ""
+    return f"{ready} ready, {failed} failed, after {elapsed:.1f}s{going}"
+
+
 def leftovers(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """What a daemon that is gone left: per launch, its processes still alive."""
     cells: list[tuple[str, ...]] = [("UNIT", "PID", "STATE", "ALIVE", "COMMAND")]
