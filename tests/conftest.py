@@ -23,6 +23,6 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
-        "vllm: runs the real vLLM CPU build (installed once into a cache, about 4 minutes "
-        "a run); deselect with -m 'not vllm'",
+        "vllm: runs the real vLLM CPU build (installed once into a cache; five server starts, "
+        "about 5 minutes); deselect with -m 'not vllm'",
     )
