@@ -16,8 +16,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +31,9 @@ from llmsup.notify import Notifier, status_line
 from llmsup.paths import default_state_dir, socket_path
 from llmsup.plan import Plan, plan_or_raise, untrusted_problems
 from llmsup.plan import conflicts as models_conflict
-from llmsup.state import (
-    Fail,
-    Liveness,
-    Respawn,
-    RestartTracker,
-    State,
-    Stay,
-    describe_exit,
-    exit_hint,
-    listening_soon,
-    vllm_phase,
-)
+from llmsup.state import State
+from llmsup.supervise import machine
+from llmsup.supervise.runner import MonotonicClock, Refused, Runner
 
 Listener = Callable[[str, State, str], None]
 GPU_POLL = 5.0  # seconds between GPU memory readings for status and metrics
@@ -55,69 +45,116 @@ def state_dir_of(loaded: LoadedManifest) -> Path:
     return Path(sd) if sd else default_state_dir()
 
 
-@dataclass
-class Outcome:
-    """How one life of a server ended."""
-
-    failed: bool
-    reason: str
-    fatal: bool = False  # retrying cannot help (port held, no executable)
-
-
 class Server:
-    """Keeps one server process (one `Launch`) alive."""
+    """One server (one `Launch`): its runner, and the ports that runner drives
+    (processes, probes, GPUs, the servers it starts after, its log)."""
 
     def __init__(self, daemon: Daemon, launch: Launch) -> None:
         self.daemon = daemon
         self.launch = launch
         self.state = State.STOPPED
         self.detail = ""
-        self.reason = ""  # why it is FAILED / last failure
-        self.last_exit = ""
-        self.progress = ""
-        self.latency: float | None = None
         self.started_at: float | None = None  # wall clock, for uptime
         self.child: process.Child | None = None
-        self.tracker = RestartTracker()
         self.task: asyncio.Task[None] | None = None
         self.tail: list[str] = []
-        self._wake = asyncio.Event()  # set by the server's last line before it listens
-        self.exit_hint = ""  # what the server's log said about its coming exit
         self.api_key: str | None = None  # the key the server was started with
         self.gpu_memory: dict[int, int] = {}  # GPU index -> bytes its processes hold
         self.retired = False  # replaced or removed by a reload: never starts again
-        self.launched = False  # its launch got under way: a process, or a wait for GPUs
-        self.fatal = False  # FAILED for a reason retrying cannot help (not found, port held)
+        self._env: dict[str, str] = {}
+        self._exe = ""
+        self._rules = machine.Rules()
+        self.runner = Runner(
+            launch.unit,
+            launch.backend,
+            self.rules,
+            clock=MonotonicClock(),
+            launcher=self,
+            prober=self,
+            gpus=self,
+            neighbours=self,
+            journal=self,
+            rand=daemon.rand,
+        )
 
     @property
     def on_demand(self) -> bool:
         models = self.daemon.loaded.manifest.models
         return all(models[m].start == "on_demand" for m in self.launch.models if m in models)
 
+    # The facts of its life, for status.
+    @property
+    def reason(self) -> str:
+        return self.runner.life.reason
+
+    @property
+    def last_exit(self) -> str:
+        return self.runner.life.last_exit
+
+    @property
+    def progress(self) -> str:
+        return self.runner.life.progress
+
+    @property
+    def latency(self) -> float | None:
+        return self.runner.life.latency
+
+    @property
+    def restarts(self) -> int:
+        return self.runner.life.total
+
+    @property
+    def launched(self) -> bool:
+        """Its launch got under way: a process, or a wait for GPUs."""
+        return self.runner.life.launched
+
+    @property
+    def fatal(self) -> bool:
+        """FAILED for a reason retrying cannot help (not found, port held)."""
+        return self.runner.life.fatal
+
+    def rules(self) -> machine.Rules:
+        mf, unit = self.daemon.loaded.manifest, self.launch.unit
+        if unit in mf.models:  # else removed by a reload, and stopping: keep the last
+            h = mf.health(unit)
+            self._rules = machine.Rules(
+                restart=mf.restart(unit),
+                failures=h.failures,
+                interval=h.interval,
+                startup_timeout=h.startup_timeout,
+                deep_probe=h.deep_probe,
+                deep_interval=h.deep_interval,
+                gpu_wait=h.gpu_wait,
+                stop_timeout=mf.stop_timeout(unit),
+                post_start=bool(self.launch.ollama_loads),
+            )
+        return self._rules
+
     # -------------------------------------------------------- control
 
-    def start(self) -> None:
+    def start(self, reset: bool = False) -> None:
+        """Supervise it from now on; `reset`: forget its earlier restarts and failure."""
         if self.retired:  # e.g. a `restart` that was waiting while a reload replaced us
             return
         if self.task is None or self.task.done():
             # Busy from now on, so that servers ordered after this one wait for it
             # even before its task first runs.
-            self.fatal = False
             self.set_state(State.STARTING, "launching")
-            self.task = asyncio.create_task(self._run(), name=f"server:{self.launch.unit}")
+            self.task = asyncio.create_task(
+                self.runner.run(machine.Start(reset)), name=f"server:{self.launch.unit}"
+            )
 
     async def stop(self) -> None:
+        """Stop it and wait until no process of it is left (even if our caller is
+        cancelled meanwhile, the stop goes on to its end)."""
         if self.task is not None and not self.task.done():
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            self.runner.post(machine.Stop())
+            await asyncio.shield(self.task)
         self.task = None
 
     async def restart(self) -> None:
         await self.stop()
-        self.tracker.reset()
-        self.reason = ""
-        self.start()
+        self.start(reset=True)
 
     def set_state(self, state: State, detail: str = "") -> None:
         changed = state != self.state or detail != self.detail
@@ -144,7 +181,7 @@ class Server:
                 "gpus": list(la.gpus),
                 "served_names": list(la.served_names),
                 "uptime": up,
-                "restarts": self.tracker.total,
+                "restarts": self.restarts,
                 "last_exit": self.last_exit,
                 "reason": self.reason,
                 "health_latency_ms": (
@@ -165,223 +202,13 @@ class Server:
             for model in la.models
         ]
 
-    # -------------------------------------------------------- life
+    # -------------------------------------------------------- journal (runner port)
 
-    async def _run(self) -> None:
-        shortages = 0  # launches in a row that found no file descriptor free
-        try:
-            while True:
-                await self._wait_for_predecessors()
-                try:
-                    if self.child is not None:  # a stop cut short for want of descriptors
-                        grace = self.daemon.loaded.manifest.stop_timeout(self.launch.unit)
-                        await _uncancellable(self._bury(self.child, grace))
-                    outcome = await self._one_life()
-                except OSError as e:  # the daemon's want of descriptors, not the model's fault
-                    retry = limits.launch_retry(e, shortages + 1)
-                    if retry is None:
-                        raise
-                    shortages += 1
-                    self.set_state(State.BACKOFF, retry.detail)
-                    await asyncio.sleep(retry.delay)
-                    continue
-                shortages = 0
-                m = self.daemon.loaded.manifest
-                if outcome.fatal:
-                    self.reason = outcome.reason
-                    self.fatal = True
-                    self.note(f"FAILED: {outcome.reason}; not restarted", logging.ERROR)
-                    self.set_state(State.FAILED, outcome.reason)
-                    return
-                policy = m.restart(self.launch.unit)
-                decision = self.tracker.decide(
-                    policy, time.monotonic(), outcome.failed, outcome.reason, self.daemon.rand
-                )
-                if isinstance(decision, Fail):
-                    self.reason = decision.reason
-                    self.note(f"FAILED: {decision.reason}", logging.ERROR)
-                    self.set_state(State.FAILED, decision.reason)
-                    return
-                if isinstance(decision, Stay):
-                    self.note(f"{decision.reason}; not restarted (restart policy {policy.policy})")
-                    self.set_state(State.STOPPED, decision.reason)
-                    return
-                assert isinstance(decision, Respawn)
-                restart = (
-                    f"restart {len(self.tracker.times)}/{policy.max_restarts} "
-                    f"in {decision.delay:.1f}s"
-                )
-                self.note(f"{outcome.reason}; {restart}", logging.WARNING)
-                self.set_state(State.BACKOFF, f"{outcome.reason}; {restart}")
-                await asyncio.sleep(decision.delay)
-        except asyncio.CancelledError:
-            self.note("stopped (requested)")
-            self.set_state(State.STOPPED, "stopped")
-            raise
-        except Exception as e:  # a bug must not leave a model unsupervised in silence
-            log.exception("supervising %s failed", self.launch.unit)
-            self.reason = f"internal error: {e!r} (see the daemon's log)"
-            self.set_state(State.FAILED, self.reason)
-
-    async def _wait_for_predecessors(self) -> None:
-        """Servers that share a GPU start one after another (the plan's `after`)."""
-        before = self.daemon.plan.after.get(self.launch.unit, ())
-        busy = (State.WAITING, State.WAITING_GPU, State.STARTING, State.LOADING)
-
-        def blocking() -> list[str]:
-            return [
-                u
-                for u in before
-                if u in self.daemon.servers and self.daemon.servers[u].state in busy
-            ]
-
-        async with self.daemon.cond:
-            while names := blocking():
-                self.set_state(State.WAITING, f"after {', '.join(names)} (shared GPU)")
-                await self.daemon.cond.wait()
-
-    def _new_run(self) -> None:
-        """Forget the facts of the run before: status shows the current run's only."""
-        self.reason = ""
-        self.progress = ""
-        self.latency = None
-        self.tail = []
-
-    async def _one_life(self) -> Outcome:
-        self._new_run()
-        la = self.launch
-        m = self.daemon.loaded.manifest
-        try:
-            env = process.child_env(os.environ, la.resolve_env())
-        except OSError as e:
-            if limits.shortage(e):
-                raise
-            return Outcome(True, f"cannot read a secret: {e}", fatal=True)
-        self.api_key = env.get(la.auth_env) if la.auth_env else None
-        # The daemon's PATH, never the manifest's: a manifest picks a backend, not a binary.
-        exe = process.find_executable(la.argv[0], os.environ)
-        if exe is None:
-            return Outcome(
-                True,
-                f"{la.argv[0]}: not found on PATH (searched: {os.environ.get('PATH', '')})",
-                fatal=True,
-            )
-        if await asyncio.to_thread(process.port_in_use, la.host, la.port):
-            # Ours from an earlier instance of this server (a stop that was cut short)?
-            # Those we may stop; anyone else's we must not touch.
-            prefix = f"{self.daemon.key}:{la.unit}:"
-            stale = await asyncio.to_thread(process.marked_with, prefix)
-            if stale:
-                log.warning("%s: stopping %d leftover process(es)", la.unit, len(stale))
-                await process.terminate(lambda: process.marked_with(prefix), 5.0)
-        if await asyncio.to_thread(process.port_in_use, la.host, la.port):
-            holder = await asyncio.to_thread(process.port_holder, la.port)
-            return Outcome(
-                True,
-                f"port {la.port} on {la.host} is held by {holder}; "
-                "stop that process or change the model's port",
-                fatal=True,
-            )
-        waited = await self._wait_for_gpus()
-        if waited is not None:
-            return waited
-        self.set_progress("")
-        logfile = process.RotatingLog(
-            self.daemon.log_path(la.unit), m.defaults.log.max_size, m.defaults.log.backups
-        )
-        try:
-            child = await process.spawn(
-                la.unit,
-                [exe, *la.argv[1:]],
-                env,
-                self.daemon.key,
-                logfile,
-                self._on_line,
-                state_dir=self.daemon.state_dir,
-                cgroups=self.daemon.cgroups,
-            )
-        except OSError as e:
-            logfile.close()
-            if limits.shortage(e):
-                raise
-            return Outcome(True, f"cannot start {exe}: {e}", fatal=True)
-        self.child = child
-        self.launched = True
-        self.exit_hint = ""
-        self.started_at = time.time()
-        process.save_record(self.daemon.state_dir, child.record)
-        self.set_state(State.STARTING, f"pid {child.proc.pid}")
-        watch = asyncio.create_task(self._ready_then_watch(child))
-        exited = asyncio.create_task(child.exited())
-        try:
-            done, _ = await asyncio.wait({watch, exited}, return_when=asyncio.FIRST_COMPLETED)
-            if exited in done:
-                self.last_exit = describe_exit(exited.result())
-                if self.exit_hint:
-                    self.last_exit += f" ({self.exit_hint})"
-                return Outcome(True, self.last_exit)  # a server is meant to run forever
-            outcome = watch.result()
-            self.last_exit = outcome.reason
-            return outcome
-        finally:
-            watch.cancel()
-            exited.cancel()
-            self.set_state(State.STOPPING, f"pid {child.proc.pid}")
-            await _uncancellable(self._bury(child, m.stop_timeout(la.unit)))
-
-    async def _bury(self, child: process.Child, grace: float) -> None:
-        """Stop the whole tree of `child` and forget it."""
-        await process.stop(child.record, grace, child)
-        self.tail = list(child.tail)
-        await child.close()
-        process.drop_record(self.daemon.state_dir, child.record)
-        self.child = None
-
-    async def _wait_for_gpus(self) -> Outcome | None:
-        """Start only into GPUs with the free memory this server will ask for:
-        a predecessor's memory is released late, orphans or other jobs may hold it."""
-        daemon = self.daemon
-        if daemon.gpu_source is None:
-            return None
-        limit = daemon.loaded.manifest.health(self.launch.unit).gpu_wait
-        deadline = time.monotonic() + limit
-        while True:
-            snap = await daemon.gpu_snapshot()
-            if snap is None:
-                return None
-            missing = gpucheck.short(gpucheck.needs(daemon.loaded, self.launch, snap), snap)
-            if not missing:
-                return None
-            msg = await asyncio.to_thread(
-                gpucheck.waiting_message,
-                missing,
-                snap,
-                daemon.instances(),
-                gpucheck.with_descendants(daemon.owners()),
-            )
-            if time.monotonic() >= deadline:
-                return Outcome(
-                    True, f"GPU memory still held after {limit:g}s (health.gpu_wait): {msg}", True
-                )
-            self.launched = True  # what holds the GPUs may let go: not a launch error
-            self.set_state(State.WAITING_GPU, msg)
-            await asyncio.sleep(0.5)
-
-    def set_progress(self, text: str) -> None:
-        if text != self.progress:
-            self.progress = text
-            if text:
-                self.daemon.changed(self.launch.unit, self.state, text)
-
-    def _on_line(self, line: str) -> None:
-        if hint := exit_hint(self.launch.backend, line):
-            self.exit_hint = hint
-        if self.launch.backend == "vllm" and (phase := vllm_phase(line)):
-            self.set_progress(f"{phase[0]} ({phase[1]}%)")
-            if self.state == State.STARTING:  # loading, though its port is still closed
-                self.set_state(State.LOADING, self.detail)
-        if listening_soon(line):
-            self._wake.set()  # the server's last line before its port accepts: probe now
+    def publish(self, before: machine.Life, after: machine.Life) -> None:
+        if after.progress and after.progress != before.progress:
+            self.daemon.changed(self.launch.unit, after.state, after.progress)
+        if after.state != before.state or after.detail != before.detail:
+            self.set_state(after.state, after.detail)
 
     def note(self, text: str, level: int = logging.INFO) -> None:
         """One line about this server's life (an exit, a failed probe, a stop, a
@@ -396,135 +223,176 @@ class Server:
         except OSError as e:
             log.warning("%s: cannot write to %s: %s", self.launch.unit, path, e)
 
+    # -------------------------------------------------------- neighbours (runner port)
+
+    async def wait_predecessors(self, busy: Callable[[list[str]], None]) -> None:
+        """Servers that share a GPU start one after another (the plan's `after`)."""
+        before = self.daemon.plan.after.get(self.launch.unit, ())
+        starting = (State.WAITING, State.WAITING_GPU, State.STARTING, State.LOADING)
+
+        def blocking() -> list[str]:
+            servers = self.daemon.servers
+            return [u for u in before if u in servers and servers[u].state in starting]
+
+        async with self.daemon.cond:
+            while names := blocking():
+                busy(names)
+                await self.daemon.cond.wait()
+
+    # -------------------------------------------------------- launcher (runner port)
+
+    async def prepare(self) -> None:
+        la = self.launch
+        self.tail = []
+        try:
+            env = process.child_env(os.environ, la.resolve_env())
+        except OSError as e:
+            if limits.shortage(e):
+                raise
+            raise Refused(f"cannot read a secret: {e}") from e
+        self.api_key = env.get(la.auth_env) if la.auth_env else None
+        # The daemon's PATH, never the manifest's: a manifest picks a backend, not a binary.
+        exe = process.find_executable(la.argv[0], os.environ)
+        if exe is None:
+            raise Refused(
+                f"{la.argv[0]}: not found on PATH (searched: {os.environ.get('PATH', '')})"
+            )
+        if await asyncio.to_thread(process.port_in_use, la.host, la.port):
+            # Ours from an earlier instance of this server (a stop that was cut short)?
+            # Those we may stop; anyone else's we must not touch.
+            prefix = f"{self.daemon.key}:{la.unit}:"
+            stale = await asyncio.to_thread(process.marked_with, prefix)
+            if stale:
+                log.warning("%s: stopping %d leftover process(es)", la.unit, len(stale))
+                await process.terminate(lambda: process.marked_with(prefix), 5.0)
+        if await asyncio.to_thread(process.port_in_use, la.host, la.port):
+            holder = await asyncio.to_thread(process.port_holder, la.port)
+            raise Refused(
+                f"port {la.port} on {la.host} is held by {holder}; "
+                "stop that process or change the model's port"
+            )
+        self._env, self._exe = env, exe
+
+    async def spawn(self, on_line: Callable[[str], None]) -> int:
+        la = self.launch
+        mf = self.daemon.loaded.manifest
+        logfile = process.RotatingLog(
+            self.daemon.log_path(la.unit), mf.defaults.log.max_size, mf.defaults.log.backups
+        )
+        try:
+            child = await process.spawn(
+                la.unit,
+                [self._exe, *la.argv[1:]],
+                self._env,
+                self.daemon.key,
+                logfile,
+                on_line,
+                state_dir=self.daemon.state_dir,
+                cgroups=self.daemon.cgroups,
+            )
+        except OSError as e:
+            logfile.close()
+            if limits.shortage(e):
+                raise
+            raise Refused(f"cannot start {self._exe}: {e}") from e
+        self.child = child
+        self.started_at = time.time()
+        process.save_record(self.daemon.state_dir, child.record)
+        return child.proc.pid
+
+    async def exited(self) -> int:
+        assert self.child is not None
+        return await self.child.exited()
+
+    async def stop_tree(self, grace: float) -> None:
+        """Stop the whole tree of the current process and forget it."""
+        child = self.child
+        if child is None:
+            return
+        await process.stop(child.record, grace, child)
+        self.tail = list(child.tail)
+        await child.close()
+        process.drop_record(self.daemon.state_dir, child.record)
+        self.child = None
+
+    # -------------------------------------------------------- GPUs (runner port)
+
+    async def short(self) -> str | None:
+        """Start only into GPUs with the free memory this server will ask for:
+        a predecessor's memory is released late, orphans or other jobs may hold it."""
+        daemon = self.daemon
+        snap = await daemon.gpu_snapshot()
+        if snap is None:
+            return None
+        missing = gpucheck.short(gpucheck.needs(daemon.loaded, self.launch, snap), snap)
+        if not missing:
+            return None
+        return await asyncio.to_thread(
+            gpucheck.waiting_message,
+            missing,
+            snap,
+            daemon.instances(),
+            gpucheck.with_descendants(daemon.owners()),
+        )
+
+    # -------------------------------------------------------- prober (runner port)
+
+    @property
+    def _base(self) -> str:
+        return f"http://{_connect_host(self.launch.host)}:{self.launch.port}"
+
     def _headers(self) -> dict[str, str]:
         if self.launch.auth_env and self.launch.auth_env in self.launch.secrets:
             return {"Authorization": f"Bearer {self.launch.secrets[self.launch.auth_env].read()}"}
         return {}
 
-    async def _ready_then_watch(self, child: process.Child) -> Outcome:
-        la = self.launch
-        m = self.daemon.loaded.manifest
-        health = m.health(la.unit)
-        base = f"http://{_connect_host(la.host)}:{la.port}"
-        session = self.daemon.session
-        deadline = time.monotonic() + health.startup_timeout
-        timeout_msg = f"not ready within {health.startup_timeout:g}s (health.startup_timeout)"
-        started = time.monotonic()
-        pause = 0.05
-        while True:  # until the port answers 200 on the readiness path
-            self._wake.clear()  # before the probe: a line that comes during it still wakes us
-            r = await probe.get_ok(session, base + la.ready_path, min(health.timeout, 5.0))
-            if r.ok:
-                break
-            if r.detail.startswith("HTTP") and self.state == State.STARTING:
-                self.set_state(State.LOADING, f"pid {child.proc.pid}")  # answers 503 meanwhile
-            if time.monotonic() > deadline:
-                return Outcome(True, timeout_msg)
-            try:
-                await asyncio.wait_for(self._wake.wait(), pause)
-                pause = 0.01  # it listens within milliseconds now: probe often
-            except asyncio.TimeoutError:
-                pause = min(1.0, pause * 1.5)
-        self.latency = r.latency
-        if la.ollama_loads:
-            self.set_state(State.LOADING, f"pid {child.proc.pid}")
-            try:
-                await asyncio.wait_for(self._ollama_steps(base), deadline - time.monotonic())
-            except (probe.StepError, aiohttp.ClientError) as e:
-                return Outcome(True, str(e) or type(e).__name__)
-            except asyncio.TimeoutError:
-                return Outcome(True, timeout_msg)
-        self.tracker.ready()
-        self.set_progress("")
-        self.note(f"ready after {time.monotonic() - started:.1f}s (pid {child.proc.pid})")
-        self.set_state(State.READY, f"pid {child.proc.pid}")
-        return await self._watch(base, child)
+    def _timeout(self) -> float:
+        return self.daemon.loaded.manifest.health(self.launch.unit).timeout
 
-    async def _ollama_steps(self, base: str) -> None:
-        session = self.daemon.session
-        timeout = self.daemon.loaded.manifest.health(self.launch.unit).startup_timeout
-        for load in self.launch.ollama_loads:
-            await probe.ollama_pull(session, base, load.model, self.set_progress)
-            self.set_progress(f"loading {load.model}")
-            await probe.ollama_preload(session, base, load.model, load.keep_alive, timeout)
-        loaded = await probe.ollama_loaded(session, base, 10.0)
-        missing = [x.model for x in self.launch.ollama_loads if x.model not in loaded]
-        if missing:
-            raise probe.StepError(f"not in /api/ps after preload: {', '.join(missing)}")
+    async def ready(self) -> probe.ProbeResult:
+        url = self._base + self.launch.ready_path
+        return await probe.get_ok(self.daemon.session, url, min(self._timeout(), 5.0))
 
-    async def _watch(self, base: str, child: process.Child) -> Outcome:
+    async def health(self) -> probe.ProbeResult:
+        timeout, url = self._timeout(), self._base + self.launch.ready_path
+        r = await probe.get_ok(self.daemon.session, url, timeout, self._headers())
+        if r.ok and self.launch.ollama_loads:
+            r = await self._ollama_still_loaded(timeout)
+        return r
+
+    async def deep(self) -> probe.ProbeResult:
         la = self.launch
-        m = self.daemon.loaded.manifest
-        session = self.daemon.session
-        health = m.health(la.unit)
-        live = Liveness(health.failures)
         name = la.served_names[0] if la.served_names else la.unit
-        last_deep = time.monotonic()
-        while True:
-            await asyncio.sleep(health.interval)
-            r = await probe.get_ok(session, base + la.ready_path, health.timeout, self._headers())
-            if r.ok and la.ollama_loads:
-                r = await self._ollama_still_loaded(base, health.timeout)
-            if live.record(r.ok):
-                why = f"unhealthy: {live.misses} probes failed in a row (last: {r.detail})"
-                if self.exit_hint:
-                    why += f" ({self.exit_hint})"
-                self.note(why, logging.WARNING)
-                return Outcome(True, why)
-            if not r.ok:
-                self.note(f"probe failed ({live.misses}/{live.threshold}): {r.detail}")
-            if r.ok:
-                self.latency = r.latency
-            deep_due = live.deep_due(time.monotonic() - last_deep, health.deep_interval)
-            if r.ok and health.deep_probe and deep_due:
-                last_deep = time.monotonic()
-                d = await probe.completion_ok(session, base, name, health.timeout, self._headers())
-                if live.record_deep(d.ok):
-                    why = (
-                        f"hung: {live.deep_misses} deep probes (1-token completions) failed "
-                        f"in a row while /health passed (last: {d.detail})"
-                    )
-                    self.note(why, logging.WARNING)
-                    return Outcome(True, why)
-                if not d.ok:
-                    self.note(
-                        f"deep probe failed ({live.deep_misses}/{live.threshold}): {d.detail}"
-                    )
-                    r = d
-            if live.healthy:
-                self.set_state(State.READY, f"pid {child.proc.pid}")
-            else:
-                misses = max(live.misses, live.deep_misses)
-                self.set_state(State.UNHEALTHY, f"{misses} probe(s) failed: {r.detail}")
+        session, timeout = self.daemon.session, self._timeout()
+        return await probe.completion_ok(session, self._base, name, timeout, self._headers())
 
-    async def _ollama_still_loaded(self, base: str, timeout: float) -> probe.ProbeResult:
+    async def post_start(self, progress: Callable[[str], None]) -> str | None:
+        """Ollama: pull and preload each model, then check that it is loaded."""
+        session, base = self.daemon.session, self._base
+        timeout = self.daemon.loaded.manifest.health(self.launch.unit).startup_timeout
+        try:
+            for load in self.launch.ollama_loads:
+                await probe.ollama_pull(session, base, load.model, progress)
+                progress(f"loading {load.model}")
+                await probe.ollama_preload(session, base, load.model, load.keep_alive, timeout)
+            loaded = await probe.ollama_loaded(session, base, 10.0)
+        except (probe.StepError, aiohttp.ClientError) as e:
+            return str(e) or type(e).__name__
+        missing = [x.model for x in self.launch.ollama_loads if x.model not in loaded]
+        return f"not in /api/ps after preload: {', '.join(missing)}" if missing else None
+
+    async def _ollama_still_loaded(self, timeout: float) -> probe.ProbeResult:
         """A runner that died unloads its model: load it again, as `ollama run` would."""
         start = time.monotonic()
+        session, base = self.daemon.session, self._base
         try:
-            loaded = await probe.ollama_loaded(self.daemon.session, base, timeout)
+            loaded = await probe.ollama_loaded(session, base, timeout)
             for load in self.launch.ollama_loads:
                 if load.model not in loaded:
-                    await probe.ollama_preload(
-                        self.daemon.session, base, load.model, load.keep_alive, timeout
-                    )
+                    await probe.ollama_preload(session, base, load.model, load.keep_alive, timeout)
         except (probe.StepError, aiohttp.ClientError, asyncio.TimeoutError) as e:
             return probe.ProbeResult(False, time.monotonic() - start, str(e) or type(e).__name__)
         return probe.ProbeResult(True, time.monotonic() - start, "loaded")
-
-
-async def _uncancellable(work: Coroutine[Any, Any, None]) -> None:
-    """Run `work` to its end even if we are cancelled meanwhile (a second `stop`
-    must not interrupt the first one half-way and leave processes behind)."""
-    task = asyncio.ensure_future(work)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled = True
-    task.result()
-    if cancelled:
-        raise asyncio.CancelledError
 
 
 def _connect_host(host: str) -> str:
@@ -945,8 +813,7 @@ class Daemon:
     async def act(self, model: str, action: str) -> list[dict[str, Any]]:
         server = self.server_of(model)
         if action == "start":
-            server.tracker.reset()
-            server.start()
+            server.start(reset=True)
         elif action == "stop":
             await server.stop()
         elif action == "restart":
@@ -976,7 +843,7 @@ class Daemon:
             on_demand=s.on_demand,
             active=s.task is not None and not s.task.done(),
             api_key=s.api_key,
-            restarts=s.tracker.total,
+            restarts=s.restarts,
             latency=s.latency,
             gpu_memory=s.gpu_memory,
             idle_timeout=spec.idle_timeout if spec is not None else None,
@@ -992,10 +859,7 @@ class Daemon:
         return models_conflict(self.loaded, a.models[0], b.models[0])
 
     def start_server(self, unit: str) -> None:
-        s = self.servers[unit]
-        s.tracker.reset()
-        s.reason = ""
-        s.start()
+        self.servers[unit].start(reset=True)
 
     async def stop_server(self, unit: str, detail: str = "") -> None:
         s = self.servers.get(unit)

@@ -1,21 +1,9 @@
-"""Per-server life: states, restart decisions, backoff. Pure: no clock, no I/O.
-
-    STOPPED -> STARTING -> LOADING -> READY <-> UNHEALTHY
-    any running state -> BACKOFF -> STARTING ...     (the restart policy allows)
-    too many restarts within the window -> FAILED    (until `llmsup restart NAME`)
-    stop requested -> STOPPING -> STOPPED
-
-`now` is always passed in (monotonic seconds), randomness through `rand`.
-"""
+"""A server's states as status shows them, and what its log lines and exit
+codes say. The life that moves between the states: `llmsup.supervise.machine`."""
 
 from __future__ import annotations
 
 import enum
-import random
-from collections import deque
-from dataclasses import dataclass, field
-
-from llmsup.manifest import Restart
 
 
 class State(str, enum.Enum):
@@ -33,111 +21,6 @@ class State(str, enum.Enum):
     @property
     def running(self) -> bool:
         return self in (State.STARTING, State.LOADING, State.READY, State.UNHEALTHY)
-
-
-def backoff_delay(attempt: int, initial: float, cap: float, rand: random.Random) -> float:
-    """Delay before restart number `attempt` (1-based): exponential, capped, with jitter.
-
-    The jitter (up to 10 %) keeps servers that crashed together from restarting together.
-    """
-    base = min(cap, initial * 2 ** max(0, attempt - 1))
-    return min(cap, base + rand.uniform(0, base * 0.1)) if base > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class Respawn:
-    """Start again after `delay` seconds."""
-
-    delay: float
-
-
-@dataclass(frozen=True)
-class Fail:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Stay:
-    """Do not restart: the process ended as its policy allows."""
-
-    reason: str
-
-
-Decision = Respawn | Fail | Stay
-
-
-@dataclass
-class RestartTracker:
-    """Counts restarts inside a sliding window and the consecutive-failure streak."""
-
-    times: deque[float] = field(default_factory=deque)
-    streak: int = 0  # failures since the server was last READY
-    total: int = 0
-
-    def ready(self) -> None:
-        self.streak = 0
-
-    def decide(
-        self,
-        policy: Restart,
-        now: float,
-        failed: bool,
-        reason: str,
-        rand: random.Random,
-    ) -> Decision:
-        """What to do after a server ended (`failed`: crash, unhealthy, start timeout)."""
-        if policy.policy == "never" or (policy.policy == "on-failure" and not failed):
-            return Fail(reason) if failed else Stay(reason)
-        while self.times and now - self.times[0] > policy.window:
-            self.times.popleft()
-        if len(self.times) >= policy.max_restarts:
-            return Fail(
-                f"{reason}; gave up after {len(self.times)} restarts within "
-                f"{policy.window:g}s (restart policy max_restarts={policy.max_restarts})"
-            )
-        self.times.append(now)
-        self.streak += 1
-        self.total += 1
-        return Respawn(backoff_delay(self.streak, policy.backoff_initial, policy.backoff_max, rand))
-
-    def reset(self) -> None:
-        self.times.clear()
-        self.streak = 0
-
-
-@dataclass
-class Liveness:
-    """Failed liveness probes of a READY server, counted per kind.
-
-    /health failures and deep-probe (1-token completion) failures are counted
-    apart: a passing /health says nothing about a hung engine, so it must not
-    wipe out the deep probe's failures (with deep probes minutes apart and
-    /health every few seconds, they would never add up). A passing deep probe
-    ends the deep streak: the engine answered, the earlier misses were passing
-    trouble. While the deep streak runs, the deep probe is repeated at every
-    check rather than after `deep_interval`, to confirm or clear it soon.
-    """
-
-    threshold: int
-    misses: int = 0  # /health in a row
-    deep_misses: int = 0  # deep probes in a row
-
-    def record(self, ok: bool) -> bool:
-        """Record one /health probe; True when the server must be restarted."""
-        self.misses = 0 if ok else self.misses + 1
-        return self.misses >= self.threshold
-
-    def record_deep(self, ok: bool) -> bool:
-        """Record one deep probe; True when the server must be restarted."""
-        self.deep_misses = 0 if ok else self.deep_misses + 1
-        return self.deep_misses >= self.threshold
-
-    def deep_due(self, since_last: float, deep_interval: float) -> bool:
-        return self.deep_misses > 0 or since_last >= deep_interval
-
-    @property
-    def healthy(self) -> bool:
-        return self.misses == 0 and self.deep_misses == 0
 
 
 def describe_exit(returncode: int) -> str:

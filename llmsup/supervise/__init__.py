@@ -1,0 +1,1 @@
+"""Supervision of one server: a pure state machine and the runner that carries it out."""

@@ -1,0 +1,558 @@
+"""The life of one server as a pure function: `step(life, event, now, rules, rand)`
+returns the next `Life` and the commands to carry out. No clock, no I/O: `now`
+is passed in (monotonic seconds), randomness (backoff jitter) through `rand`.
+
+    STOPPED/FAILED --start--> STARTING --busy predecessor--> WAITING --done--> STARTING
+    STARTING --GPU short--> WAITING_GPU --free--> STARTING (spawn) --answers--> LOADING
+    STARTING/LOADING --ready--> READY <--probes--> UNHEALTHY
+    a process that ends, or is to be ended --> STOPPING --tree gone--> BACKOFF/STOPPED/FAILED
+    BACKOFF --timer--> STARTING ...   too many restarts within the window --> FAILED
+
+`TABLE` lists every (state, event) pair that does something; any other pair is
+ignored (a probe result that arrives after its server was stopped, say).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field, replace
+
+from llmsup.manifest import Restart
+from llmsup.state import State, describe_exit
+
+# ------------------------------------------------------------------ rules
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A server's settings, as the manifest resolves them."""
+
+    restart: Restart = field(default_factory=Restart)
+    failures: int = 3  # failed probes in a row = unhealthy (health.failures)
+    interval: float = 10.0  # between liveness probes
+    startup_timeout: float = 1200.0
+    deep_probe: bool = False
+    deep_interval: float = 60.0
+    gpu_wait: float = 300.0
+    stop_timeout: float = 30.0
+    post_start: bool = False  # steps after the port answers (Ollama: pull, preload)
+
+
+GPU_RECHECK = 0.5  # seconds between looks at the GPUs' free memory while waiting
+
+
+def backoff_delay(attempt: int, initial: float, cap: float, rand: random.Random) -> float:
+    """Delay before restart number `attempt` (1-based): exponential, capped, with jitter.
+
+    The jitter (up to 10 %) keeps servers that crashed together from restarting together.
+    """
+    base = min(cap, initial * 2 ** max(0, attempt - 1))
+    return min(cap, base + rand.uniform(0, base * 0.1)) if base > 0 else 0.0
+
+
+# ------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True)
+class Start:
+    reset: bool = False  # forget earlier restarts (`llmsup start/restart`)
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True)
+class PredecessorsBusy:
+    names: tuple[str, ...]  # servers sharing a GPU that start before this one
+
+
+@dataclass(frozen=True)
+class PredecessorsDone:
+    pass
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Executable found, environment read, port free: ready to check the GPUs."""
+
+
+@dataclass(frozen=True)
+class LaunchFailed:
+    reason: str
+    retry: float | None = None  # out of descriptors: retry after this, not counted
+
+
+@dataclass(frozen=True)
+class GpuShort:
+    message: str
+
+
+@dataclass(frozen=True)
+class GpuFree:
+    pass
+
+
+@dataclass(frozen=True)
+class Started:
+    pid: int
+
+
+@dataclass(frozen=True)
+class Answering:
+    """The port answers, not yet 200: the model is loading."""
+
+
+@dataclass(frozen=True)
+class PortReady:
+    latency: float
+
+
+@dataclass(frozen=True)
+class PostStartDone:
+    pass
+
+
+@dataclass(frozen=True)
+class PostStartFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Probed:
+    ok: bool
+    detail: str
+    latency: float = 0.0
+    deep: bool = False  # a 1-token completion, not /health
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A log line says how far loading has come (vLLM)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A log line says why the process is about to exit (vLLM's EngineCore died)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Exited:
+    code: int  # negative: killed by that signal
+
+
+@dataclass(frozen=True)
+class TreeStopped:
+    """No process of the launch is left."""
+
+
+@dataclass(frozen=True)
+class Timer:
+    name: str
+
+
+Event = (
+    Start
+    | Stop
+    | PredecessorsBusy
+    | PredecessorsDone
+    | Prepared
+    | LaunchFailed
+    | GpuShort
+    | GpuFree
+    | Started
+    | Answering
+    | PortReady
+    | PostStartDone
+    | PostStartFailed
+    | Probed
+    | Phase
+    | Hint
+    | Exited
+    | TreeStopped
+    | Timer
+)
+
+# ------------------------------------------------------------------ commands
+
+
+@dataclass(frozen=True)
+class CheckPredecessors:
+    """Report PredecessorsBusy while any is starting, then PredecessorsDone."""
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Read secrets, find the executable, free the port of our leftovers; report
+    Prepared or LaunchFailed."""
+
+
+@dataclass(frozen=True)
+class CheckGpu:
+    """Report GpuFree or GpuShort."""
+
+
+@dataclass(frozen=True)
+class Spawn:
+    """Start the process; report Started or LaunchFailed, then its lines and Exited."""
+
+
+@dataclass(frozen=True)
+class AwaitReady:
+    """Probe the readiness path until it answers 200 (PortReady), saying Answering
+    when it answers anything else."""
+
+
+@dataclass(frozen=True)
+class RunPostStart:
+    """The backend's steps after the port answers; report PostStartDone or -Failed."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    deep: bool = False
+
+
+@dataclass(frozen=True)
+class StopTree:
+    """SIGTERM to every member, `grace`, then kill; report TreeStopped."""
+
+    grace: float
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    name: str
+    delay: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    name: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """A line about the server's life, in the daemon's log and the server's."""
+
+    text: str
+    level: int = logging.INFO
+
+
+Command = (
+    CheckPredecessors
+    | Prepare
+    | CheckGpu
+    | Spawn
+    | AwaitReady
+    | RunPostStart
+    | Probe
+    | StopTree
+    | SetTimer
+    | CancelTimer
+    | Note
+)
+
+# ------------------------------------------------------------------ state
+
+
+@dataclass(frozen=True)
+class Ending:
+    """Why the current process is being stopped (None in `Life.ending`: asked to)."""
+
+    failed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Life:
+    state: State = State.STOPPED
+    detail: str = ""
+    reason: str = ""  # why it is FAILED, or the last failure
+    last_exit: str = ""
+    progress: str = ""
+    latency: float | None = None
+    pid: int | None = None
+    spawning: bool = False  # a Spawn is under way: its process may yet appear
+    since: float = 0.0  # when the process was spawned
+    hint: str = ""  # what the log said about a coming exit
+    ending: Ending | None = None  # while STOPPING
+    fatal: bool = False  # FAILED for a reason retrying cannot help
+    launched: bool = False  # a process was spawned, or a wait for GPUs began
+    gpu_deadline: float | None = None
+    # Restarts: their times within the window, failures since READY, all of them.
+    restarts: tuple[float, ...] = ()
+    streak: int = 0
+    total: int = 0
+    shortages: int = 0  # launches in a row that found no descriptor free
+    # Liveness of a READY server: /health and deep probes failed in a row, apart.
+    misses: int = 0
+    deep_misses: int = 0
+    last_deep: float = 0.0
+    last_detail: str = ""
+
+
+Result = tuple[Life, list[Command]]
+
+
+def _cancel_all() -> list[Command]:
+    return [CancelTimer(n) for n in ("startup", "health", "gpu", "backoff")]
+
+
+def _start(life: Life, reset: bool) -> Result:
+    if reset:
+        life = replace(life, restarts=(), streak=0, reason="")
+    life = replace(life, state=State.STARTING, detail="launching", fatal=False, ending=None)
+    return life, [CheckPredecessors()]
+
+
+def _launch(life: Life) -> Result:
+    """Predecessors done: the facts of the run before are forgotten."""
+    life = replace(
+        life,
+        state=State.STARTING,
+        detail="launching",
+        reason="",
+        progress="",
+        latency=None,
+        gpu_deadline=None,
+    )
+    return life, [Prepare()]
+
+
+def _end(life: Life, ending: Ending | None, rules: Rules) -> Result:
+    """Stop the running process; `ending` None: as asked."""
+    life = replace(life, state=State.STOPPING, ending=ending, detail=f"pid {life.pid}")
+    if ending is not None:
+        life = replace(life, last_exit=ending.reason)
+    return life, [*_cancel_all(), StopTree(rules.stop_timeout)]
+
+
+def _fail_at_once(life: Life, reason: str) -> Result:
+    """A launch that retrying cannot help: not found, port held, a secret unreadable."""
+    life = replace(life, state=State.FAILED, detail=reason, reason=reason, fatal=True)
+    return life, [Note(f"FAILED: {reason}; not restarted", logging.ERROR), *_cancel_all()]
+
+
+def _after(life: Life, now: float, rules: Rules, rand: random.Random) -> Result:
+    """The process tree is gone: restart, stay down, or give up."""
+    life = replace(life, pid=None, spawning=False)
+    ending, life = life.ending, replace(life, ending=None)
+    if ending is None:
+        life = replace(life, state=State.STOPPED, detail="stopped")
+        return life, [Note("stopped (requested)")]
+    policy = rules.restart
+    if policy.policy == "never" or (policy.policy == "on-failure" and not ending.failed):
+        if ending.failed:
+            life = replace(life, state=State.FAILED, detail=ending.reason, reason=ending.reason)
+            return life, [Note(f"FAILED: {ending.reason}", logging.ERROR)]
+        why = f"{ending.reason}; not restarted (restart policy {policy.policy})"
+        return replace(life, state=State.STOPPED, detail=ending.reason), [Note(why)]
+    times = tuple(t for t in life.restarts if now - t <= policy.window)
+    if len(times) >= policy.max_restarts:
+        reason = (
+            f"{ending.reason}; gave up after {len(times)} restarts within "
+            f"{policy.window:g}s (restart policy max_restarts={policy.max_restarts})"
+        )
+        life = replace(life, state=State.FAILED, detail=reason, reason=reason, restarts=times)
+        return life, [Note(f"FAILED: {reason}", logging.ERROR)]
+    times += (now,)
+    streak = life.streak + 1
+    delay = backoff_delay(streak, policy.backoff_initial, policy.backoff_max, rand)
+    detail = f"{ending.reason}; restart {len(times)}/{policy.max_restarts} in {delay:.1f}s"
+    life = replace(
+        life,
+        state=State.BACKOFF,
+        detail=detail,
+        restarts=times,
+        streak=streak,
+        total=life.total + 1,
+    )
+    return life, [Note(detail, logging.WARNING), SetTimer("backoff", delay)]
+
+
+def _probed(life: Life, ev: Probed, now: float, rules: Rules) -> Result:
+    """A liveness probe of a READY/UNHEALTHY server.
+
+    /health and deep-probe failures are counted apart: a passing /health says
+    nothing about a hung engine, so it must not wipe out the deep probe's misses.
+    A passing deep probe ends the deep streak. While that streak runs, the deep
+    probe is repeated at every check rather than after `deep_interval`."""
+    cmds: list[Command] = []
+    if not ev.deep:
+        misses = 0 if ev.ok else life.misses + 1
+        life = replace(life, misses=misses, last_detail=ev.detail)
+        if misses >= rules.failures:
+            why = f"unhealthy: {misses} probes failed in a row (last: {ev.detail})"
+            if life.hint:
+                why += f" ({life.hint})"
+            ended = _end(life, Ending(True, why), rules)
+            return ended[0], [Note(why, logging.WARNING), *ended[1]]
+        if not ev.ok:
+            cmds.append(Note(f"probe failed ({misses}/{rules.failures}): {ev.detail}"))
+        else:
+            life = replace(life, latency=ev.latency)
+            due = life.deep_misses > 0 or now - life.last_deep >= rules.deep_interval
+            if rules.deep_probe and due:
+                return replace(life, last_deep=now), [Probe(deep=True)]
+    else:
+        deep = 0 if ev.ok else life.deep_misses + 1
+        life = replace(life, deep_misses=deep)
+        if deep >= rules.failures:
+            why = (
+                f"hung: {deep} deep probes (1-token completions) failed "
+                f"in a row while /health passed (last: {ev.detail})"
+            )
+            ended = _end(life, Ending(True, why), rules)
+            return ended[0], [Note(why, logging.WARNING), *ended[1]]
+        if not ev.ok:
+            cmds.append(Note(f"deep probe failed ({deep}/{rules.failures}): {ev.detail}"))
+            life = replace(life, last_detail=ev.detail)
+    if life.misses == 0 and life.deep_misses == 0:
+        life = replace(life, state=State.READY, detail=f"pid {life.pid}")
+    else:
+        n = max(life.misses, life.deep_misses)
+        life = replace(
+            life, state=State.UNHEALTHY, detail=f"{n} probe(s) failed: {life.last_detail}"
+        )
+    return life, [*cmds, SetTimer("health", rules.interval)]
+
+
+def _ready(life: Life, now: float, rules: Rules) -> Result:
+    life = replace(
+        life,
+        state=State.READY,
+        detail=f"pid {life.pid}",
+        streak=0,
+        progress="",
+        misses=0,
+        deep_misses=0,
+        last_deep=now,
+    )
+    note = Note(f"ready after {now - life.since:.1f}s (pid {life.pid})")
+    return life, [CancelTimer("startup"), note, SetTimer("health", rules.interval)]
+
+
+RUNNING = (State.STARTING, State.LOADING, State.READY, State.UNHEALTHY)
+LAUNCHING = (State.STARTING, State.WAITING, State.WAITING_GPU, State.BACKOFF)
+STARTUP = (State.STARTING, State.LOADING)
+LIVE = (State.READY, State.UNHEALTHY)
+
+# (event type, the states in which it acts): every transition `step` makes.
+TABLE: dict[type, tuple[State, ...]] = {
+    Start: (State.STOPPED, State.FAILED),
+    Stop: (State.WAITING, State.WAITING_GPU, State.BACKOFF, *RUNNING, State.STOPPING),
+    PredecessorsBusy: (State.STARTING, State.WAITING, State.BACKOFF),
+    PredecessorsDone: (State.STARTING, State.WAITING, State.BACKOFF),
+    Prepared: (State.STARTING,),
+    LaunchFailed: (State.STARTING, State.STOPPING),
+    GpuShort: (State.STARTING, State.WAITING_GPU),
+    GpuFree: (State.STARTING, State.WAITING_GPU),
+    Started: (State.STARTING, State.WAITING_GPU, State.STOPPING),
+    Answering: (State.STARTING,),
+    PortReady: STARTUP,
+    PostStartDone: STARTUP,
+    PostStartFailed: STARTUP,
+    Probed: LIVE,
+    Phase: RUNNING,
+    Hint: RUNNING,
+    Exited: RUNNING,
+    TreeStopped: (State.STOPPING,),
+    Timer: (State.BACKOFF, State.WAITING_GPU, *RUNNING),
+}
+
+
+def step(life: Life, ev: Event, now: float, rules: Rules, rand: random.Random) -> Result:
+    """The next life of a server after `ev`, and what to do about it."""
+    if life.state not in TABLE[type(ev)]:
+        return life, []
+    s = life.state
+    match ev:
+        case Start(reset=reset):
+            return _start(life, reset)
+        case Stop():
+            if s == State.STOPPING:  # a stop asked for wins over a restart under way
+                return replace(life, ending=None), []
+            if life.pid is not None or life.spawning:
+                return _end(life, None, rules)
+            life = replace(life, state=State.STOPPED, detail="stopped")
+            return life, [Note("stopped (requested)"), *_cancel_all()]
+        case PredecessorsBusy(names=names):
+            return replace(
+                life, state=State.WAITING, detail=f"after {', '.join(names)} (shared GPU)"
+            ), []
+        case PredecessorsDone():
+            return _launch(life)
+        case Prepared():
+            return life, [CheckGpu()]
+        case LaunchFailed(reason=reason, retry=retry):
+            life = replace(life, spawning=False)
+            if s == State.STOPPING:
+                return replace(life, state=State.STOPPED, detail="stopped", ending=None), [
+                    Note("stopped (requested)")
+                ]
+            if retry is None:
+                return _fail_at_once(life, reason)
+            life = replace(life, state=State.BACKOFF, detail=reason, shortages=life.shortages + 1)
+            return life, [SetTimer("backoff", retry)]
+        case GpuShort(message=msg):
+            deadline = life.gpu_deadline if life.gpu_deadline is not None else now + rules.gpu_wait
+            if now >= deadline:
+                why = f"GPU memory still held after {rules.gpu_wait:g}s (health.gpu_wait): {msg}"
+                return _fail_at_once(replace(life, launched=True), why)
+            life = replace(
+                life, state=State.WAITING_GPU, detail=msg, gpu_deadline=deadline, launched=True
+            )
+            return life, [SetTimer("gpu", GPU_RECHECK)]
+        case GpuFree():
+            life = replace(life, state=State.STARTING, spawning=True, progress="")
+            return life, [CancelTimer("gpu"), Spawn()]
+        case Started(pid=pid):
+            life = replace(life, pid=pid, spawning=False, launched=True, shortages=0)
+            if s == State.STOPPING:  # stopped while it was being spawned
+                return life, [StopTree(rules.stop_timeout)]
+            life = replace(life, state=State.STARTING, detail=f"pid {pid}", since=now, hint="")
+            return life, [SetTimer("startup", rules.startup_timeout), AwaitReady()]
+        case Answering():
+            return replace(life, state=State.LOADING, detail=f"pid {life.pid}"), []
+        case PortReady(latency=latency):
+            life = replace(life, latency=latency)
+            if rules.post_start:
+                return replace(life, state=State.LOADING, detail=f"pid {life.pid}"), [
+                    RunPostStart()
+                ]
+            return _ready(life, now, rules)
+        case PostStartDone():
+            return _ready(life, now, rules)
+        case PostStartFailed(reason=reason):
+            return _end(life, Ending(True, reason), rules)
+        case Probed():
+            return _probed(life, ev, now, rules)
+        case Phase(text=text):
+            state = State.LOADING if s == State.STARTING else s
+            return replace(life, progress=text, state=state), []
+        case Hint(text=text):
+            return replace(life, hint=text), []
+        case Exited(code=code):
+            why = describe_exit(code) + (f" ({life.hint})" if life.hint else "")
+            return _end(life, Ending(True, why), rules)  # a server is meant to run forever
+        case TreeStopped():
+            return _after(life, now, rules, rand)
+        case Timer(name=name):
+            if name == "backoff" and s == State.BACKOFF:
+                return life, [CheckPredecessors()]
+            if name == "gpu" and s == State.WAITING_GPU:
+                return life, [CheckGpu()]
+            if name == "startup" and s in STARTUP:
+                why = f"not ready within {rules.startup_timeout:g}s (health.startup_timeout)"
+                return _end(life, Ending(True, why), rules)
+            if name == "health" and s in LIVE:
+                return life, [Probe()]
+            return life, []
+    return life, []  # pragma: no cover - every event type is matched above

@@ -1,0 +1,339 @@
+"""The one place where a server's life (`machine.step`) meets the world.
+
+A `Runner` feeds events to the machine one at a time, from a queue, and turns
+the commands it returns into effects through injected ports: a clock, a
+launcher (processes: `llmsup.process`), a prober (HTTP: `llmsup.probe`), the
+GPUs, the servers it starts after, and a journal (status and log lines). Each
+effect runs as a task that reports back with an event; none decides anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Protocol
+
+from llmsup import limits
+from llmsup.probe import ProbeResult
+from llmsup.state import State, exit_hint, listening_soon, vllm_phase
+from llmsup.supervise import machine as m
+
+log = logging.getLogger("llmsup")
+
+
+class Refused(Exception):
+    """A launch that retrying cannot help (not found, port held, a secret unreadable)."""
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class Launcher(Protocol):
+    """One server's processes (`llmsup.process` holds the contract)."""
+
+    async def prepare(self) -> None:
+        """Read secrets, find the executable, clear the port of our own leftovers.
+        Raises Refused, or OSError when descriptors run out."""
+
+    async def spawn(self, on_line: Callable[[str], None]) -> int:
+        """Start the server; its pid. Raises Refused, or OSError (descriptors)."""
+        ...
+
+    async def exited(self) -> int:
+        """The exit status of the process `spawn` started (negative: a signal)."""
+        ...
+
+    async def stop_tree(self, grace: float) -> None:
+        """SIGTERM to every member, `grace`, then kill; return when none is left."""
+
+
+class Prober(Protocol):
+    async def ready(self) -> ProbeResult: ...
+
+    async def health(self) -> ProbeResult: ...
+
+    async def deep(self) -> ProbeResult: ...
+
+    async def post_start(self, progress: Callable[[str], None]) -> str | None:
+        """The backend's steps once the port answers; None when done, else why not."""
+        ...
+
+
+class Gpus(Protocol):
+    async def short(self) -> str | None:
+        """None when the GPUs have the memory the server needs, else what holds it."""
+        ...
+
+
+class Neighbours(Protocol):
+    async def wait_predecessors(self, busy: Callable[[list[str]], None]) -> None:
+        """Return once no server this one starts after is starting; call `busy`
+        with their names meanwhile."""
+
+
+class Journal(Protocol):
+    def note(self, text: str, level: int) -> None: ...
+
+    def publish(self, before: m.Life, after: m.Life) -> None:
+        """The life changed: status, listeners, systemd."""
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+READY_PAUSE = (0.05, 0.01, 1.0)  # first pause between readiness probes, after a wake, cap
+
+
+class Runner:
+    """Drives one server's machine until it is STOPPED or FAILED."""
+
+    def __init__(
+        self,
+        name: str,
+        backend: str,
+        rules: Callable[[], m.Rules],
+        *,
+        clock: Clock,
+        launcher: Launcher,
+        prober: Prober,
+        gpus: Gpus,
+        neighbours: Neighbours,
+        journal: Journal,
+        rand: random.Random,
+    ) -> None:
+        self.name = name
+        self.backend = backend
+        self.rules = rules
+        self.clock = clock
+        self.launcher = launcher
+        self.prober = prober
+        self.gpus = gpus
+        self.neighbours = neighbours
+        self.journal = journal
+        self.rand = rand
+        self.life = m.Life()
+        self._queue: asyncio.Queue[m.Event | BaseException] = asyncio.Queue()
+        self._timers: dict[str, asyncio.Task[None]] = {}
+        self._effects: set[asyncio.Task[None]] = set()  # cancelled when the process ends
+        self._keep: set[asyncio.Task[None]] = set()  # spawn and stop: never cancelled
+        self._wake = asyncio.Event()  # the server's last line before it listens
+
+    def post(self, ev: m.Event) -> None:
+        self._queue.put_nowait(ev)
+
+    async def run(self, first: m.Event) -> None:
+        """Feed `first`, then every event the effects report, until the life rests."""
+        self.post(first)
+        try:
+            while True:
+                ev = await self._queue.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                self.feed(ev)
+                if self.resting:
+                    return
+        except Exception as e:  # a bug must not leave a model unsupervised in silence
+            log.exception("supervising %s failed", self.name)
+            await self._crashed(f"internal error: {e!r} (see the daemon's log)")
+        finally:
+            self._cancel(self._effects)
+            self._cancel(set(self._timers.values()))
+            self._timers.clear()
+
+    async def _crashed(self, reason: str) -> None:
+        self._cancel(self._effects)
+        if self.life.pid is not None or self.life.spawning:
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*self._keep, return_exceptions=True)
+                await self.launcher.stop_tree(self.rules().stop_timeout)
+        before = self.life
+        self.life = replace(
+            before, state=State.FAILED, detail=reason, reason=reason, pid=None, spawning=False
+        )
+        self.journal.publish(before, self.life)
+
+    @property
+    def resting(self) -> bool:
+        life = self.life
+        return life.state in (State.STOPPED, State.FAILED) and not life.spawning
+
+    def feed(self, ev: m.Event) -> None:
+        before = self.life
+        self.life, commands = m.step(before, ev, self.clock.now(), self.rules(), self.rand)
+        for c in commands:
+            self._do(c)
+        self.journal.publish(before, self.life)
+
+    # ------------------------------------------------------------ commands
+
+    def _do(self, c: m.Command) -> None:
+        match c:
+            case m.Note(text=text, level=level):
+                self.journal.note(text, level)
+            case m.SetTimer(name=name, delay=delay):
+                self._cancel_timer(name)
+                self._timers[name] = asyncio.create_task(self._timer(name, delay))
+            case m.CancelTimer(name=name):
+                self._cancel_timer(name)
+            case m.CheckPredecessors():
+                self._effect(self._predecessors())
+            case m.Prepare():
+                self._effect(self._prepare())
+            case m.CheckGpu():
+                self._effect(self._check_gpu())
+            case m.Spawn():
+                self._effect(self._spawn(), keep=True)
+            case m.AwaitReady():
+                self._effect(self._await_ready())
+            case m.RunPostStart():
+                self._effect(self._post_start())
+            case m.Probe(deep=deep):
+                self._effect(self._probe(deep))
+            case m.StopTree(grace=grace):
+                self._cancel(self._effects)
+                self._effect(self._stop_tree(grace), keep=True)
+
+    def _effect(self, work: Awaitable[None], keep: bool = False) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug: the loop reports it
+                self._queue.put_nowait(e)
+
+        tasks = self._keep if keep else self._effects
+        task = asyncio.create_task(guarded())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _cancel(self, tasks: set[asyncio.Task[None]]) -> None:
+        for t in list(tasks):
+            t.cancel()
+
+    def _cancel_timer(self, name: str) -> None:
+        if (t := self._timers.pop(name, None)) is not None:
+            t.cancel()
+
+    # ------------------------------------------------------------ effects
+
+    async def _timer(self, name: str, delay: float) -> None:
+        await self.clock.sleep(delay)
+        self._timers.pop(name, None)
+        self.post(m.Timer(name))
+
+    async def _predecessors(self) -> None:
+        await self.neighbours.wait_predecessors(
+            lambda names: self.post(m.PredecessorsBusy(tuple(names)))
+        )
+        self.post(m.PredecessorsDone())
+
+    def _launch_error(self, e: OSError) -> m.LaunchFailed:
+        retry = limits.launch_retry(e, self.life.shortages + 1)
+        if retry is None:
+            raise e
+        return m.LaunchFailed(retry.detail, retry.delay)
+
+    async def _prepare(self) -> None:
+        try:
+            await self.launcher.prepare()
+        except Refused as e:
+            self.post(m.LaunchFailed(str(e)))
+        except OSError as e:
+            self.post(self._launch_error(e))
+        else:
+            self.post(m.Prepared())
+
+    async def _check_gpu(self) -> None:
+        msg = await self.gpus.short()
+        self.post(m.GpuFree() if msg is None else m.GpuShort(msg))
+
+    async def _spawn(self) -> None:
+        self._wake.clear()
+        try:
+            pid = await self.launcher.spawn(self._on_line)
+        except Refused as e:
+            self.post(m.LaunchFailed(str(e)))
+            return
+        except OSError as e:
+            self.post(self._launch_error(e))
+            return
+        self.post(m.Started(pid))
+        self._effect(self._watch_exit())
+
+    async def _watch_exit(self) -> None:
+        self.post(m.Exited(await self.launcher.exited()))
+
+    def _on_line(self, line: str) -> None:
+        if hint := exit_hint(self.backend, line):
+            self.post(m.Hint(hint))
+        if self.backend == "vllm" and (phase := vllm_phase(line)):
+            self.post(m.Phase(f"{phase[0]} ({phase[1]}%)"))
+        if listening_soon(line):
+            self._wake.set()  # the server's last line before its port accepts: probe now
+
+    async def _await_ready(self) -> None:
+        first, woken, cap = READY_PAUSE
+        pause = first
+        answering = False
+        while True:
+            self._wake.clear()  # before the probe: a line that comes during it still wakes us
+            r = await self.prober.ready()
+            if r.ok:
+                self.post(m.PortReady(r.latency))
+                return
+            if r.detail.startswith("HTTP") and not answering:
+                answering = True
+                self.post(m.Answering())  # it answers 503 while it loads
+            # Woken: it listens within milliseconds now, so probe often.
+            pause = woken if await self._woken(pause) else min(cap, pause * 1.5)
+
+    async def _woken(self, timeout: float) -> bool:
+        if self._wake.is_set():
+            return True
+        wake = asyncio.create_task(self._wake.wait())
+        sleep = asyncio.create_task(self.clock.sleep(timeout))
+        try:
+            await asyncio.wait({wake, sleep}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+            sleep.cancel()
+        return self._wake.is_set()
+
+    async def _post_start(self) -> None:
+        why = await self.prober.post_start(lambda text: self.post(m.Phase(text)))
+        self.post(m.PostStartDone() if why is None else m.PostStartFailed(why))
+
+    async def _probe(self, deep: bool) -> None:
+        r = await (self.prober.deep() if deep else self.prober.health())
+        self.post(m.Probed(r.ok, r.detail, r.latency, deep))
+
+    async def _stop_tree(self, grace: float) -> None:
+        """Stop the tree, retrying when descriptors run out: a next launch must not
+        find the old server (its EngineCore, say) still running."""
+        attempt = 0
+        while True:
+            try:
+                await self.launcher.stop_tree(grace)
+                break
+            except OSError as e:
+                attempt += 1
+                retry = limits.launch_retry(e, attempt)
+                if retry is None:
+                    raise
+                log.warning("%s: stopping: %s", self.name, retry.detail)
+                await self.clock.sleep(retry.delay)
+        self.post(m.TreeStopped())

@@ -1,0 +1,254 @@
+"""The runner carrying out the machine's commands through fake ports: a fake
+clock that jumps to the next timer, fake processes that exit when told to."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import heapq
+import logging
+import random
+from collections.abc import Callable
+
+from llmsup.manifest import Restart
+from llmsup.probe import ProbeResult
+from llmsup.state import State
+from llmsup.supervise import machine as m
+from llmsup.supervise.runner import Refused, Runner
+
+OK = ProbeResult(True, 0.01, "HTTP 200")
+
+
+class NoJitter(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+class FakeClock:
+    """Time stands still until every task waits; then it jumps to the next timer."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._n = 0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._n += 1
+        heapq.heappush(self._waiters, (self.t + seconds, self._n, fut))
+        await fut
+
+    async def run_until(self, done: Callable[[], bool], jumps: int = 10_000) -> None:
+        for _ in range(jumps):
+            for _ in range(50):  # let every task that can run, run
+                await asyncio.sleep(0)
+            if done():
+                return
+            self._waiters = [w for w in self._waiters if not w[2].done()]
+            heapq.heapify(self._waiters)
+            assert self._waiters, "nothing left to happen"
+            at, _, fut = heapq.heappop(self._waiters)
+            self.t = max(self.t, at)
+            fut.set_result(None)
+        raise AssertionError(f"not done after {jumps} timers")
+
+
+class FakeServer:
+    """Every port of a runner, scripted: processes are pids and futures."""
+
+    def __init__(self) -> None:
+        self.prepare_errors: list[BaseException] = []
+        self.health_results: list[ProbeResult | BaseException] = []
+        self.spawned: list[int] = []
+        self.stopped: list[int] = []
+        self.notes: list[str] = []
+        self.states: list[tuple[State, str]] = []
+        self._exit: asyncio.Future[int] | None = None
+
+    # launcher
+    async def prepare(self) -> None:
+        if self.prepare_errors:
+            raise self.prepare_errors.pop(0)
+
+    async def spawn(self, on_line: Callable[[str], None]) -> int:
+        self.spawned.append(100 + len(self.spawned))
+        self._exit = asyncio.get_running_loop().create_future()
+        return self.spawned[-1]
+
+    async def exited(self) -> int:
+        assert self._exit is not None
+        return await self._exit
+
+    def crash(self, code: int = 1) -> None:
+        assert self._exit is not None
+        self._exit.set_result(code)
+
+    async def stop_tree(self, grace: float) -> None:
+        self.stopped.append(self.spawned[-1])
+        if self._exit is not None and not self._exit.done():
+            self._exit.set_result(-15)
+
+    # prober
+    async def ready(self) -> ProbeResult:
+        return OK
+
+    async def health(self) -> ProbeResult:
+        r = self.health_results.pop(0) if self.health_results else OK
+        if isinstance(r, BaseException):
+            raise r
+        return r
+
+    async def deep(self) -> ProbeResult:
+        return OK
+
+    async def post_start(self, progress: Callable[[str], None]) -> str | None:
+        return None
+
+    # GPUs, neighbours, journal
+    async def short(self) -> str | None:
+        return None
+
+    async def wait_predecessors(self, busy: Callable[[list[str]], None]) -> None:
+        return None
+
+    def note(self, text: str, level: int = logging.INFO) -> None:
+        self.notes.append(text)
+
+    def publish(self, before: m.Life, after: m.Life) -> None:
+        if (after.state, after.detail) != (before.state, before.detail):
+            self.states.append((after.state, after.detail))
+
+
+def runner_for(server: FakeServer, clock: FakeClock, rules: m.Rules) -> Runner:
+    return Runner(
+        "unit",
+        "vllm",
+        lambda: rules,
+        clock=clock,
+        launcher=server,
+        prober=server,
+        gpus=server,
+        neighbours=server,
+        journal=server,
+        rand=NoJitter(),
+    )
+
+
+def test_a_crash_loop_through_the_runner_ends_failed_with_every_tree_stopped() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        policy = Restart(policy="always", backoff_initial=1.0, max_restarts=3)
+        runner = runner_for(server, clock, m.Rules(restart=policy))
+        task = asyncio.create_task(runner.run(m.Start()))
+        for n in range(1, 5):
+            await clock.run_until(lambda: runner.life.state == State.READY)
+            assert len(server.spawned) == n
+            server.crash(1)
+            await clock.run_until(lambda: runner.life.state != State.READY)
+        await clock.run_until(task.done)
+        await task
+        assert runner.life.state == State.FAILED
+        assert "gave up after 3 restarts" in runner.life.reason
+        assert server.stopped == server.spawned == [100, 101, 102, 103]
+        assert clock.t == 1.0 * 3, "each crash right at READY: the streak starts anew"
+        assert server.notes[-1] == f"FAILED: {runner.life.reason}"
+
+    asyncio.run(main())
+
+
+def test_stop_during_backoff_launches_nothing_more() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules(restart=Restart(backoff_initial=30.0)))
+        task = asyncio.create_task(runner.run(m.Start()))
+        await clock.run_until(lambda: runner.life.state == State.READY)
+        server.crash(1)
+        await clock.run_until(lambda: runner.life.state == State.BACKOFF)
+        runner.post(m.Stop())
+        await clock.run_until(task.done)
+        assert (runner.life.state, runner.life.detail) == (State.STOPPED, "stopped")
+        assert server.spawned == [100] and clock.t < 30.0
+        assert server.notes[-1] == "stopped (requested)"
+
+    asyncio.run(main())
+
+
+def test_stop_when_ready_stops_the_tree_and_rests() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules())
+        task = asyncio.create_task(runner.run(m.Start()))
+        await clock.run_until(lambda: runner.life.state == State.READY)
+        runner.post(m.Stop())
+        await clock.run_until(task.done)
+        assert server.stopped == [100]
+        assert list(dict.fromkeys(s for s, _ in server.states)) == [
+            State.STARTING,
+            State.READY,
+            State.STOPPING,
+            State.STOPPED,
+        ]
+
+    asyncio.run(main())
+
+
+def test_failing_health_probes_restart_the_server() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules(failures=2, interval=10.0))
+        late = ProbeResult(False, 5.0, "no answer within 5s")
+        server.health_results = [OK, late, OK, late, late]
+        task = asyncio.create_task(runner.run(m.Start()))
+        await clock.run_until(lambda: len(server.spawned) == 2)
+        assert server.stopped == [100] and clock.t == 10 * 5 + 5.0
+        assert "unhealthy: 2 probes failed in a row (last: no answer within 5s)" in server.notes
+        assert (State.UNHEALTHY, "1 probe(s) failed: no answer within 5s") in server.states
+        runner.post(m.Stop())
+        await clock.run_until(task.done)
+
+    asyncio.run(main())
+
+
+def test_out_of_descriptors_is_retried_without_counting_a_restart() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules(restart=Restart(max_restarts=0)))
+        server.prepare_errors = [OSError(errno.EMFILE, "Too many open files")] * 5
+        task = asyncio.create_task(runner.run(m.Start()))
+        await clock.run_until(lambda: runner.life.state == State.READY)
+        assert clock.t == 0.5 + 1 + 2 + 4 + 8
+        assert runner.life.total == 0 and server.spawned == [100]
+        assert any("out of file descriptors" in d for _, d in server.states)
+        runner.post(m.Stop())
+        await clock.run_until(task.done)
+
+    asyncio.run(main())
+
+
+def test_a_refused_launch_fails_at_once() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules())
+        server.prepare_errors = [Refused("vllm: not found on PATH")]
+        await runner.run(m.Start())
+        assert (runner.life.state, runner.life.fatal) == (State.FAILED, True)
+        assert server.spawned == []
+
+    asyncio.run(main())
+
+
+def test_a_bug_in_an_effect_fails_the_server_and_stops_its_tree() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules(interval=1.0))
+        server.health_results = [RuntimeError("boom")]
+        task = asyncio.create_task(runner.run(m.Start()))
+        await clock.run_until(task.done)
+        assert runner.life.state == State.FAILED
+        assert runner.life.reason == "internal error: RuntimeError('boom') (see the daemon's log)"
+        assert server.stopped == [100]
+
+    asyncio.run(main())
