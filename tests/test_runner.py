@@ -252,3 +252,21 @@ def test_a_bug_in_an_effect_fails_the_server_and_stops_its_tree() -> None:
         assert server.stopped == [100]
 
     asyncio.run(main())
+
+
+def test_a_runner_runs_again_after_a_stop() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        policy = Restart(max_restarts=1)
+        runner = runner_for(server, clock, m.Rules(restart=policy))
+        for n in (1, 2):
+            task = asyncio.create_task(runner.run(m.Start(reset=True)))
+            await clock.run_until(lambda: runner.life.state == State.READY)
+            server.crash(1)  # a crash in each run: the reset budget allows it
+            await clock.run_until(lambda: runner.life.state == State.READY)
+            runner.post(m.Stop())
+            await clock.run_until(task.done)
+            assert runner.life.state == State.STOPPED
+            assert len(server.spawned) == 2 * n and server.stopped == server.spawned
+
+    asyncio.run(main())

@@ -136,6 +136,8 @@ class Runner:
 
     async def run(self, first: m.Event) -> None:
         """Feed `first`, then every event the effects report, until the life rests."""
+        while not self._queue.empty():  # reports of the last run's effects, too late
+            self._queue.get_nowait()
         self.post(first)
         try:
             while True:
