@@ -854,3 +854,19 @@ def test_an_injected_upstream_session_carries_the_requests(fakes: dict[str, Fake
                 await runner.cleanup()
 
     asyncio.run(body())
+
+
+def test_the_gateway_runs_on_uvloop_where_installed(fakes: dict[str, Fake]) -> None:
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
+
+    async def body() -> None:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        async with gateway(stub(fakes)) as c:
+            status, out, _ = await call(c, "/v1/chat/completions", {**CHAT, "model": "alpha"})
+            assert status == 200 and out["model"] == "alpha", out
+            chat = {**CHAT, "model": "slow", "stream": True, "max_tokens": 3}
+            status, out, headers = await call(c, "/v1/chat/completions", chat)
+            assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+            assert out.rstrip().endswith("data: [DONE]"), out
+
+    uvloop.run(asyncio.wait_for(body(), 60))  # a failure, rather than a hang

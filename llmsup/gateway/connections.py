@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 
@@ -63,8 +64,8 @@ class Guarded(asyncio.Protocol):
         self.pending = False  # part of the next request has arrived
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport, whatever its class: uvloop's are no asyncio.Transport.
+        self.transport = transport = cast(asyncio.Transport, transport)
         g = self.guard
         if g.open >= g.config.max_connections:
             g.m.dropped.labels("max_connections").inc()
