@@ -335,6 +335,10 @@ class Lineage:
 
     def _by_session(self, server: Ident, table: dict[int, Stat], members: set[int]) -> None:
         label = self.seen[server]
+        if not self._group_is_the_servers(server, table):
+            # Every process we knew in that session or group is gone, so the kernel
+            # may have given its id to someone else's new group: not ours.
+            members = set()
         cg = self.cgroups.get(server)
         if cg is not None:
             try:
@@ -349,6 +353,21 @@ class Lineage:
                 continue
             how = "session" if server[0] in (st.sid, st.pgid) else "cgroup"
             self.seen[(pid, st.start)] = Seen(server, label.unit, label.instance, how)
+
+    def _group_is_the_servers(self, server: Ident, table: dict[int, Stat]) -> bool:
+        """Whether a live process already known as this server's still sits in the
+        session or group named by the server's pid (Linux reuses a pid as a new
+        group's id only once no process of the old group or session is left)."""
+        for (pid, start), seen in self.seen.items():
+            st = table.get(pid)
+            if (
+                seen.server == server
+                and st is not None
+                and st.start == start
+                and server[0] in (st.sid, st.pgid)
+            ):
+                return True
+        return False
 
     def live(self) -> list[tuple[psutil.Process, Seen]]:
         """Every remembered process still alive (zombies aside), after a fresh look."""
