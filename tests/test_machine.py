@@ -322,7 +322,7 @@ def test_stop_while_the_process_is_being_spawned_stops_it_once_it_exists() -> No
     r(m.PredecessorsDone())
     r(m.Prepared())
     r(m.GpuFree())
-    assert r(m.Stop()) and r.state() == State.STOPPING
+    assert r(m.Stop()) == [] and r.state() == State.STOPPING, "no tree to stop yet"
     assert r(m.Started(9)) == [m.StopTree(7.0)]
     assert r.state() == State.STOPPING
     r(m.TreeStopped())

@@ -66,6 +66,8 @@ class FakeServer:
         self.stopped: list[int] = []
         self.notes: list[str] = []
         self.states: list[tuple[State, str]] = []
+        self.gpu_messages: list[str] = []  # what holds the GPUs, one per look
+        self.spawn_gate: asyncio.Future[None] | None = None  # a spawn waits for it
         self._exit: asyncio.Future[int] | None = None
 
     # launcher
@@ -74,6 +76,8 @@ class FakeServer:
             raise self.prepare_errors.pop(0)
 
     async def spawn(self, on_line: Callable[[str], None]) -> int:
+        if self.spawn_gate is not None:
+            await self.spawn_gate
         self.spawned.append(100 + len(self.spawned))
         self._exit = asyncio.get_running_loop().create_future()
         return self.spawned[-1]
@@ -109,7 +113,7 @@ class FakeServer:
 
     # GPUs, neighbours, journal
     async def short(self) -> str | None:
-        return None
+        return self.gpu_messages.pop(0) if self.gpu_messages else None
 
     async def wait_predecessors(self, busy: Callable[[list[str]], None]) -> None:
         return None
@@ -268,5 +272,52 @@ def test_a_runner_runs_again_after_a_stop() -> None:
             await clock.run_until(task.done)
             assert runner.life.state == State.STOPPED
             assert len(server.spawned) == 2 * n and server.stopped == server.spawned
+
+    asyncio.run(main())
+
+
+def test_a_gpu_wait_looks_again_until_the_memory_is_free() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules(gpu_wait=60.0))
+        server.gpu_messages = ["GPU 0: 20 GiB held by pid 7"] * 10
+        task = asyncio.create_task(runner.run(m.Start()))
+        await clock.run_until(lambda: runner.life.state == State.READY)
+        assert clock.t == 10 * m.GPU_RECHECK and server.spawned == [100]
+        assert (State.WAITING_GPU, "GPU 0: 20 GiB held by pid 7") in server.states
+        runner.post(m.Stop())
+        await clock.run_until(task.done)
+
+    asyncio.run(main())
+
+
+def test_a_gpu_wait_gives_up_at_its_deadline() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules(gpu_wait=5.0))
+        server.gpu_messages = ["GPU 0: held"] * 1000
+        task = asyncio.create_task(runner.run(m.Start()))
+        await clock.run_until(task.done)
+        assert (runner.life.state, runner.life.fatal) == (State.FAILED, True)
+        assert runner.life.reason == "GPU memory still held after 5s (health.gpu_wait): GPU 0: held"
+        assert clock.t == 5.0 and server.spawned == []
+
+    asyncio.run(main())
+
+
+def test_a_stop_while_spawning_stops_the_process_once_it_exists() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules())
+        server.spawn_gate = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(runner.run(m.Start()))
+        await clock.run_until(lambda: runner.life.spawning)
+        runner.post(m.Stop())
+        await clock.run_until(lambda: runner.life.state == State.STOPPING)
+        assert not task.done(), "the process being spawned must be stopped first"
+        server.spawn_gate.set_result(None)
+        await clock.run_until(task.done)
+        assert server.stopped == server.spawned == [100]
+        assert (runner.life.state, runner.life.pid) == (State.STOPPED, None)
 
     asyncio.run(main())

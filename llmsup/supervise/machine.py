@@ -479,8 +479,10 @@ def step(life: Life, ev: Event, now: float, rules: Rules, rand: random.Random) -
         case Stop():
             if s == State.STOPPING:  # a stop asked for wins over a restart under way
                 return replace(life, ending=None), []
-            if life.pid is not None or life.spawning:
+            if life.pid is not None:
                 return _end(life, None, rules)
+            if life.spawning:  # its process is stopped once Started says which it is
+                return replace(life, state=State.STOPPING, detail="stopping", ending=None), []
             life = replace(life, state=State.STOPPED, detail="stopped")
             return life, [Note("stopped (requested)"), *_cancel_all()]
         case PredecessorsBusy(names=names):

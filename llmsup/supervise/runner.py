@@ -191,27 +191,27 @@ class Runner:
             case m.CancelTimer(name=name):
                 self._cancel_timer(name)
             case m.CheckPredecessors():
-                self._effect(self._predecessors())
+                self._effect(self._predecessors)
             case m.Prepare():
-                self._effect(self._prepare())
+                self._effect(self._prepare)
             case m.CheckGpu():
-                self._effect(self._check_gpu())
+                self._effect(self._check_gpu)
             case m.Spawn():
-                self._effect(self._spawn(), keep=True)
+                self._effect(self._spawn, keep=True)
             case m.AwaitReady():
-                self._effect(self._await_ready())
+                self._effect(self._await_ready)
             case m.RunPostStart():
-                self._effect(self._post_start())
+                self._effect(self._post_start)
             case m.Probe(deep=deep):
-                self._effect(self._probe(deep))
+                self._effect(lambda: self._probe(deep))
             case m.StopTree(grace=grace):
                 self._cancel(self._effects)
-                self._effect(self._stop_tree(grace), keep=True)
+                self._effect(lambda: self._stop_tree(grace), keep=True)
 
-    def _effect(self, work: Awaitable[None], keep: bool = False) -> None:
+    def _effect(self, work: Callable[[], Awaitable[None]], keep: bool = False) -> None:
         async def guarded() -> None:
             try:
-                await work
+                await work()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a bug: the loop reports it
@@ -274,7 +274,7 @@ class Runner:
             self.post(self._launch_error(e))
             return
         self.post(m.Started(pid))
-        self._effect(self._watch_exit())
+        self._effect(self._watch_exit)
 
     async def _watch_exit(self) -> None:
         self.post(m.Exited(await self.launcher.exited()))
