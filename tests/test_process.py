@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from llmsup.process import (
     RotatingLog,
     Seen,
     child_env,
+    litter,
     load_records,
     marked_with,
     members,
@@ -213,3 +217,20 @@ def test_a_spawn_stopped_while_it_forks_leaves_no_process(
         for p in marked_with("k9:", ProcessTable()):
             p.kill()
         log.close()
+
+
+def test_a_private_tmpdir_holds_vllm_sockets_even_under_long_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM binds TMPDIR/<uuid> unix sockets (107 bytes at most): neither a deep
+    state dir nor a deep daemon TMPDIR may push a server's TMPDIR past that."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    made = litter.make_tmpdir(deep / "state", "0123456789:unit:abcdef012345")
+    try:
+        assert len(str(made)) <= litter.MAX_TMPDIR
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(made / str(uuid.uuid4())))
+    finally:
+        litter.remove_tmpdir(str(made))

@@ -30,14 +30,17 @@ MAX_TMPDIR = 64  # characters, leaving room for a 36-character name and more
 
 
 def make_tmpdir(state_dir: Path, instance: str) -> Path:
-    """A private TMPDIR for one launch: STATE/tmp/<id>, or /tmp/llmsup-<key>/<id>
+    """A private TMPDIR for one launch: STATE/tmp/<id>, or <tmp>/llmsup-<key>/<id>
     when that would be too long for the unix sockets servers make in it
-    (vLLM: TMPDIR/<uuid>; a socket path holds 107 bytes)."""
+    (vLLM: TMPDIR/<uuid>; a socket path holds 107 bytes). <tmp> is the daemon's
+    own TMPDIR, or /tmp when even that is too long."""
     key, _, ident = instance.partition(":")
     ident = ident.rsplit(":", 1)[-1]
     path = state_dir.resolve() / "tmp" / ident
     if len(str(path)) > MAX_TMPDIR:
         parent = Path(tempfile.gettempdir()) / f"llmsup-{key}"
+        if len(str(parent / ident)) > MAX_TMPDIR:
+            parent = Path("/tmp") / f"llmsup-{key}"
         parent.mkdir(mode=0o700, exist_ok=True)
         st = parent.lstat()  # not someone else's (or a link) in a shared /tmp
         if st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o077:
