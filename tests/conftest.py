@@ -26,3 +26,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "vllm: runs the real vLLM CPU build (installed once into a cache; five server starts, "
         "about 5 minutes); deselect with -m 'not vllm'",
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest modules first (real vLLM, then the container), so that with
+    several workers they run beside the many short ones instead of after them."""
+
+    def weight(item: pytest.Item) -> int:
+        if item.get_closest_marker("vllm"):
+            return 0
+        return 1 if item.get_closest_marker("container") else 2
+
+    items.sort(key=weight)  # stable: each module's own order is kept
