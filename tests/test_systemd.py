@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -71,17 +72,22 @@ def verify(unit: Path, tmp: Path, *, user: bool = False) -> subprocess.Completed
     check that it said nothing at all."""
     env = {**os.environ, "SYSTEMD_LOG_COLOR": "0"}
     if user:  # the user manager's runtime directory, which verify --user looks up
-        runtime = tmp / "xdg-runtime"
-        runtime.mkdir(mode=0o700, exist_ok=True)
+        # Short, under /tmp: the distribution's user sockets (gpg-agent's) live in
+        # it and a unix socket path holds 107 bytes, which a deep tmp_path exceeds.
+        runtime = Path(tempfile.mkdtemp(prefix="xdg-", dir="/tmp"))
         env["XDG_RUNTIME_DIR"] = str(runtime)
     scope = ["--user"] if user else []
-    return subprocess.run(
-        ["systemd-analyze", *scope, "verify", *man_check(run_here), str(unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    try:
+        return subprocess.run(
+            ["systemd-analyze", *scope, "verify", *man_check(run_here), str(unit)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    finally:
+        if user:
+            shutil.rmtree(env["XDG_RUNTIME_DIR"], ignore_errors=True)
 
 
 # ------------------------------------------------------------ the unit
