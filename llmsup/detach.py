@@ -61,12 +61,21 @@ def start(
         if alive(sock) and _launch_under_way(sock):
             return Started(proc.pid)
         if proc.poll() is not None:
-            with open(log, "rb") as f:
-                f.seek(offset)
-                tail = f.read().decode(errors="replace").splitlines()[-TAIL_LINES:]
-            return Exited(proc.returncode, log, tail)
+            return Exited(proc.returncode, log, _tail(log, offset))
         time.sleep(0.05)
-    raise DaemonError(f"the daemon did not answer within {timeout:g}s (log: {log})")
+    lines = "".join(f"\n  {line}" for line in _tail(log, offset)[-10:])
+    raise DaemonError(
+        f"the daemon (pid {proc.pid}) did not answer within {timeout:g}s; it may still be "
+        f"starting: see `llmsup status` and its log {log}"
+        + (f"; its last lines:{lines}" if lines else "")
+    )
+
+
+def _tail(log: Path, offset: int) -> list[str]:
+    """This start's lines of the log (it is appended to: they begin at `offset`)."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace").splitlines()[-TAIL_LINES:]
 
 
 def _launch_under_way(sock: Path) -> bool:

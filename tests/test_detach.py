@@ -27,7 +27,9 @@ def test_a_daemon_that_exits_shows_this_starts_lines_only(
         f"models:\n  b: {{backend: command, command: [no-such-server-x], port: {free_port()}}}\n"
     )
     sock = socket_path(state)
-    result = detach.start(manifest, state, sock, untrusted=False)
+    # Generous: the suite runs real engines beside this test, and a start under that
+    # load can take long; an exit ends the wait at once.
+    result = detach.start(manifest, state, sock, untrusted=False, timeout=240)
     assert isinstance(result, detach.Exited), result
     assert result.code == 1
     assert result.log == state / "daemon.log"
