@@ -261,7 +261,7 @@ class Daemon:
     # -------------------------------------------------------- GPUs
 
     async def _init_gpus(self) -> None:
-        source = gpu.source_from_env()
+        source = gpu.NvmlSource()
         try:
             self.snapshot = await asyncio.to_thread(source.snapshot)
             self.gpu_source = source

@@ -2,41 +2,18 @@
 
     GpuSource.snapshot() -> Snapshot(gpus, processes, notes)
 
-Two sources: `NvmlSource` asks the NVIDIA driver through pynvml (imported
-lazily: importing this module costs nothing on a host without a driver), and
-`SimulatedSource` reads a JSON file that plays a GPU host for the fake servers
-in tests (`LLMSUP_GPU_SIM=path`). The helpers below the sources are pure.
-
-The simulated host file (every writer holds an flock on `<file>.lock` and
-replaces the file atomically):
-
-    {"gpus": [{"index": 0, "uuid": "GPU-00000000-0000-0000-0000-000000000000",
-               "name": "NVIDIA H100 80GB HBM3", "memory_total": 85899345920,
-               "utilization": 0, "temperature": 30}],
-     "allocations": [{"pid": 123, "start": 4567, "gpu": "GPU-...", "bytes": 1234,
-                      "release_delay": 0.0, "dead_since": null}]}
-
-An allocation holds its bytes while its process lives. Once the process is
-gone (or a zombie, or its pid reused: `start` is the process start time from
-/proc), the memory stays used for `release_delay` seconds after a reader first
-saw it dead (`dead_since`, wall-clock seconds), then the allocation is
-dropped: freed GPU memory lags a process exit on real hosts too. A GPU entry
-may say `"lost": true` to play NVML_ERROR_GPU_IS_LOST, and `"baseline": N` for
-bytes used by nothing in particular. tests/fakes/_fakegpu.py writes the same
-format with the standard library only; keep the two in step.
+`NvmlSource` asks the NVIDIA driver through pynvml (imported lazily:
+importing this module costs nothing on a host without a driver). The helpers
+below it are pure. The tests play a GPU host with a fake pynvml module
+(tests/fakes/nvml), so they run this same code.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
-import os
 import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
@@ -44,7 +21,6 @@ import psutil
 from llmsup.errors import GpuUnavailable as GpuUnavailable
 
 GiB = 1024**3
-SIM_ENV = "LLMSUP_GPU_SIM"
 # NVML_VALUE_NOT_AVAILABLE for an unsigned long long: what usedGpuMemory reads
 # when the driver cannot say (other users' processes, containers, Windows WDDM).
 _NOT_AVAILABLE_ULL = 2**64 - 1
@@ -295,167 +271,6 @@ def _nvml_processes(nvml: Any, gpu: Gpu, handle: Any) -> tuple[list[GpuProcess],
                 by_pid[pid] = amount
     found = [GpuProcess(pid, gpu.uuid, gpu.index, used) for pid, used in by_pid.items()]
     return found, note
-
-
-# ---------------------------------------------------------------------------
-# A simulated host
-
-
-@contextlib.contextmanager
-def _locked_sim(path: Path) -> Iterator[dict[str, Any]]:
-    """The simulated host's data under an exclusive flock; written back if changed."""
-    with open(f"{path}.lock", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise GpuUnavailable(f"simulated GPU host {path} does not exist") from None
-        except OSError as e:
-            raise GpuUnavailable(f"simulated GPU host {path}: {e.strerror}") from None
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise GpuUnavailable(f"simulated GPU host {path} is not JSON: {e}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("gpus"), list):
-            raise GpuUnavailable(f"simulated GPU host {path} has no 'gpus' list")
-        data.setdefault("allocations", [])
-        before = json.dumps(data, sort_keys=True)
-        yield data
-        if json.dumps(data, sort_keys=True) != before:
-            _write_json(path, data)
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def process_start(pid: int) -> int | None:
-    """The start time of `pid` in clock ticks since boot, or None if it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
-
-
-def _sim_alive(alloc: Mapping[str, Any]) -> bool:
-    start = process_start(int(alloc["pid"]))
-    return start is not None and alloc.get("start") in (None, start)
-
-
-def _sim_sweep(data: dict[str, Any], now: float) -> list[tuple[dict[str, Any], bool]]:
-    """Drop released allocations; the rest, each with whether its process lives."""
-    kept: list[tuple[dict[str, Any], bool]] = []
-    for alloc in data["allocations"]:
-        alive = _sim_alive(alloc)
-        if not alive:
-            if alloc.get("dead_since") is None:
-                alloc["dead_since"] = now
-            if now - float(alloc["dead_since"]) >= float(alloc.get("release_delay") or 0.0):
-                continue
-        kept.append((alloc, alive))
-    data["allocations"] = [alloc for alloc, _ in kept]
-    return kept
-
-
-def _sim_gpu_of(ref: Any, gpus: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The GPU entry an allocation names (UUID, or index as int or digits)."""
-    text = str(ref)
-    for g in gpus:
-        if str(g["uuid"]) == text or (text.isdigit() and int(g["index"]) == int(text)):
-            return g
-    return None
-
-
-class SimulatedSource:
-    """A GPU host played from a JSON file (see the module docstring)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-
-    def snapshot(self) -> Snapshot:
-        with _locked_sim(self.path) as data:
-            live = _sim_sweep(data, time.time())
-            gpu_entries = list(data["gpus"])
-        gpus: list[Gpu] = []
-        processes: dict[tuple[int, str], GpuProcess] = {}
-        notes: list[str] = []
-        for entry in sorted(gpu_entries, key=lambda g: int(g["index"])):
-            index, uuid = int(entry["index"]), str(entry["uuid"])
-            if entry.get("lost"):
-                notes.append(f"GPU {index} ({uuid}) is lost: NVML_ERROR_GPU_IS_LOST")
-                continue
-            used = int(entry.get("baseline") or 0)
-            for alloc, alive in live:
-                if _sim_gpu_of(alloc["gpu"], [entry]) is None:
-                    continue
-                used += int(alloc["bytes"])
-                if not alive:
-                    continue  # memory not yet released, but no process to show
-                pid = int(alloc["pid"])
-                earlier = processes.get((pid, uuid))
-                amount = int(alloc["bytes"]) + ((earlier.used_memory or 0) if earlier else 0)
-                processes[(pid, uuid)] = GpuProcess(pid, uuid, index, amount)
-            total = int(entry["memory_total"])
-            used = min(used, total)
-            gpus.append(
-                Gpu(
-                    index=index,
-                    uuid=uuid,
-                    name=str(entry.get("name") or "NVIDIA GPU"),
-                    memory_total=total,
-                    memory_used=used,
-                    memory_free=total - used,
-                    utilization=_int_or_none(entry.get("utilization")),
-                    temperature=_int_or_none(entry.get("temperature")),
-                )
-            )
-        return Snapshot(tuple(gpus), tuple(processes.values()), tuple(notes))
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def sim_uuid(index: int) -> str:
-    return f"GPU-{index:08d}-0000-0000-0000-000000000000"
-
-
-def make_sim(
-    path: str | os.PathLike[str],
-    n: int = 4,
-    total: int = 80 * GiB,
-    name: str = "NVIDIA H100 80GB HBM3",
-) -> Path:
-    """Write a simulated host of `n` idle GPUs with UUIDs GPU-0000000N-0000-..."""
-    target = Path(path)
-    gpus = [
-        {
-            "index": i,
-            "uuid": sim_uuid(i),
-            "name": name,
-            "memory_total": total,
-            "utilization": 0,
-            "temperature": 30,
-        }
-        for i in range(n)
-    ]
-    with open(f"{target}.lock", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        _write_json(target, {"gpus": gpus, "allocations": []})
-    return target
-
-
-def source_from_env(env: Mapping[str, str] = os.environ) -> GpuSource:
-    """`LLMSUP_GPU_SIM=path`: a SimulatedSource; otherwise the driver."""
-    sim = env.get(SIM_ENV, "").strip()
-    return SimulatedSource(sim) if sim else NvmlSource()
 
 
 # ---------------------------------------------------------------------------

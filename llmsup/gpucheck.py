@@ -213,7 +213,7 @@ def check_host(loaded: LoadedManifest) -> tuple[list[Problem], str | None]:
     Returns the problems and, when there is no GPU to check against, a note.
     """
     try:
-        snapshot = gpu.source_from_env().snapshot()
+        snapshot = gpu.NvmlSource().snapshot()
     except gpu.GpuUnavailable as e:
         return [], f"GPU checks skipped: {e}"
     return gpu_problems(loaded, snapshot), None

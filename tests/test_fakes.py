@@ -24,7 +24,9 @@ import psutil
 import pytest
 
 import _fakegpu
-from llmsup.gpu import GiB, GpuProcess, SimulatedSource, make_sim, sim_uuid
+from _fakegpu import make_sim, sim_uuid
+from llmsup.gpu import GiB, GpuProcess
+from tests.gpusim import nvml_source
 from tests.util import fake_env, free_port, wait_for
 
 FAST = {"FAKE_LOAD_TIME": "0.2", "FAKE_DISCOVERY_TIME": "0.05", "FAKE_PULL_TIME": "0.3"}
@@ -481,7 +483,7 @@ def test_ollama_sigkill_orphans_runners(spawn: Spawn, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# A simulated GPU host (LLMSUP_GPU_SIM)
+# A simulated GPU host (LLMSUP_FAKE_NVML), read as llmsup reads NVML
 
 
 def worker_of(fake: Fake) -> psutil.Process:
@@ -491,11 +493,11 @@ def worker_of(fake: Fake) -> psutil.Process:
 
 
 def test_vllm_takes_simulated_gpu_memory_and_an_orphan_keeps_it(
-    spawn: Spawn, tmp_path: Path
+    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sim = make_sim(tmp_path / "gpus.json", n=2, total=80 * GiB)
-    source = SimulatedSource(sim)
-    fake = start_vllm(spawn, LLMSUP_GPU_SIM=sim, CUDA_VISIBLE_DEVICES="1")
+    source = nvml_source(monkeypatch, sim)
+    fake = start_vllm(spawn, LLMSUP_FAKE_NVML=sim, CUDA_VISIBLE_DEVICES="1")
     worker = worker_of(fake)
     wait_ready(fake)
     assert "Graph capturing finished" in fake.log()  # a GPU host: the GPU path's lines
@@ -512,7 +514,7 @@ def test_vllm_takes_simulated_gpu_memory_and_an_orphan_keeps_it(
     assert source.snapshot().processes == (GpuProcess(worker.pid, sim_uuid(1), 1, taken),)
 
     # The next start on that GPU fails as vLLM's does, after the load time.
-    again = start_vllm(spawn, LLMSUP_GPU_SIM=sim, CUDA_VISIBLE_DEVICES=sim_uuid(1))
+    again = start_vllm(spawn, LLMSUP_FAKE_NVML=sim, CUDA_VISIBLE_DEVICES=sim_uuid(1))
     assert again.proc.wait(timeout=10) == 1
     assert (
         "ValueError: Free memory on device (6.40/80.00 GiB) on startup is less than desired "
@@ -526,7 +528,9 @@ def test_vllm_takes_simulated_gpu_memory_and_an_orphan_keeps_it(
     wait_for(lambda: source.snapshot().gpus[1].memory_used == 0, message="memory never freed")
 
 
-def test_vllm_workers_take_memory_on_their_ranks_gpus(spawn: Spawn, tmp_path: Path) -> None:
+def test_vllm_workers_take_memory_on_their_ranks_gpus(
+    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sim = make_sim(tmp_path / "gpus.json", n=4, total=80 * GiB)
     visible = f"3,{sim_uuid(1)}"
     fake = start_vllm(
@@ -535,23 +539,26 @@ def test_vllm_workers_take_memory_on_their_ranks_gpus(spawn: Spawn, tmp_path: Pa
         "2",
         "--gpu-memory-utilization",
         "0.5",
-        LLMSUP_GPU_SIM=sim,
+        LLMSUP_FAKE_NVML=sim,
         CUDA_VISIBLE_DEVICES=visible,
     )
     wait_ready(fake)
     # argv[0] is the title from the start; the comm name is set a moment later.
     workers = {p.cmdline()[0]: p.pid for p in psutil.Process(fake.pid).children(recursive=True)}
-    held = {(p.pid, p.gpu_index, p.used_memory) for p in SimulatedSource(sim).snapshot().processes}
+    snap = nvml_source(monkeypatch, sim).snapshot()
+    held = {(p.pid, p.gpu_index, p.used_memory) for p in snap.processes}
     assert held == {
         (workers["VLLM::Worker_TP0"], 3, 40 * GiB),
         (workers["VLLM::Worker_TP1"], 1, 40 * GiB),
     }
 
 
-def test_vllm_gpu_memory_is_freed_after_the_release_delay(spawn: Spawn, tmp_path: Path) -> None:
+def test_vllm_gpu_memory_is_freed_after_the_release_delay(
+    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sim = make_sim(tmp_path / "gpus.json", n=1)
-    source = SimulatedSource(sim)
-    fake = start_vllm(spawn, LLMSUP_GPU_SIM=sim, FAKE_GPU_RELEASE_DELAY="1.0")
+    source = nvml_source(monkeypatch, sim)
+    fake = start_vllm(spawn, LLMSUP_FAKE_NVML=sim, FAKE_GPU_RELEASE_DELAY="1.0")
     wait_ready(fake)
     assert source.snapshot().gpus[0].memory_used > 0
     fake.proc.send_signal(signal.SIGTERM)
@@ -565,12 +572,14 @@ def test_vllm_gpu_memory_is_freed_after_the_release_delay(spawn: Spawn, tmp_path
     assert time.monotonic() - exited >= 1.0
 
 
-def test_ollama_runners_take_simulated_gpu_memory(spawn: Spawn, tmp_path: Path) -> None:
+def test_ollama_runners_take_simulated_gpu_memory(
+    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sim = make_sim(tmp_path / "gpus.json", n=2, total=10 * GiB)
     fake = start_ollama(
         spawn,
         tmp_path / "models",
-        LLMSUP_GPU_SIM=sim,
+        LLMSUP_FAKE_NVML=sim,
         CUDA_VISIBLE_DEVICES=sim_uuid(1),
         FAKE_OLLAMA_VRAM=3 * GiB,
     )
@@ -578,10 +587,10 @@ def test_ollama_runners_take_simulated_gpu_memory(spawn: Spawn, tmp_path: Path) 
         request(fake.port, "POST", "/api/pull", {"model": model, "stream": False})
     request(fake.port, "POST", "/api/generate", {"model": "a:1b", "keep_alive": -1})
     (runner,) = runners_of(fake)
-    snap = SimulatedSource(sim).snapshot()
+    snap = nvml_source(monkeypatch, sim).snapshot()
     assert snap.processes == (GpuProcess(runner.pid, sim_uuid(1), 1, 3 * GiB),)
     # Something else takes most of the GPU: the next model goes partly on the CPU.
-    _fakegpu.allocate(str(sim), os.getpid(), 1, 6 * GiB)
+    _fakegpu.allocate(sim, os.getpid(), 1, 6 * GiB)
     request(fake.port, "POST", "/api/generate", {"model": "b:1b", "keep_alive": -1})
     loaded = json.loads(request(fake.port, "GET", "/api/ps")[1])["models"]
     sizes = {m["name"]: (m["size"], m["size_vram"]) for m in loaded}

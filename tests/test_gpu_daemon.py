@@ -12,14 +12,15 @@ from pathlib import Path
 import psutil
 
 import _fakegpu
-from llmsup.gpu import GiB, make_sim, sim_uuid
+from _fakegpu import make_sim, nvml_env, sim_uuid
+from llmsup.gpu import GiB
 from tests.supervisor_util import Daemon, gone
 from tests.util import free_port, wait_for
 
 
 def sim_daemon(tmp: Path, models: str) -> Daemon:
     sim = make_sim(tmp / "gpus.json", n=2, total=80 * GiB)
-    return Daemon(tmp, models, extra_env={"LLMSUP_GPU_SIM": str(sim)})
+    return Daemon(tmp, models, extra_env=nvml_env(sim))
 
 
 def test_restart_waits_for_the_memory_to_be_released(tmp_path: Path) -> None:
@@ -116,7 +117,7 @@ def test_check_against_the_gpus_of_this_host(tmp_path: Path) -> None:
         "  a: {backend: vllm, model: org/a, gpus: [0, 7]}\n"
         "  b: {backend: vllm, model: org/b, port: 8001, gpus: [GPU-deadbeef]}\n"
     )
-    env = {**os.environ, "LLMSUP_GPU_SIM": str(sim)}
+    env = {**os.environ, **nvml_env(sim)}
     llmsup = [sys.executable, "-m", "llmsup.cli"]
     r = subprocess.run(
         [*llmsup, "check", "-f", str(manifest)], env=env, capture_output=True, text=True
@@ -130,8 +131,8 @@ def test_check_against_the_gpus_of_this_host(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "memory fit not estimated: org/a is not a local directory" in r.stderr
-    # no driver at all: one note, no traceback
-    env.pop("LLMSUP_GPU_SIM")
+    # no driver at all (the fake pynvml without a host): one note, no traceback
+    env.pop("LLMSUP_FAKE_NVML")
     r = subprocess.run(
         [*llmsup, "check", "-f", str(manifest)], env=env, capture_output=True, text=True
     )
@@ -166,7 +167,7 @@ def test_weights_that_cannot_fit_are_an_error_at_check(tmp_path: Path) -> None:
         f"models:\n  big: {{backend: vllm, model: {model}, gpus: [0], "
         "gpu_memory_utilization: 0.9}\n"
     )
-    env = {**os.environ, "LLMSUP_GPU_SIM": str(sim)}
+    env = {**os.environ, **nvml_env(sim)}
     r = subprocess.run(
         [sys.executable, "-m", "llmsup.cli", "check", "-f", str(manifest)],
         env=env,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from llmsup.backends.vllm import VllmModel
 from llmsup.errors import ManifestError, Problem
 from llmsup.manifest import (
-    VllmModel,
     json_schema,
     parse_duration,
     parse_manifest,
@@ -714,7 +714,7 @@ def test_check_warns_of_an_executable_not_on_path(tmp_path: Path) -> None:
         "  b: {backend: command, command: [no-such-server, --port, '9001'], port: 9001}\n"
     )
     check = [sys.executable, "-m", "llmsup.cli", "check", "-f", str(manifest)]
-    env = {**os.environ, "LLMSUP_GPU_SIM": "", "PATH": f"{FAKES_DIR}:{tmp_path}"}
+    env = {**os.environ, "PATH": f"{FAKES_DIR}:{tmp_path}"}
     r = subprocess.run(check, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if "not on PATH" in ln]
@@ -756,12 +756,21 @@ def test_every_field_of_every_manifest_class_has_a_description() -> None:
 
     from pydantic import BaseModel
 
-    import llmsup.manifest as manifest_module
+    import llmsup.fields
+    import llmsup.manifest
+    from llmsup.backends import REGISTRY
 
+    # The top level, the fields every model shares, and each backend's own.
+    modules = [
+        llmsup.manifest,
+        llmsup.fields,
+        *(sys.modules[b.model.__module__] for b in REGISTRY.values()),
+    ]
     classes = [
         cls
-        for _, cls in inspect.getmembers(manifest_module, inspect.isclass)
-        if issubclass(cls, BaseModel) and cls.__module__ == manifest_module.__name__
+        for module in modules
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, BaseModel) and cls.__module__ == module.__name__
     ]
     assert {"Manifest", "VllmModel", "Health", "Restart"} <= {c.__name__ for c in classes}
     missing = [

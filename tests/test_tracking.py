@@ -28,7 +28,8 @@ import psutil
 import pytest
 
 import _fakegpu
-from llmsup.gpu import GiB, make_sim, sim_uuid
+from _fakegpu import make_sim, nvml_env, sim_uuid
+from llmsup.gpu import GiB
 from llmsup.process import Record, cgroup, load_records, members, port_in_use, tracking
 from llmsup.process.tracking import ProcessTable
 from tests.supervisor_util import Daemon, running
@@ -434,8 +435,8 @@ def test_gpu_holders_without_an_environment_are_the_models(tmp_path: Path) -> No
     n: {{backend: vllm, model: org/n, gpus: [0], gpu_memory_utilization: 0.45,
          port: {free_port()}, health: {{gpu_wait: 1s}}}}
     """
-    _fakegpu.allocate(str(sim), os.getpid(), sim_uuid(0), 10 * GiB)  # a foreign holder too
-    with running(tmp_path, models, extra_env={"LLMSUP_GPU_SIM": str(sim)}) as d:
+    _fakegpu.allocate(sim, os.getpid(), sim_uuid(0), 10 * GiB)  # a foreign holder too
+    with running(tmp_path, models, extra_env=nvml_env(sim)) as d:
         server = d.wait_state("m", "READY")["pid"]
         worker = wait_for(lambda: next((p for p in tree(server) if is_worker(p)), None), 10)
         assert not psutil.Process(worker).environ()  # no marker to read

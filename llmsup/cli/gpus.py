@@ -23,7 +23,7 @@ def gpus(manifest_file: Path | None, as_json: bool) -> None:
     from llmsup.client import call
 
     try:
-        snap = gpu.source_from_env().snapshot()
+        snap = gpu.NvmlSource().snapshot()
     except gpu.GpuUnavailable as e:
         if as_json:
             click.echo(json.dumps({"gpus": [], "processes": [], "note": str(e)}, indent=2))

@@ -25,7 +25,7 @@ Fault injection (environment, read once at start; seconds as floats):
     FAKE_PULL_FAIL=1        Ollama: pull streams end with an {"error": ...} line.
     FAKE_CONTROL_FILE=PATH  JSON file polled every 0.2 s, see below.
     FAKE_LISTEN_STAMP=PATH  vLLM: append time.time() when the port begins to accept.
-    LLMSUP_GPU_SIM=PATH     a simulated GPU host to take memory on (_fakegpu.py).
+    LLMSUP_FAKE_NVML=PATH   a simulated GPU host to take memory on (_fakegpu.py).
     FAKE_GPU_RELEASE_DELAY=T  simulated memory of a dead process is freed T s
                             after it is first seen dead (default 0).
     FAKE_OLLAMA_VRAM=N      Ollama: bytes a runner takes on the simulated GPU

@@ -1,12 +1,32 @@
-"""The simulated GPU host the fakes allocate memory on (`LLMSUP_GPU_SIM=path`).
+"""The simulated GPU host: a JSON file that the fake servers take memory on and
+that the fake `pynvml` (nvml/pynvml.py beside this file) reads as NVML.
 
-Standard library only. The file format, and the rules for when memory of a
-dead process is released, are described in llmsup/gpu.py (SimulatedSource),
-which reads the same file; keep the two in step. In short:
+Standard library only. `LLMSUP_FAKE_NVML=path` names the file for both: the
+fake servers allocate on it, and llmsup, run with `nvml/` first on PYTHONPATH
+(`nvml_env`), imports the fake pynvml and sees the same GPUs through the same
+NvmlSource code that reads a real driver. The format (`make_sim` writes one):
 
-    {"gpus": [{"index": 0, "uuid": "GPU-...", "memory_total": N, ...}],
-     "allocations": [{"pid": P, "start": T, "gpu": "GPU-...", "bytes": B,
-                      "release_delay": S, "dead_since": null}]}
+    {"gpus": [{"index": 0, "uuid": "GPU-00000000-0000-0000-0000-000000000000",
+               "name": "NVIDIA H100 80GB HBM3", "memory_total": 85899345920,
+               "utilization": 0, "temperature": 30}],
+     "allocations": [{"pid": 123, "start": 4567, "gpu": "GPU-...", "bytes": 1234,
+                      "release_delay": 0.0, "dead_since": null}]}
+
+An allocation holds its bytes while its process lives. Once the process is
+gone (or a zombie, or its pid reused: `start` is the process start time from
+/proc), the memory stays used for `release_delay` seconds after a reader first
+saw it dead (`dead_since`, wall-clock seconds), then the allocation is
+dropped: freed GPU memory lags a process exit on real hosts too. Optional:
+
+- a GPU's `"baseline": N`: bytes used by nothing in particular;
+- a GPU's `"lost": true`: its calls but the handle and UUID raise
+  NVML_ERROR_GPU_IS_LOST;
+- `"faults": {"nvmlFunction": "NVML_ERROR_..."}`, at the top (nvmlInit,
+  nvmlDeviceGetCount) or in a GPU (its device calls): that call raises that
+  error. A list instead of one name raises each in turn, one per call, and
+  then the call answers again (the list is consumed in the file);
+- an allocation's `"kind": "graphics"` (a graphics process; default compute),
+  and `"reported": null` (NVML cannot say how much the process uses).
 
 Every access holds an exclusive flock on `<path>.lock` and replaces the file
 atomically, as several fake processes write it at once.
@@ -20,10 +40,12 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 GiB = 1024**3
+HOST_ENV = "LLMSUP_FAKE_NVML"
+NVML_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nvml")
 
 
 class SimError(Exception):
@@ -47,10 +69,51 @@ def locked(path: str) -> Iterator[dict[str, Any]]:
         _sweep(data, time.time())
         yield data
         if json.dumps(data, sort_keys=True) != before:
-            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, path)
+            _write(path, data)
+
+
+def _write(path: str, data: Mapping[str, Any]) -> None:
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def sim_uuid(index: int) -> str:
+    """The UUID `make_sim` gives GPU `index`."""
+    return f"GPU-{index:08d}-0000-0000-0000-000000000000"
+
+
+def make_sim(
+    path: str | os.PathLike[str],
+    n: int = 4,
+    total: int = 80 * GiB,
+    name: str = "NVIDIA H100 80GB HBM3",
+) -> str:
+    """Write a host of `n` idle GPUs with UUIDs GPU-0000000N-0000-...; its path."""
+    gpus = [
+        {
+            "index": i,
+            "uuid": sim_uuid(i),
+            "name": name,
+            "memory_total": total,
+            "utilization": 0,
+            "temperature": 30,
+        }
+        for i in range(n)
+    ]
+    target = os.fspath(path)
+    with open(f"{target}.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _write(target, {"gpus": gpus, "allocations": []})
+    return target
+
+
+def nvml_env(path: str | os.PathLike[str], base: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The variables that make a Python process (llmsup) see the host at `path`
+    through the fake pynvml: add them to its environment."""
+    search = [NVML_DIR, *(p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    return {HOST_ENV: os.fspath(path), "PYTHONPATH": os.pathsep.join(search)}
 
 
 def process_start(pid: int) -> int | None:
@@ -66,7 +129,8 @@ def process_start(pid: int) -> int | None:
     return int(fields[19])
 
 
-def _alive(alloc: dict[str, Any]) -> bool:
+def alive(alloc: Mapping[str, Any]) -> bool:
+    """Whether the process of an allocation lives (and is the one that allocated)."""
     start = process_start(int(alloc["pid"]))
     return start is not None and alloc.get("start") in (None, start)
 
@@ -74,7 +138,7 @@ def _alive(alloc: dict[str, Any]) -> bool:
 def _sweep(data: dict[str, Any], now: float) -> None:
     kept = []
     for alloc in data["allocations"]:
-        if not _alive(alloc):
+        if not alive(alloc):
             if alloc.get("dead_since") is None:
                 alloc["dead_since"] = now
             if now - float(alloc["dead_since"]) >= float(alloc.get("release_delay") or 0.0):
@@ -96,13 +160,29 @@ def find_gpu(data: dict[str, Any], gpu_ref: int | str) -> dict[str, Any]:
     raise SimError(f"no GPU {text!r} on the simulated host")
 
 
-def _used(data: dict[str, Any], gpu: dict[str, Any]) -> int:
-    used = int(gpu.get("baseline") or 0)
-    for alloc in data["allocations"]:
-        ref = str(alloc["gpu"])
-        if ref == str(gpu["uuid"]) or (ref.isdigit() and int(ref) == int(gpu["index"])):
-            used += int(alloc["bytes"])
-    return min(used, int(gpu["memory_total"]))
+def on_gpu(alloc: Mapping[str, Any], gpu: Mapping[str, Any]) -> bool:
+    """Whether an allocation is on `gpu` (it names the GPU's UUID, or its index)."""
+    ref = str(alloc["gpu"])
+    return ref == str(gpu["uuid"]) or (ref.isdigit() and int(ref) == int(gpu["index"]))
+
+
+def used(data: Mapping[str, Any], gpu: Mapping[str, Any]) -> int:
+    """Bytes used on `gpu`: its baseline and every allocation not yet released."""
+    total = int(gpu.get("baseline") or 0)
+    total += sum(int(a["bytes"]) for a in data["allocations"] if on_gpu(a, gpu))
+    return min(total, int(gpu["memory_total"]))
+
+
+def take_fault(scope: dict[str, Any], call: str) -> str | None:
+    """The NVML error (`NVML_ERROR_...`) that `call` raises now under `scope`'s
+    "faults" (the host's or a GPU's); a list of them is consumed one per call."""
+    faults = scope.get("faults") or {}
+    planned = faults.get(call)
+    if isinstance(planned, list):
+        if not planned:
+            return None
+        return str(planned.pop(0))
+    return None if planned is None else str(planned)
 
 
 def memory_on(path: str, gpu_ref: int | str) -> tuple[int, int]:
@@ -110,7 +190,7 @@ def memory_on(path: str, gpu_ref: int | str) -> tuple[int, int]:
     with locked(path) as data:
         gpu = find_gpu(data, gpu_ref)
         total = int(gpu["memory_total"])
-        return total - _used(data, gpu), total
+        return total - used(data, gpu), total
 
 
 def free_on(path: str, gpu_ref: int | str) -> int:
@@ -138,7 +218,7 @@ def allocate(
     with locked(path) as data:
         gpu = find_gpu(data, gpu_ref)
         total = int(gpu["memory_total"])
-        free = total - _used(data, gpu)
+        free = total - used(data, gpu)
         amount = max(0, min(int(nbytes), free))
         if amount:
             _record(data, pid, gpu, amount, release_delay)
@@ -153,7 +233,7 @@ def reserve(
     with locked(path) as data:
         gpu = find_gpu(data, gpu_ref)
         total = int(gpu["memory_total"])
-        free = total - _used(data, gpu)
+        free = total - used(data, gpu)
         wanted = int(total * fraction)
         if free < wanted:
             return False, free, total
@@ -193,4 +273,5 @@ def release_delay() -> float:
 
 
 def sim_path() -> str | None:
-    return os.environ.get("LLMSUP_GPU_SIM", "").strip() or None
+    """The host file that LLMSUP_FAKE_NVML names, if any."""
+    return os.environ.get(HOST_ENV, "").strip() or None

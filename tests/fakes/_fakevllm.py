@@ -487,7 +487,7 @@ class ApiServer:
         self.engines: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.workers: dict[str, list[str]] = {}  # engine name -> its workers, by rank
         self.pid = os.getpid()
-        # LLMSUP_GPU_SIM: memory taken on the simulated host by each holder process.
+        # LLMSUP_FAKE_NVML: memory taken on the simulated host by each holder process.
         self.gpu_sim = _fakegpu.sim_path()
         self.gpu_claimed = self.gpu_sim is None
         self.gpu_error: str | None = None
