@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from llmsup.process import load_records
@@ -158,6 +159,9 @@ def test_stale_registration_is_ignored_and_removed(tmp_path: Path) -> None:
     assert list(run.glob("*.json")) == []
 
 
+FOLLOW = ["logs", "-f", "m"]
+
+
 def test_file_before_the_command_and_follow_in_logs(tmp_path: Path) -> None:
     d = _daemon(tmp_path, f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n")
     with contextlib.ExitStack() as stack:
@@ -172,16 +176,22 @@ def test_file_before_the_command_and_follow_in_logs(tmp_path: Path) -> None:
         out, err = tmp_path / "follow.out", tmp_path / "follow.err"
         with open(out, "wb") as sink, open(err, "wb") as errors:
             follow = subprocess.Popen(
-                [*LLMSUP, "-f", str(d.manifest), "logs", "-f", "m"],
+                [sys.executable, "-X", "faulthandler", *LLMSUP[1:], "-f", str(d.manifest), *FOLLOW],
                 env=d.env,
                 stdout=sink,
                 stderr=errors,
             )
-        stack.callback(follow.kill)
+        stack.callback(lambda: (follow.kill(), follow.wait()))
         wait_for(lambda: "Starting vLLM server on" in out.read_text(), 20)
         assert follow.poll() is None, "-f after logs follows"
         follow.send_signal(signal.SIGINT)
-        assert follow.wait(20) == 0
+        try:
+            code = follow.wait(20)
+        except subprocess.TimeoutExpired:  # where it is stuck: faulthandler's dump
+            follow.send_signal(signal.SIGABRT)
+            follow.wait(10)
+            raise AssertionError(f"logs -f ignored SIGINT: {err.read_text()}") from None
+        assert code == 0
         assert err.read_text() == ""
         r = _cli(d, "logs", "--file", str(d.manifest), "nosuch")
         assert r.returncode == 1
