@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,11 +28,14 @@ from typing import Any
 import psutil
 import pytest
 
+from llmsup.backends import vllm_flags
 from tests.engines import vllm_cpu
 from tests.supervisor_util import Daemon
 from tests.util import free_port, wait_for
 
 # The install takes minutes the first time; each scenario takes one or two starts.
+ROOT = Path(__file__).resolve().parent.parent
+
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]
 
 START = 600.0  # seconds allowed for one start (30 s alone; minutes on a busy 2-core machine)
@@ -342,3 +346,30 @@ def test_down_leaves_no_shared_memory_of_the_tree(rig: Rig) -> None:
 
 def vllm_litter(name: str) -> bool:
     return name.startswith("vllm_dist_") or UUID.fullmatch(name) is not None
+
+
+# ------------------------------------------------------------------ its flags
+
+
+@pytest.mark.timeout(300)
+def test_the_real_vllm_032_is_detected_and_its_table_matches_its_parser(
+    engine: vllm_cpu.Engine, tmp_path: Path
+) -> None:
+    """What llmsup checks `vllm serve` flags against is what this vLLM's parser takes."""
+    bin_dir = engine.bin
+    found = vllm_flags.installed(str(bin_dir))
+    assert found is not None and found.version == vllm_cpu.DIST_VERSION
+    table = vllm_flags.for_path(str(bin_dir))
+    assert (table.version, table.exact) == ("0.32", True)
+    done = subprocess.run(
+        [str(bin_dir / "python"), str(ROOT / "scripts" / "vllm_flags.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads((tmp_path / "vllm-0.32-serve-flags.json").read_text())
+    assert written["flags"] == dict(table.flags)
+    values = json.loads((tmp_path / "vllm-0.32-values.json").read_text())
+    assert values == dict(table.values)

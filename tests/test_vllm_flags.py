@@ -2,8 +2,8 @@
 
 A venv-like directory with a made-up `vllm` dist-info and a `vllm` script
 stands for an install: its version is read with the script's interpreter
-(the script itself never runs). One test reads the real vLLM 0.32 CPU build
-when its cached venv exists (tests/engines/vllm_cpu.py installs it).
+(the script itself never runs). The real vLLM 0.32 CPU build is read in
+tests/test_real_vllm.py, where it is installed first.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import pytest
 from llmsup.backends import vllm_flags
 from llmsup.manifest import parse_manifest
 from llmsup.plan import make_plan
-from tests.engines import vllm_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 LLMSUP = [sys.executable, "-m", "llmsup.cli"]
@@ -253,30 +252,3 @@ def test_plan_says_which_table_and_why(venv: Path, tmp_path: Path) -> None:
     done = llmsup(str(bin_dir), "plan", "--json", "-f", str(path))
     [entry] = json.loads(done.stdout)
     assert entry["vllm_flags"] == {"version": "0.32", "exact": True, "why": why}
-
-
-# ------------------------------------------------------------------ the real vLLM
-
-
-@pytest.mark.timeout(300)
-def test_the_real_vllm_032_is_detected_and_its_table_matches_its_parser(tmp_path: Path) -> None:
-    home = vllm_cpu.cache_dir()
-    bin_dir = home / "venv" / "bin"
-    if not (home / "ready").exists() or not (bin_dir / "vllm").exists():
-        pytest.skip(f"no cached vLLM CPU build in {home} (python -m tests.engines.vllm_cpu)")
-    found = vllm_flags.installed(str(bin_dir))
-    assert found is not None and found.version == vllm_cpu.DIST_VERSION
-    table = vllm_flags.for_path(str(bin_dir))
-    assert (table.version, table.exact) == ("0.32", True)
-    done = subprocess.run(
-        [str(bin_dir / "python"), str(ROOT / "scripts" / "vllm_flags.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    written = json.loads((tmp_path / "vllm-0.32-serve-flags.json").read_text())
-    assert written["flags"] == dict(table.flags)
-    values = json.loads((tmp_path / "vllm-0.32-values.json").read_text())
-    assert values == dict(table.values)
