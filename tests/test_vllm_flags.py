@@ -21,7 +21,6 @@ from llmsup.backends import vllm_flags
 from llmsup.manifest import parse_manifest
 from llmsup.plan import make_plan
 
-ROOT = Path(__file__).resolve().parent.parent
 LLMSUP = [sys.executable, "-m", "llmsup.cli"]
 RAN = "the vllm script ran"
 
