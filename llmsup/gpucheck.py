@@ -15,10 +15,10 @@ from pathlib import Path
 import psutil
 
 from llmsup import fit, gpu
-from llmsup.backends import Launch
-from llmsup.backends.vllm import DEFAULT_GPU_MEMORY_UTILIZATION, tensor_parallel
+from llmsup.backends import REGISTRY, Launch
+from llmsup.backends.vllm import DEFAULT_GPU_MEMORY_UTILIZATION, VllmModel, tensor_parallel
 from llmsup.errors import Problem
-from llmsup.manifest import LoadedManifest, OllamaModel, VllmModel
+from llmsup.manifest import LoadedManifest
 from llmsup.process import MARKER
 
 
@@ -92,21 +92,17 @@ class Need:
 
 
 def needs(loaded: LoadedManifest, launch: Launch, snapshot: gpu.Snapshot) -> list[Need]:
-    """What a server will ask of each of its GPUs: vLLM utilization x total,
-    Ollama its `gpu_memory`; nothing known for `command` servers."""
-    spec = loaded.manifest.models[launch.models[0]]
-    refs = list(launch.gpus)
-    if not refs and isinstance(spec, VllmModel):
-        refs = list(range(tensor_parallel(spec) * (spec.pipeline_parallel_size or 1)))
-    found, _ = gpu.resolve(refs, snapshot)
-    if isinstance(spec, VllmModel):
-        util = spec.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
-        return [Need(g, int(util * g.memory_total)) for g in found]
-    if isinstance(spec, OllamaModel):
-        models = [loaded.manifest.models[n] for n in launch.models]
-        want = sum(m.gpu_memory or 0 for m in models if isinstance(m, OllamaModel))
-        return [Need(g, want) for g in found[:1]] if want else []
-    return []
+    """What a server will ask of each of its GPUs, as its backend claims: a share of
+    each (vLLM's utilization x total), or bytes free on the first (Ollama's
+    `gpu_memory`, summed over the models it serves); nothing known for `command`."""
+    backend = REGISTRY[launch.backend]
+    claims = [backend.gpu_claim(loaded.manifest.models[n]) for n in launch.models]
+    found, _ = gpu.resolve(list(claims[0].gpus), snapshot)
+    share = claims[0].share
+    if share is not None:
+        return [Need(g, int(share * g.memory_total)) for g in found]
+    want = sum(c.free for c in claims)
+    return [Need(g, want) for g in found[:1]] if want else []
 
 
 def short(needs_: list[Need], snapshot: gpu.Snapshot) -> list[tuple[Need, int]]:

@@ -2,176 +2,45 @@
 
 `load_manifest(path)` returns a validated `Manifest` or raises `ManifestError`
 carrying every problem of the file at once, each with `file:line:column` and
-the key path. No effects beyond reading the file (and `api_key_file`s' existence).
+the key path. No effects beyond reading the file (and the files it names).
+The top level lives here; each model entry's fields belong to its backend
+(`llmsup.backends.REGISTRY`), the fields they share to `llmsup.fields`.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-import re
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    WithJsonSchema,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, ValidationError
 
+from llmsup.backends import REGISTRY
 from llmsup.errors import ManifestError, Problem
+from llmsup.fields import (
+    Duration,
+    HealthOverride,
+    ModelBase,
+    ModelName,
+    Port,
+    RestartOverride,
+    RestartPolicyName,
+    Size,
+    Strict,
+)
+from llmsup.fields import parse_duration as parse_duration  # re-exported
+from llmsup.fields import parse_model_len as parse_model_len  # re-exported
+from llmsup.fields import parse_size as parse_size  # re-exported
 from llmsup.paths import default_manifest_path as default_manifest_path  # re-exported
 from llmsup.yamlsrc import KeyPath, Source, dotted, read_yaml
-
-# ---------------------------------------------------------------- value types
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: Any) -> float:
-    """`10s`, `5m`, `1h30m`, `500ms`, or a number of seconds (`0.5`)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"must not be negative, got {value}")
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if re.fullmatch(r"\d+(\.\d+)?", text):
-            return float(text)
-        if text and re.fullmatch(f"(?:{_DURATION_PART.pattern})+", text):
-            return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
-    raise ValueError(
-        f"must be a duration such as 10s, 5m, 1h, 500ms, or a number of seconds, got {value!r}"
-    )
-
-
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
-
-
-def parse_size(value: Any) -> int:
-    """`10M`, `512KiB`, `1G`, or a number of bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and (m := _SIZE_RE.fullmatch(value.strip())):
-        unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I") or "B"
-        power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
-        return int(float(m.group(1)) * 1024**power)
-    raise ValueError(f"must be a size such as 10M, 512K, 1G, or a number of bytes, got {value!r}")
-
-
-_LEN_RE = re.compile(r"(\d+(?:\.\d+)?)([kKmMgG]?)")
-_LEN_UNIT = {"": 1, "k": 1000, "K": 1024, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30}
-
-
-def parse_model_len(value: Any) -> int:
-    """vLLM's `--max-model-len`: an int, `32k` (x1000), `32K` (x1024), or -1/`auto`."""
-    if isinstance(value, int) and not isinstance(value, bool) and (value > 0 or value == -1):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text in ("auto", "-1"):
-            return -1
-        if m := _LEN_RE.fullmatch(text):
-            n = int(float(m.group(1)) * _LEN_UNIT[m.group(2)])
-            if n > 0:
-                return n
-    raise ValueError(
-        f"must be a positive number of tokens (27768, 32k = 32000, 32K = 32768) "
-        f"or -1/auto, got {value!r}"
-    )
-
-
-def _scalar_to_str(value: Any) -> Any:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    return value
-
-
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "minimum": 0},
-                {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$|^\d+(\.\d+)?$"},
-            ],
-            "description": "10s, 5m, 1h, 500ms, or seconds",
-        }
-    ),
-]
-Size = Annotated[
-    int,
-    BeforeValidator(parse_size),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}]}),
-]
-ModelLen = Annotated[
-    int,
-    BeforeValidator(parse_model_len),
-    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}]}),
-]
-EnvValue = Annotated[str, BeforeValidator(_scalar_to_str)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-
-
-def parse_gpu(value: Any) -> int | str:
-    """A GPU index (`0`) or UUID (`GPU-8f0e...`, `MIG-...`)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        if value.isdigit():
-            return int(value)
-        if re.fullmatch(r"(GPU|MIG)-[A-Za-z0-9/_-]+", value):
-            return value
-    raise ValueError(f"must be a GPU index (0, 1, ...) or a UUID (GPU-..., MIG-...), got {value!r}")
-
-
-GpuId = Annotated[
-    int | str,
-    BeforeValidator(parse_gpu),
-    WithJsonSchema(
-        {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": "^(GPU|MIG)-"}]}
-    ),
-]
-ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
 
 # ------------------------------------------------------------------- policies
 
 
-class HealthOverride(_Strict):
-    """Health settings; unset fields fall back to `defaults.health`."""
-
-    interval: Duration | None = Field(None, description="seconds between liveness probes")
-    timeout: Duration | None = Field(None, description="timeout of one probe")
-    failures: int | None = Field(None, ge=1, description="failed probes in a row = unhealthy")
-    startup_timeout: Duration | None = Field(None, description="deadline to become ready")
-    deep_probe: bool | None = Field(
-        None, description="also send a 1-token completion (catches a hung engine)"
-    )
-    deep_interval: Duration | None = Field(None, description="seconds between deep probes")
-    gpu_wait: Duration | None = Field(
-        None, description="how long a start waits for its GPUs' memory to be free"
-    )
-
-
-class Health(_Strict):
+class Health(Strict):
     """A model's health settings, resolved: its own, else `defaults.health`, else these."""
 
     interval: float = Field(10.0, description="seconds between liveness probes")
@@ -183,24 +52,7 @@ class Health(_Strict):
     gpu_wait: float = Field(300.0, description="seconds a start waits for free GPU memory")
 
 
-RestartPolicyName = Literal["always", "on-failure", "never"]
-
-
-class RestartOverride(_Strict):
-    """Restart settings; unset fields fall back to `defaults.restart`."""
-
-    policy: RestartPolicyName | None = Field(
-        None, description="always, on-failure (non-zero exit, crash, hang) or never"
-    )
-    backoff_initial: Duration | None = Field(None, description="delay before the first restart")
-    backoff_max: Duration | None = Field(None, description="cap of the doubling restart delay")
-    max_restarts: int | None = Field(
-        None, ge=0, description="restarts within `window` before the model is FAILED"
-    )
-    window: Duration | None = Field(None, description="the period max_restarts counts over")
-
-
-class Restart(_Strict):
+class Restart(Strict):
     """A model's restart settings, resolved: its own, else `defaults.restart`, else these."""
 
     policy: RestartPolicyName = Field("on-failure", description="always, on-failure or never")
@@ -210,12 +62,12 @@ class Restart(_Strict):
     window: float = Field(600.0, description="the period max_restarts counts over, seconds")
 
 
-class LogSettings(_Strict):
+class LogSettings(Strict):
     max_size: Size = Field(50 * 2**20, description="rotate a server's log at this size (50M)")
     backups: int = Field(3, ge=0, description="rotated log files kept per server")
 
 
-class Defaults(_Strict):
+class Defaults(Strict):
     """Settings every model gets unless it sets its own."""
 
     host: str = Field("127.0.0.1", description="address servers listen on (0.0.0.0: all)")
@@ -227,165 +79,15 @@ class Defaults(_Strict):
 
 # --------------------------------------------------------------------- models
 
-
-class _ModelBase(_Strict):
-    gpus: list[GpuId] = Field(
-        default_factory=list, description="GPU indices or UUIDs (becomes CUDA_VISIBLE_DEVICES)"
-    )
-    host: str | None = Field(None, description="address to listen on (default: defaults.host)")
-    env: dict[str, EnvValue] = Field(
-        default_factory=dict, description="extra environment variables of the server"
-    )
-    health: HealthOverride = Field(
-        HealthOverride(), description="probe settings (unset ones: defaults.health)"
-    )
-    restart: RestartOverride = Field(
-        RestartOverride(), description="restart settings (unset ones: defaults.restart)"
-    )
-    stop_timeout: Duration | None = Field(
-        None, description="grace between SIGTERM and SIGKILL (default: defaults.stop_timeout)"
-    )
-    start: Literal["always", "on_demand"] = Field(
-        "always", description="on_demand: started by the gateway on the first request"
-    )
-    idle_timeout: Duration | None = Field(
-        None, description="stop an on_demand model after this long without requests"
-    )
-    exclusive: str | None = Field(
-        None, description="on_demand models of one group never run at the same time"
-    )
-
-
-class VllmModel(_ModelBase):
-    backend: Literal["vllm"] = Field(description="`vllm serve`")
-    model: str = Field(min_length=1, description="HF id, ModelScope id or local path")
-    served_name: str | list[str] | None = Field(
-        None, description="name(s) clients ask for (--served-model-name; default: model)"
-    )
-    port: Port = Field(8000, description="--port")
-    tensor_parallel_size: int | None = Field(
-        None, ge=1, description="--tensor-parallel-size (default: the number of gpus)"
-    )
-    pipeline_parallel_size: int | None = Field(
-        None, ge=1, description="--pipeline-parallel-size (TP x PP = the number of gpus)"
-    )
-    gpu_memory_utilization: float | None = Field(
-        None, description="share of each GPU's memory vLLM asks for, in (0, 1] (default 0.92)"
-    )
-    max_model_len: ModelLen | None = Field(
-        None, description="context length: 32768, 32k (32000), 32K (32768), or auto"
-    )
-    kv_cache_dtype: str | None = Field(None, description="--kv-cache-dtype: auto, fp8, ...")
-    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = Field(
-        None, description="--dtype of weights and activations"
-    )
-    quantization: str | None = Field(None, description="--quantization: awq, gptq, fp8, ...")
-    trust_remote_code: bool = Field(
-        False, description="run the model repository's own Python code (--trust-remote-code)"
-    )
-    tool_call_parser: str | None = Field(
-        None, description="--tool-call-parser (hermes, ...); adds --enable-auto-tool-choice"
-    )
-    api_key: SecretStr | None = Field(
-        None, description="key clients must send; reaches vLLM as VLLM_API_KEY, never argv"
-    )
-    api_key_file: str | None = Field(None, description="file holding the key (instead of api_key)")
-    source: Literal["huggingface", "modelscope"] = Field(
-        "huggingface", description="where vLLM downloads from (modelscope: VLLM_USE_MODELSCOPE)"
-    )
-    extra_args: list[str] = Field(
-        default_factory=list, description="more `vllm serve` flags, checked against vLLM's"
-    )
-
-    @field_validator("gpu_memory_utilization")
-    @classmethod
-    def _util(cls, v: float | None) -> float | None:
-        if v is not None and not 0 < v <= 1:
-            raise ValueError(f"must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("served_name")
-    @classmethod
-    def _names(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and not v:
-            raise ValueError("must not be an empty list")
-        return v
-
-    @field_validator("api_key", mode="before")
-    @classmethod
-    def _empty_key(cls, v: Any) -> Any:
-        return None if v == "" else v  # `${VLLM_API_KEY:-}`: no key
-
-    @model_validator(mode="after")
-    def _one_key_source(self) -> VllmModel:
-        if self.api_key is not None and self.api_key_file is not None:
-            raise ValueError("set api_key or api_key_file, not both")
-        return self
-
-    @property
-    def served_names(self) -> list[str]:
-        if self.served_name is None:
-            return [self.model]
-        return [self.served_name] if isinstance(self.served_name, str) else list(self.served_name)
-
-
-class OllamaModel(_ModelBase):
-    backend: Literal["ollama"] = Field(description="`ollama serve`, then pull and preload")
-    model: str = Field(min_length=1, description="qwen2.5:7b, hf.co/user/repo:Q8_0, ...")
-    port: Port = Field(11434, description="port of the `ollama serve` (OLLAMA_HOST)")
-    keep_alive: int | str = Field(-1, description="seconds (negative: forever) or Go duration")
-    num_parallel: int | None = Field(
-        None, ge=1, description="parallel requests per model (OLLAMA_NUM_PARALLEL)"
-    )
-    context_length: int | None = Field(
-        None, ge=1, description="context length in tokens (OLLAMA_CONTEXT_LENGTH)"
-    )
-    kv_cache_type: Literal["f16", "q8_0", "q4_0"] | None = Field(
-        None, description="OLLAMA_KV_CACHE_TYPE; needs flash_attention"
-    )
-    flash_attention: bool | None = Field(None, description="OLLAMA_FLASH_ATTENTION")
-    max_loaded_models: int | None = Field(
-        None, ge=1, description="models loaded at once (OLLAMA_MAX_LOADED_MODELS)"
-    )
-    gpu_memory: Size | None = Field(
-        None, description="free GPU memory to wait for before starting (e.g. 6G)"
-    )
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _keep_alive(cls, v: int | str) -> int | str:
-        if isinstance(v, str) and not re.fullmatch(r"-?(\d+(\.\d+)?(ns|us|ms|s|m|h))+", v):
-            raise ValueError(
-                f"must be a number of seconds (-1: forever) or a Go duration "
-                f"such as 5m, -1m, 1h30m, got {v!r}"
-            )
-        return v
-
-    @property
-    def served_names(self) -> list[str]:
-        return [self.model]
-
-
-class CommandModel(_ModelBase):
-    backend: Literal["command"] = Field(description="any OpenAI-compatible server")
-    command: list[str] = Field(min_length=1, description="argv of an OpenAI-compatible server")
-    port: Port = Field(description="the port the command listens on")
-    health_path: str = Field(
-        "/health", pattern=r"^/", description="answers 200 once ready (readiness, liveness)"
-    )
-    served_name: str | list[str] | None = Field(
-        None, description="model name(s) the gateway routes to this server"
-    )
-
-    @property
-    def served_names(self) -> list[str]:
-        if self.served_name is None:
-            return []
-        return [self.served_name] if isinstance(self.served_name, str) else list(self.served_name)
-
-
-AnyModel = Annotated[Union[VllmModel, OllamaModel, CommandModel], Field(discriminator="backend")]  # noqa: UP007
-BACKENDS = {"vllm": VllmModel, "ollama": OllamaModel, "command": CommandModel}
+# A model entry is the class of the backend its `backend:` names.
+BACKENDS: dict[str, type[ModelBase]] = {name: b.model for name, b in REGISTRY.items()}
+if TYPE_CHECKING:
+    AnyModel = ModelBase
+else:
+    AnyModel = Annotated[Union[tuple(BACKENDS.values())], Field(discriminator="backend")]  # noqa: UP007
+_NAMES = list(BACKENDS)
+ONE_OF = ", ".join(_NAMES)  # "vllm, ollama, command"
+_EITHER = f"{', '.join(_NAMES[:-1])} or {_NAMES[-1]}"  # "vllm, ollama or command"
 
 
 def _key_not_empty(v: SecretStr) -> SecretStr:
@@ -400,7 +102,7 @@ def _key_not_empty(v: SecretStr) -> SecretStr:
 GatewayKey = Annotated[SecretStr, AfterValidator(_key_not_empty)]
 
 
-class Gateway(_Strict):
+class Gateway(Strict):
     """One OpenAI-compatible endpoint for every model."""
 
     host: str = Field("127.0.0.1", description="address the gateway listens on")
@@ -433,13 +135,13 @@ class Gateway(_Strict):
     )
 
 
-class Control(_Strict):
+class Control(Strict):
     """The control socket: 0600 for the daemon's user, 0660 with a group."""
 
     group: str | None = Field(None, description="group allowed to use the llmsup CLI")
 
 
-class Manifest(_Strict):
+class Manifest(Strict):
     """A validated manifest. `source` keeps positions for cross-model checks."""
 
     version: Literal[1] = Field(1, description="manifest format version")
@@ -450,7 +152,7 @@ class Manifest(_Strict):
     defaults: Defaults = Field(Defaults(), description="settings every model inherits")
     gateway: Gateway | None = Field(None, description="an OpenAI-compatible router")
     models: dict[ModelName, AnyModel] = Field(
-        description="model name -> its server (backend: vllm, ollama or command)"
+        description=f"model name -> its server (backend: {_EITHER})"
     )
 
     def health(self, name: str) -> Health:
@@ -558,13 +260,7 @@ def _located(src: Source, path: KeyPath, msg: str, line: int, col: int) -> Probl
 def _check_files(loaded: LoadedManifest) -> list[Problem]:
     out = []
     for name, m in loaded.manifest.models.items():
-        if isinstance(m, VllmModel) and m.api_key_file and not Path(m.api_key_file).is_file():
-            out.append(
-                loaded.problem(
-                    ("models", name, "api_key_file"),
-                    f"no such file: {m.api_key_file} (create it with the key, mode 0600)",
-                )
-            )
+        out += REGISTRY[m.backend].check_files(loaded, name, m)
     group = loaded.manifest.control.group
     if group is not None:
         import grp
@@ -683,11 +379,11 @@ def _translate(src: Source, err: ValidationError) -> list[Problem]:
             loc = loc[:-1]
             pos = src.pos(loc, key=True)
         elif kind == "union_tag_not_found":
-            msg = "missing required key 'backend' (one of: vllm, ollama, command)"
+            msg = f"missing required key 'backend' (one of: {ONE_OF})"
             pos = src.pos(loc, key=True)
         elif kind == "union_tag_invalid":
             tag = e.get("ctx", {}).get("tag")
-            msg = f"unknown backend {tag!r} (one of: vllm, ollama, command)"
+            msg = f"unknown backend {tag!r} (one of: {ONE_OF})"
             loc = (*loc, "backend")
             pos = src.pos(loc)
         elif kind == "literal_error":

@@ -2,28 +2,26 @@
 
 Pure: `make_plan(loaded)` returns the launches, their order, and every problem
 (errors and warnings) located in the manifest. Nothing here touches processes.
+Each model's backend (`llmsup.backends`) builds its server and checks what is
+its own; here are the checks that span models: ports, served names, GPU shares,
+on-demand models and their swaps, the gateway.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmsup.backends import Launch
-from llmsup.backends import command as command_backend
-from llmsup.backends import ollama as ollama_backend
-from llmsup.backends import vllm as vllm_backend
+from llmsup.backends import REGISTRY, Backend, Launch
+from llmsup.backends.base import Context, GpuClaim, GpuLoad
 from llmsup.backends.vllm_flags import FlagTable
-from llmsup.backends.vllm_flags import for_path as vllm_flags_for_path
 from llmsup.errors import ManifestError, Problem
-from llmsup.manifest import CommandModel, LoadedManifest, OllamaModel, VllmModel
+from llmsup.manifest import LoadedManifest
 
 GPU_SHARE_WARN = 0.95  # each CUDA context costs a few hundred MiB on top
-OLLAMA_ROOM_WARN = 0.85  # vLLM's shares of a GPU above which Ollama has little room
 
 
 @dataclass(frozen=True)
@@ -31,8 +29,13 @@ class Plan:
     launches: tuple[Launch, ...]
     after: dict[str, tuple[str, ...]]  # unit -> units that must be ready first
     problems: tuple[Problem, ...] = field(default=())
-    vllm_flags: FlagTable | None = None  # what vLLM flags were checked against
+    context: Context = field(default_factory=Context)  # what the checks knew
     swaps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # never run together
+
+    @property
+    def vllm_flags(self) -> FlagTable | None:
+        """What vLLM flags were checked against (None: no vLLM model was checked)."""
+        return self.context.vllm_flags_used
 
     @property
     def errors(self) -> list[Problem]:
@@ -61,49 +64,47 @@ class Plan:
                         "steps": steps(la),
                     }
                 )
-                if la.backend == "vllm" and self.vllm_flags is not None:
-                    out[-1]["vllm_flags"] = self.vllm_flags.describe()
+                out[-1].update(REGISTRY[la.backend].checked_against(self.context))
         return out
 
 
 def steps(la: Launch) -> list[str]:
     """What happens after the process starts, before it counts as ready."""
-    out = [f"wait for GET {la.ready_path} = 200 on {la.host}:{la.port}"]
-    for load in la.ollama_loads:
-        out += [f"pull {load.model}", f"preload {load.model} (keep_alive {load.keep_alive})"]
-    return out
+    wait = f"wait for GET {la.ready_path} = 200 on {la.host}:{la.port}"
+    return [wait, *REGISTRY[la.backend].steps(la)]
+
+
+def backend_of(loaded: LoadedManifest, name: str) -> Backend[Any]:
+    return REGISTRY[loaded.manifest.models[name].backend]
 
 
 def make_plan(loaded: LoadedManifest, vllm_flags: FlagTable | None = None) -> Plan:
     """`vllm_flags`: the table to check vLLM flags against; by default, that of the
     `vllm` on this process's PATH (found once per executable, see vllm_flags)."""
     m = loaded.manifest
-    if vllm_flags is None and any(isinstance(s, VllmModel) for s in m.models.values()):
-        vllm_flags = vllm_flags_for_path(os.environ.get("PATH"))
-    launches: list[Launch] = []
+    ctx = Context(vllm_flags, os.environ.get("PATH"))
     problems: list[Problem] = []
-    ollama_groups: dict[tuple[str, int, str], list[str]] = {}
+    servers: dict[tuple[str, Hashable], list[str]] = {}  # models that share one server
     for name, spec in m.models.items():
-        if isinstance(spec, VllmModel):
-            launches.append(vllm_backend.build(name, spec, m))
-            assert vllm_flags is not None
-            problems += _check_vllm(loaded, name, spec, vllm_flags)
-        elif isinstance(spec, CommandModel):
-            launches.append(command_backend.build(name, spec, m))
-        elif isinstance(spec, OllamaModel):
-            ollama_groups.setdefault(ollama_backend.server_key(name, spec, m), []).append(name)
-        problems += _check_env(loaded, name)
+        backend = REGISTRY[spec.backend]
+        key = backend.server_key(name, spec, m.host(name))
+        servers.setdefault((spec.backend, key), []).append(name)
+        problems += backend.check(loaded, name, spec, ctx)
         problems += _check_on_demand(loaded, name)
-    for i, names in enumerate(ollama_groups.values()):
-        problems += _check_ollama_group(loaded, names)
-        launches.append(ollama_backend.build(names, m, noprune=i > 0))
-    order = {name: i for i, name in enumerate(m.models)}
-    launches.sort(key=lambda la: order[la.unit])
+    launches: list[Launch] = []
+    seen: set[str] = set()  # backends with a server so far
+    for (kind, _), names in servers.items():
+        specs = [m.models[n] for n in names]
+        problems += REGISTRY[kind].check_group(loaded, names, specs)
+        launches.append(
+            REGISTRY[kind].build(names, specs, m.host(names[0]), first=kind not in seen)
+        )
+        seen.add(kind)
 
     problems += _check_ports(loaded, launches)
     problems += _check_served_names(loaded, launches)
     problems += _check_gpu_shares(loaded)
-    problems += _check_ollama_room(loaded)
+    problems += _check_beside(loaded)
     problems += _check_gateway(loaded, launches)
     if not m.models:
         problems.append(
@@ -118,30 +119,17 @@ def make_plan(loaded: LoadedManifest, vllm_flags: FlagTable | None = None) -> Pl
         tuple(launches),
         _launch_order(loaded, launches),
         tuple(problems),
-        vllm_flags,
+        ctx,
         _swaps(loaded, launches),
     )
 
 
 def untrusted_problems(loaded: LoadedManifest) -> list[Problem]:
-    """For a manifest from an untrusted place (`--untrusted`): only vLLM and Ollama
-    may run, and no model repository's own code."""
+    """For a manifest from an untrusted place (`--untrusted`): only confined backends
+    (vLLM, Ollama) may run, and no model repository's own code."""
     out = []
     for name, spec in loaded.manifest.models.items():
-        if isinstance(spec, CommandModel):
-            out.append(
-                loaded.problem(
-                    ("models", name, "backend"),
-                    "a command backend runs any program: refused for an untrusted manifest",
-                )
-            )
-        if isinstance(spec, VllmModel) and spec.trust_remote_code:
-            out.append(
-                loaded.problem(
-                    ("models", name, "trust_remote_code"),
-                    "runs the model repository's Python code: refused for an untrusted manifest",
-                )
-            )
+        out += REGISTRY[spec.backend].untrusted(loaded, name, spec)
     return out
 
 
@@ -166,11 +154,9 @@ def missing_executables(
         if which(exe) is not None:
             continue
         name = la.models[0]
-        spec = loaded.manifest.models[name]
-        command = isinstance(spec, CommandModel)
         out.append(
             loaded.problem(
-                ("models", name, "command", 0) if command else ("models", name, "backend"),
+                ("models", name, *REGISTRY[la.backend].executable_key()),
                 f"{exe!r} is not on PATH (searched: {path or '(empty)'}): `up` would fail "
                 f"to start {la.unit}; {fix}",
                 "warning",
@@ -189,18 +175,17 @@ def plan_or_raise(loaded: LoadedManifest) -> Plan:
 # -------------------------------------------------------------- GPU placement
 
 
+def gpu_claim(loaded: LoadedManifest, name: str) -> GpuClaim:
+    """What a model asks of the GPUs (its backend says)."""
+    return backend_of(loaded, name).gpu_claim(loaded.manifest.models[name])
+
+
 def physical_gpus(loaded: LoadedManifest, name: str) -> tuple[str, ...]:
     """The GPUs a model will use, as ids comparable across models.
 
     A vLLM model without `gpus` uses the first TP x PP visible devices.
     """
-    spec = loaded.manifest.models[name]
-    if spec.gpus:
-        return tuple(str(g) for g in spec.gpus)
-    if isinstance(spec, VllmModel):
-        n = vllm_backend.tensor_parallel(spec) * (spec.pipeline_parallel_size or 1)
-        return tuple(str(i) for i in range(n))
-    return ()
+    return tuple(str(g) for g in gpu_claim(loaded, name).gpus)
 
 
 def _launch_order(loaded: LoadedManifest, launches: list[Launch]) -> dict[str, tuple[str, ...]]:
@@ -241,13 +226,13 @@ def _swaps(loaded: LoadedManifest, launches: list[Launch]) -> dict[str, tuple[st
 
 
 def _utilizations(loaded: LoadedManifest) -> dict[str, dict[str, float]]:
-    """GPU -> {vLLM model: share of that GPU's memory it asks for}."""
+    """GPU -> {model: share of that GPU's memory it asks for} (vLLM's models)."""
     shares: dict[str, dict[str, float]] = {}
-    for name, spec in loaded.manifest.models.items():
-        if isinstance(spec, VllmModel):
-            util = spec.gpu_memory_utilization or vllm_backend.DEFAULT_GPU_MEMORY_UTILIZATION
-            for gpu in physical_gpus(loaded, name):
-                shares.setdefault(gpu, {})[name] = util
+    for name in loaded.manifest.models:
+        claim = gpu_claim(loaded, name)
+        if claim.share is not None:
+            for gpu in claim.gpus:
+                shares.setdefault(str(gpu), {})[name] = claim.share
     return shares
 
 
@@ -281,36 +266,18 @@ def _check_gpu_shares(loaded: LoadedManifest) -> list[Problem]:
     return out
 
 
-def _check_ollama_room(loaded: LoadedManifest) -> list[Problem]:
-    """An Ollama server loads onto any GPU it sees (every one, without `gpus`): warn
-    when each of those that vLLM models use is already nearly all asked for."""
+def _check_beside(loaded: LoadedManifest) -> list[Problem]:
+    """Each model beside what the others claim of the GPUs at most at once: the
+    always-on models' shares, plus the largest on-demand one (Ollama's room)."""
     models = loaded.manifest.models
-    out = []
-    gpu_users = _utilizations(loaded)
-    near: dict[str, float] = {}
-    for gpu, users in gpu_users.items():
+    loads = {}
+    for gpu, users in _utilizations(loaded).items():
         always = [u for n, u in users.items() if models[n].start == "always"]
         on_demand = [u for n, u in users.items() if models[n].start == "on_demand"]
-        near[gpu] = sum(always) + max(on_demand, default=0.0)
+        loads[gpu] = GpuLoad(sum(always) + max(on_demand, default=0.0), tuple(users))
+    out = []
     for name, spec in models.items():
-        if not isinstance(spec, OllamaModel):
-            continue
-        sees = [str(g) for g in spec.gpus] or list(near)
-        if not sees or any(near.get(g, 0.0) <= OLLAMA_ROOM_WARN for g in sees):
-            continue
-        full = "; ".join(f"GPU {g} at {near[g]:.2f} ({', '.join(gpu_users[g])})" for g in sees)
-        where = "the GPUs in its gpus" if spec.gpus else "every GPU the vLLM models use"
-        out.append(
-            loaded.problem(
-                ("models", name, "gpus") if spec.gpus else ("models", name),
-                f"Ollama would load {spec.model} onto {where}, and vLLM models already "
-                f"ask for nearly all of them: {full}; one of them will not find its "
-                "memory (or Ollama runs on the CPU): give this model gpus with room, "
-                "or lower the vLLM models' gpu_memory_utilization",
-                "warning",
-                key=not spec.gpus,
-            )
-        )
+        out += REGISTRY[spec.backend].check_beside(loaded, name, spec, loads)
     return out
 
 
@@ -370,171 +337,6 @@ def _check_on_demand(loaded: LoadedManifest, name: str) -> list[Problem]:
     return out
 
 
-# ------------------------------------------------------------- per-model checks
-
-
-def _check_vllm(loaded: LoadedManifest, name: str, m: VllmModel, flags: FlagTable) -> list[Problem]:
-    out: list[Problem] = []
-    at = ("models", name)
-    if m.gpus:
-        seen: set[str] = set()
-        for i, g in enumerate(m.gpus):
-            if str(g) in seen:
-                out.append(loaded.problem((*at, "gpus", i), f"GPU {g} is listed twice"))
-            seen.add(str(g))
-        tp, pp = vllm_backend.tensor_parallel(m), m.pipeline_parallel_size or 1
-        if tp * pp != len(m.gpus):
-            out.append(
-                loaded.problem(
-                    (*at, "tensor_parallel_size"),
-                    f"tensor_parallel_size x pipeline_parallel_size = {tp} x {pp} = {tp * pp}, "
-                    f"but {len(m.gpus)} GPU(s) are listed in gpus; make them equal",
-                )
-            )
-    values, version = flags.values, flags.version
-    if m.kv_cache_dtype and m.kv_cache_dtype not in values["kv_cache_dtype"]:
-        out.append(
-            loaded.problem(
-                (*at, "kv_cache_dtype"),
-                f"vLLM {version} does not know kv_cache_dtype {m.kv_cache_dtype!r} "
-                f"(known: {', '.join(values['kv_cache_dtype'])}); vLLM fails only after loading",
-                "warning",
-            )
-        )
-    if m.tool_call_parser and m.tool_call_parser not in values["tool_call_parsers"]:
-        out.append(
-            loaded.problem(
-                (*at, "tool_call_parser"),
-                f"vLLM {version} does not know tool_call_parser {m.tool_call_parser!r} "
-                f"(e.g. hermes, llama3_json, mistral, qwen3_xml)",
-                "warning",
-            )
-        )
-    out += _check_extra_args(loaded, name, m, flags)
-    return out
-
-
-def _check_extra_args(
-    loaded: LoadedManifest, name: str, m: VllmModel, flags: FlagTable
-) -> list[Problem]:
-    by_flag = {f: fld for fld, fs in vllm_backend.FIELD_FLAGS.items() for f in fs}
-    out = []
-    for i, arg in enumerate(m.extra_args):
-        if not arg.startswith("-") or _is_number(arg):
-            continue
-        # As vLLM reads it (`--worker_cls` is `--worker-cls`, prefixes expand).
-        flag = flags.resolve(arg) or arg.split("=", 1)[0]
-        path = ("models", name, "extra_args", i)
-        if flag in vllm_backend.CODE_FLAGS:
-            msg = (
-                f"{flag} makes vLLM load code named in the manifest; a vllm entry runs "
-                "vLLM only: use `backend: command` to run a server you configure freely"
-            )
-            out.append(loaded.problem(path, msg))
-        elif flag in vllm_backend.SECRET_FLAGS:
-            use = vllm_backend.SECRET_FLAGS[flag]
-            msg = f"{flag} would put a secret on the command line, visible in `ps`; use {use}"
-            out.append(loaded.problem(path, msg))
-        elif flag in by_flag:
-            msg = f"{flag} duplicates the field `{by_flag[flag]}`; set that field instead"
-            out.append(loaded.problem(path, msg))
-        elif flag == "--enable-auto-tool-choice" and not m.tool_call_parser:
-            msg = "--enable-auto-tool-choice needs a parser: set tool_call_parser (e.g. hermes)"
-            out.append(loaded.problem(path, msg))
-        elif flag == "--enable-auto-tool-choice":
-            msg = "--enable-auto-tool-choice is implied by tool_call_parser; remove it"
-            out.append(loaded.problem(path, msg, "warning"))
-        elif flag not in flags.flags:
-            out.append(_unknown_flag(loaded, path, flag, flags))
-    return out
-
-
-def _unknown_flag(
-    loaded: LoadedManifest, path: tuple[str | int, ...], flag: str, flags: FlagTable
-) -> Problem:
-    """An error when the table is the installed vLLM's; a warning when it is a guess."""
-    hint = f" (did you mean {s}?)" if (s := flags.suggest(flag)) else ""
-    if flags.exact:
-        msg = f"the installed vLLM {flags.version} has no flag {flag}{hint}: `vllm serve` exits 2"
-        return loaded.problem(path, msg)
-    msg = f"vLLM {flags.version} has no flag {flag}{hint}; `vllm serve` would exit ({flags.why})"
-    return loaded.problem(path, msg, "warning")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _check_env(loaded: LoadedManifest, name: str) -> list[Problem]:
-    spec = loaded.manifest.models[name]
-    out = []
-    owned = {"CUDA_VISIBLE_DEVICES": "gpus", "CUDA_DEVICE_ORDER": "gpus"} if spec.gpus else {}
-    if isinstance(spec, OllamaModel):
-        owned["OLLAMA_HOST"] = "host and port"
-        owned.update({var: fld for fld, var in ollama_backend.KNOBS.items()})
-    if isinstance(spec, VllmModel):
-        owned["VLLM_API_KEY"] = "api_key or api_key_file"
-    for var in spec.env:
-        if var in vllm_backend.CODE_ENV and not isinstance(spec, CommandModel):
-            out.append(
-                loaded.problem(
-                    ("models", name, "env", var),
-                    f"{var} would change which code the server loads or runs; a "
-                    f"{spec.backend} entry runs {spec.backend} only (use `backend: command`)",
-                    key=True,
-                )
-            )
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
-            msg = f"{var!r} is not a valid environment variable name"
-            out.append(loaded.problem(("models", name, "env", var), msg, key=True))
-    for var, fld in owned.items():
-        if var in spec.env:
-            out.append(
-                loaded.problem(
-                    ("models", name, "env", var), f"{var} is set by llmsup from {fld}; set that"
-                )
-            )
-    return out
-
-
-def _check_ollama_group(loaded: LoadedManifest, names: list[str]) -> list[Problem]:
-    """Models sharing one `ollama serve` must agree on its server-wide settings."""
-    out = []
-    models = [loaded.manifest.models[n] for n in names]
-    first = models[0]
-    assert isinstance(first, OllamaModel)
-    base = ollama_backend.knob_env(first)
-    for n, m in zip(names[1:], models[1:], strict=True):
-        assert isinstance(m, OllamaModel)
-        for fld, var in ollama_backend.KNOBS.items():
-            mine = ollama_backend.knob_env(m).get(var)
-            if mine is not None and base.get(var) not in (None, mine):
-                out.append(
-                    loaded.problem(
-                        ("models", n, fld),
-                        f"shares one `ollama serve` with {names[0]} (same host, port, gpus), "
-                        f"which sets {fld} to {getattr(first, fld)!r}; server-wide settings "
-                        "must agree, or give this model its own port",
-                    )
-                )
-    for n, m in zip(names, models, strict=True):
-        assert isinstance(m, OllamaModel)
-        if m.kv_cache_type and m.kv_cache_type != "f16" and not m.flash_attention:
-            out.append(
-                loaded.problem(
-                    ("models", n, "kv_cache_type"),
-                    "Ollama ignores kv_cache_type without flash attention; "
-                    "set flash_attention: true",
-                    "warning",
-                )
-            )
-    return out
-
-
 # ------------------------------------------------------------------ collisions
 
 
@@ -569,12 +371,12 @@ def _check_served_names(loaded: LoadedManifest, launches: list[Launch]) -> list[
     for la in launches:
         for model in la.models:
             spec = loaded.manifest.models[model]
-            for served in spec.served_names:
+            backend = REGISTRY[spec.backend]
+            for served in backend.served_names(spec):
                 if served in owner and owner[served] != model:
-                    named = isinstance(spec, VllmModel | CommandModel) and spec.served_name
                     out.append(
                         loaded.problem(
-                            ("models", model, "served_name" if named else "model"),
+                            ("models", model, backend.served_key(spec)),
                             f"served name {served!r} is already served by {owner[served]}; "
                             "requests could not tell them apart",
                         )

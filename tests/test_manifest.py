@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from llmsup.backends.vllm import VllmModel
 from llmsup.errors import ManifestError, Problem
 from llmsup.manifest import (
-    VllmModel,
     json_schema,
     parse_duration,
     parse_manifest,
@@ -756,12 +756,21 @@ def test_every_field_of_every_manifest_class_has_a_description() -> None:
 
     from pydantic import BaseModel
 
-    import llmsup.manifest as manifest_module
+    import llmsup.fields
+    import llmsup.manifest
+    from llmsup.backends import REGISTRY
 
+    # The top level, the fields every model shares, and each backend's own.
+    modules = [
+        llmsup.manifest,
+        llmsup.fields,
+        *(sys.modules[b.model.__module__] for b in REGISTRY.values()),
+    ]
     classes = [
         cls
-        for _, cls in inspect.getmembers(manifest_module, inspect.isclass)
-        if issubclass(cls, BaseModel) and cls.__module__ == manifest_module.__name__
+        for module in modules
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, BaseModel) and cls.__module__ == module.__name__
     ]
     assert {"Manifest", "VllmModel", "Health", "Restart"} <= {c.__name__ for c in classes}
     missing = [

@@ -1,13 +1,12 @@
-"""What exit codes and a server's log lines say."""
+"""What exit codes and a server's log lines (read by its backend) say."""
 
 from __future__ import annotations
 
-from llmsup.state import (
-    describe_exit,
-    exit_hint,
-    listening_soon,
-    vllm_phase,
-)
+from llmsup.backends import REGISTRY
+from llmsup.backends.vllm import vllm_phase
+from llmsup.state import describe_exit
+
+VLLM, COMMAND = REGISTRY["vllm"], REGISTRY["command"]
 
 
 def test_exit_descriptions() -> None:
@@ -37,8 +36,10 @@ def test_vllm_phases_from_log_lines() -> None:
 
 
 def test_only_uvicorns_last_line_wakes_the_readiness_probe() -> None:
-    assert listening_soon("(APIServer pid=1) INFO:     Application startup complete.")
-    assert not listening_soon("INFO [api_server.py:1] Starting vLLM server on http://0.0.0.0:8000")
+    assert VLLM.listening_soon("(APIServer pid=1) INFO:     Application startup complete.")
+    assert not VLLM.listening_soon(
+        "INFO [api_server.py:1] Starting vLLM server on http://0.0.0.0:8000"
+    )
 
 
 def test_exit_hint_names_a_dead_engine_core() -> None:
@@ -46,7 +47,7 @@ def test_exit_hint_names_a_dead_engine_core() -> None:
         "(APIServer pid=1) ERROR [core_client.py:1] Engine core proc EngineCore_DP0 died "
         "unexpectedly, shutting down client."
     )
-    assert exit_hint("vllm", line) == "EngineCore died"
-    assert exit_hint("vllm", "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered")
-    assert exit_hint("vllm", "INFO Loading weights took 1 s") is None
-    assert exit_hint("command", line) is None
+    assert VLLM.exit_hint(line) == "EngineCore died"
+    assert VLLM.exit_hint("vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered")
+    assert VLLM.exit_hint("INFO Loading weights took 1 s") is None
+    assert COMMAND.exit_hint(line) is None

@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Protocol
 
-from llmsup import limits
+from llmsup import backends, limits
 from llmsup.probe import ProbeResult
-from llmsup.state import State, exit_hint, listening_soon, vllm_phase
+from llmsup.state import State
 from llmsup.supervise import machine as m
 
 log = logging.getLogger("llmsup")
@@ -115,7 +115,7 @@ class Runner:
         rand: random.Random,
     ) -> None:
         self.name = name
-        self.backend = backend
+        self.backend = backends.get(backend)  # what its log lines say
         self.rules = rules
         self.clock = clock
         self.launcher = launcher
@@ -280,11 +280,11 @@ class Runner:
         self.post(m.Exited(await self.launcher.exited()))
 
     def _on_line(self, line: str) -> None:
-        if hint := exit_hint(self.backend, line):
+        if hint := self.backend.exit_hint(line):
             self.post(m.Hint(hint))
-        if self.backend == "vllm" and (phase := vllm_phase(line)):
-            self.post(m.Phase(f"{phase[0]} ({phase[1]}%)"))
-        if listening_soon(line):
+        if phase := self.backend.phase(line):
+            self.post(m.Phase(phase))
+        if self.backend.listening_soon(line):
             self._wake.set()  # the server's last line before its port accepts: probe now
 
     async def _await_ready(self) -> None:
