@@ -22,6 +22,7 @@ KNOBS: dict[str, str] = {
     "flash_attention": "OLLAMA_FLASH_ATTENTION",
     "max_loaded_models": "OLLAMA_MAX_LOADED_MODELS",
 }
+ROOM_WARN = 0.85  # vLLM's shares of a GPU above which Ollama has little room
 
 
 class OllamaModel(ModelBase):
@@ -149,9 +150,6 @@ def check_room(
             key=not spec.gpus,
         )
     ]
-
-
-ROOM_WARN = 0.85  # vLLM's shares of a GPU above which Ollama has little room
 
 
 class Ollama(Backend[OllamaModel]):
