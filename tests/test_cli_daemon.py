@@ -181,7 +181,8 @@ def test_file_before_the_command_and_follow_in_logs(tmp_path: Path) -> None:
                 stdout=sink,
                 stderr=errors,
             )
-        stack.callback(lambda: (follow.kill(), follow.wait()))
+        stack.callback(follow.wait)  # runs after the kill below: callbacks run last-in first
+        stack.callback(follow.kill)
         wait_for(lambda: "Starting vLLM server on" in out.read_text(), 20)
         assert follow.poll() is None, "-f after logs follows"
         follow.send_signal(signal.SIGINT)
