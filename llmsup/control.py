@@ -52,8 +52,9 @@ class Servers(Protocol):
         """The two servers cannot run at once (an exclusive group, or their GPU memory)."""
         ...
 
-    def start_server(self, unit: str) -> None:
-        """Start a server afresh: restart counts and last failure forgotten."""
+    async def start_server(self, unit: str) -> None:
+        """Start a server afresh: restart counts and last failure forgotten (returns once
+        its start is under way: its view says so)."""
         ...
 
     async def stop_server(self, unit: str, detail: str = "") -> None:

@@ -14,10 +14,11 @@ import logging
 import os
 import random
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -31,6 +32,9 @@ from llmsup.plan import Plan, plan_or_raise, untrusted_problems
 from llmsup.plan import conflicts as models_conflict
 from llmsup.state import State
 from llmsup.supervise.server import Server, connect_host
+
+if TYPE_CHECKING:
+    from llmsup.gateway.host import GatewayProcess
 
 Listener = Callable[[str, State, str], None]
 GPU_POLL = 5.0  # seconds between GPU memory readings for status and metrics
@@ -74,7 +78,8 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.untrusted = untrusted  # reloads refuse command backends too
         self._status_dirty = True
-        self._gateway: tuple[Any, asyncio.Task[None]] | None = None  # (runner, idle loop)
+        self._gateway: GatewayProcess | None = None
+        self._conflicts: tuple[Any, frozenset[tuple[str, str]]] | None = None  # per manifest
         self.gpu_source: gpu.GpuSource | None = None
         self.gpu_note = ""  # why there is no GPU information, if there is none
         self.snapshot: gpu.Snapshot | None = None
@@ -110,6 +115,8 @@ class Daemon:
                 self.cond.notify_all()
 
         asyncio.get_running_loop().create_task(notify())
+        if self._gateway is not None:
+            self._gateway.poke()
 
     # -------------------------------------------------------- lifecycle
 
@@ -176,6 +183,9 @@ class Daemon:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, force_close=True)
             )
+            # Before the control socket answers: once it does, the gateway's port
+            # accepts connections; and a port it cannot have stops us before any launch.
+            await self._start_gateway()
             group = self.loaded.manifest.control.group
             runner = await api.serve(self, self.socket_path, group)
             self._register()
@@ -184,12 +194,13 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._sighup()))
             await self._init_gpus()
             monitor = asyncio.create_task(self._gpu_loop())
-            await self._start_gateway()  # a port it cannot have stops us before any launch
             for la in self.plan.launches:
                 self.servers[la.unit] = Server(self, la)
                 if not self.servers[la.unit].on_demand:
                     self.servers[la.unit].start()
             self.launches_begun = True
+            if self._gateway is not None:
+                self._gateway.poke()  # the servers it routes to, on-demand ones too
             # Ready = the control socket answers and launches are under way; a model
             # that loads for twenty minutes must not fail the unit's start.
             self.notifier.send("READY=1")
@@ -337,8 +348,11 @@ class Daemon:
             (gw.max_connections, gw.header_timeout, gw.body_timeout, gw.keepalive_timeout),
         )
 
-    async def _start_gateway(self) -> None:
+    async def _start_gateway(self, socks: list[socket.socket] | None = None) -> None:
+        """Bind the gateway's port (unless given the sockets of the gateway before a
+        reload) and start the gateway process on it."""
         from llmsup import gateway
+        from llmsup.gateway.host import GatewayProcess, bind
 
         settings = self._gateway_settings()
         self._gateway_config = settings
@@ -354,31 +368,45 @@ class Daemon:
                 "with a reserve for supervision: using %d (raise LimitNOFILE)",
                 *(max_connections, soft, cap),
             )
-        routing = gateway.Routing(self)
         config = gateway.GatewayConfig(
             api_keys=keys,
             aliases=dict(aliases),
             max_body_bytes=max_body,
             start_wait=start_wait,
-            extra_collector=gateway.ModelCollector(self),
             max_connections=min(cap, max_connections or cap),
             header_timeout=header_timeout,
             body_timeout=body_timeout,
             keepalive_timeout=keepalive_timeout,
         )
-        try:
-            runner = await gateway.serve(gateway.create_app(routing, config), host, port)
-        except OSError as e:
-            holder = process.port_holder(port)
-            raise DaemonError(f"the gateway cannot listen on {host}:{port}: {e} ({holder})") from e
-        self._gateway = (runner, asyncio.create_task(routing.idle_loop()))
+        if socks is None:
+            try:
+                socks = await asyncio.to_thread(bind, host, port)
+            except OSError as e:
+                holder = process.port_holder(port)
+                raise DaemonError(
+                    f"the gateway cannot listen on {host}:{port}: {e} ({holder})"
+                ) from e
+        self._gateway = GatewayProcess(self, config, socks, self.key, self._conflict_pairs)
+        await self._gateway.start()
 
-    async def _stop_gateway(self) -> None:
-        if self._gateway is not None:
-            runner, idle = self._gateway
-            idle.cancel()
-            await runner.cleanup()
-            self._gateway = None
+    async def _stop_gateway(self, keep_sockets: bool = False) -> list[socket.socket] | None:
+        """Stop the gateway process; with `keep_sockets`, return its listening sockets
+        open (a reload that changes the gateway's settings but not its address)."""
+        gw, self._gateway = self._gateway, None
+        if gw is None:
+            return None
+        await gw.stop(close_sockets=not keep_sockets)
+        return gw.socks if keep_sockets else None
+
+    def _conflict_pairs(self) -> frozenset[tuple[str, str]]:
+        """The on-demand servers that cannot run together (for the gateway's swaps)."""
+        units = tuple(u for u, s in self.servers.items() if s.on_demand)
+        if self._conflicts is None or self._conflicts[0] != (self.loaded, units):
+            pairs = frozenset(
+                (a, b) for a in units for b in units if a != b and self.conflicts(a, b)
+            )
+            self._conflicts = ((self.loaded, units), pairs)
+        return self._conflicts[1]
 
     async def _sighup(self) -> None:
         try:
@@ -434,9 +462,10 @@ class Daemon:
         for u in [la.unit for la in plan.launches if la.unit in changed + added]:
             if not self.servers[u].on_demand:
                 self.servers[u].start()
-        if self._gateway_settings() != self._gateway_config:
-            await self._stop_gateway()
-            await self._start_gateway()
+        if (settings := self._gateway_settings()) != self._gateway_config:
+            old = self._gateway_config
+            same_address = old is not None and settings is not None and old[:2] == settings[:2]
+            await self._start_gateway(await self._stop_gateway(keep_sockets=same_address))
         unchanged = [u for u in new if u not in changed and u not in added]
         return {"added": added, "removed": removed, "restarted": changed, "unchanged": unchanged}
 
@@ -497,7 +526,7 @@ class Daemon:
         a, b = self.servers[unit].launch, self.servers[other].launch
         return models_conflict(self.loaded, a.models[0], b.models[0])
 
-    def start_server(self, unit: str) -> None:
+    async def start_server(self, unit: str) -> None:
         self.servers[unit].start(reset=True)
 
     async def stop_server(self, unit: str, detail: str = "") -> None:
@@ -514,12 +543,14 @@ class Daemon:
         if settings is None:
             return None
         host, port, keys = settings[0], settings[1], settings[2]
+        gw = self._gateway
         return {
             "host": host,
             "port": port,
             "url": f"http://{connect_host(host)}:{port}/v1",
             "keys_required": bool(keys),
-            "listening": self._gateway is not None,
+            "listening": gw is not None and gw.alive,
+            "pid": gw.proc.pid if gw is not None and gw.alive else None,
         }
 
     def _none_launched(self) -> None:

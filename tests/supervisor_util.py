@@ -111,11 +111,17 @@ class Daemon:
         return str(self.status()[name]["state"])
 
     def wait_state(self, name: str, state: str, timeout: float = 20) -> dict[str, Any]:
-        def reached() -> dict[str, Any] | None:
-            row = self.status()[name]
-            return row if row["state"] == state else None
+        last: dict[str, Any] | None = None
 
-        return wait_for(reached, timeout, message=f"{name} never {state}: {self.status()[name]}")
+        def reached() -> dict[str, Any] | None:
+            nonlocal last
+            last = self.status().get(name)  # none until the daemon has made its servers
+            return last if last is not None and last["state"] == state else None
+
+        try:
+            return wait_for(reached, timeout)
+        except AssertionError:
+            raise AssertionError(f"{name} never {state}: {last}") from None
 
     def wait_all_ready(self, timeout: float = 30) -> dict[str, dict[str, Any]]:
         def ready() -> dict[str, dict[str, Any]] | None:

@@ -80,7 +80,7 @@ class Raising:
     def conflicts(self, unit: str, other: str) -> bool:
         return False
 
-    def start_server(self, unit: str) -> None:
+    async def start_server(self, unit: str) -> None:
         pass
 
     async def stop_server(self, unit: str, detail: str = "") -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmsup.client import call
 from tests.supervisor_util import Daemon
 from tests.util import free_port, wait_for
 
@@ -269,9 +270,13 @@ def test_a_flood_of_idle_connections_leaves_supervision_running(tmp_path: Path) 
         assert d.proc is not None
         daemon = psutil.Process(d.proc.pid)
         assert daemon.rlimit(resource.RLIMIT_NOFILE) == (256, 256)
-        before = daemon.num_fds()
+        _, raw = call(d.sock, "GET", "/v1/status")
+        gateway = psutil.Process(raw["gateway"]["pid"])  # the gateway's own process
+        assert gateway.ppid() == daemon.pid and gateway.rlimit(resource.RLIMIT_NOFILE) == (256, 256)
+        daemon_fds, before = daemon.num_fds(), gateway.num_fds()
         flood = Flood(gw, 300)
-        wait_for(lambda: daemon.num_fds() >= before + 50, 30, message="the flood never arrived")
+        wait_for(lambda: gateway.num_fds() >= before + 50, 30, message="the flood never arrived")
+        assert daemon.num_fds() < daemon_fds + 5  # the flood is the gateway's, not the daemon's
 
         os.kill(first["pid"], signal.SIGKILL)  # while the flood holds its connections
 
@@ -298,7 +303,7 @@ def test_a_flood_of_idle_connections_leaves_supervision_running(tmp_path: Path) 
         row = d.wait_state("a", "READY")
         assert row["restarts"] == 1 and "FAILED" not in d.log()  # the kill, and nothing else
         assert post(gw, chat("a"))[0] == 200
-        assert daemon.num_fds() < before + 10  # the gateway let go of them all
+        assert gateway.num_fds() < before + 10  # the gateway let go of them all
     finally:
         if flood is not None:
             flood.close()

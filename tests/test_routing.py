@@ -65,7 +65,7 @@ class FakeControl:
     def conflicts(self, unit: str, other: str) -> bool:
         return {unit, other} == {"a", "b"}
 
-    def start_server(self, unit: str) -> None:
+    async def start_server(self, unit: str) -> None:
         self.calls.append(("start", unit))
         self.set(unit, state=State.STARTING, active=True)
 

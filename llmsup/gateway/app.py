@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -79,21 +80,28 @@ def create_app(
 class Listening:
     """The gateway, listening: `addresses`, and `cleanup()` to stop it."""
 
-    def __init__(self, runner: web.AppRunner, server: asyncio.Server) -> None:
+    def __init__(self, runner: web.AppRunner, servers: list[asyncio.Server]) -> None:
         self.runner = runner
-        self.server = server
+        self.servers = servers
 
     @property
     def addresses(self) -> list[Any]:
-        return [sock.getsockname() for sock in self.server.sockets]
+        return [sock.getsockname() for server in self.servers for sock in server.sockets]
 
     async def cleanup(self) -> None:
-        self.server.close()  # no new connections
+        for server in self.servers:
+            server.close()  # no new connections
         await self.runner.cleanup()  # the open ones: finish, then close
 
 
-async def serve(app: web.Application, host: str, port: int) -> Listening:
-    """Listen on host:port; stop with `await listening.cleanup()`."""
+async def serve(
+    app: web.Application,
+    host: str | None = None,
+    port: int | None = None,
+    socks: list[socket.socket] | None = None,
+) -> Listening:
+    """Listen on host:port, or on `socks` (bound and listening already: the gateway
+    process gets them from the daemon); stop with `await listening.cleanup()`."""
     gw = app[_GATEWAY]
     cfg = gw.config
     # handler_cancellation: a client that disconnects cancels its handler at once,
@@ -111,14 +119,17 @@ async def serve(app: web.Application, host: str, port: int) -> Listening:
     # aiohttp's server has no header timeout and no connection cap: each connection's
     # protocol is wrapped in a Guarded that adds both.
     guard = Guard(runner.server, cfg, gw.m)
+    loop = asyncio.get_running_loop()
     try:
-        server = await asyncio.get_running_loop().create_server(
-            guard.protocol, host, port, reuse_address=True
-        )
+        if socks is None:
+            assert port is not None
+            servers = [await loop.create_server(guard.protocol, host, port, reuse_address=True)]
+        else:
+            servers = [await loop.create_server(guard.protocol, sock=s) for s in socks]
     except BaseException:
         await runner.cleanup()
         raise
-    return Listening(runner, server)
+    return Listening(runner, servers)
 
 
 def _bearer(headers: CIMultiDictProxy[str]) -> str | None:

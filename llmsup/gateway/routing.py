@@ -164,7 +164,7 @@ class Routing:
                 await asyncio.gather(*(self.control.stop_server(v) for v in victims))
             finally:
                 self.draining.difference_update(victims)
-            self.control.start_server(unit)
+            await self.control.start_server(unit)
 
     async def idle_loop(self) -> None:
         """Stop on-demand servers that had no request for their idle_timeout, counted

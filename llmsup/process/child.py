@@ -123,27 +123,7 @@ class Child:
         forever. A pidfd tells us of the exit at once; without pidfds (Linux <
         5.3), poll every 50 ms.
         """
-        loop = asyncio.get_running_loop()
-        fd = None
-        if self.proc.poll() is None:
-            with contextlib.suppress(AttributeError, OSError):
-                fd = os.pidfd_open(self.proc.pid)
-        if fd is not None:
-            gone: asyncio.Future[None] = loop.create_future()
-
-            def on_exit() -> None:
-                if not gone.done():
-                    gone.set_result(None)
-
-            loop.add_reader(fd, on_exit)
-            try:
-                await gone
-            finally:
-                loop.remove_reader(fd)
-                os.close(fd)
-        while (code := self.proc.poll()) is None:
-            await asyncio.sleep(0.05)
-        return code
+        return await exit_status(self.proc)
 
     async def wait(self) -> int:
         """Until the process has exited and its output is drained."""
@@ -160,6 +140,55 @@ class Child:
         if self.proc.stdout is not None:
             self.proc.stdout.close()  # a no-op unless the pump was cancelled before it began
         self.log.close()
+
+
+async def exit_status(proc: subprocess.Popen[bytes]) -> int:
+    """`proc`'s exit status, as soon as it exits: a pidfd tells us at once; without
+    pidfds (Linux < 5.3), poll every 50 ms."""
+    loop = asyncio.get_running_loop()
+    fd = None
+    if proc.poll() is None:
+        with contextlib.suppress(AttributeError, OSError):
+            fd = os.pidfd_open(proc.pid)
+    if fd is not None:
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def on_exit() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        loop.add_reader(fd, on_exit)
+        try:
+            await gone
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+    while (code := proc.poll()) is None:
+        await asyncio.sleep(0.05)
+    return code
+
+
+async def spawn_helper(
+    argv: list[str], env: dict[str, str], marker: str, pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """Start one of the daemon's own helpers (the gateway): a session of its own (a
+    terminal's Ctrl-C is the daemon's to handle), `marker` in its environment (a next
+    daemon stops what a killed one left), its output the daemon's, `pass_fds` kept
+    open. Registered as ours: orphan reaping leaves its exit to `exit_status`."""
+
+    def popen() -> subprocess.Popen[bytes]:
+        with tracking.OWN_LOCK:
+            proc = subprocess.Popen(
+                argv,
+                env={**env, MARKER: marker},
+                stdin=subprocess.DEVNULL,
+                pass_fds=pass_fds,
+                start_new_session=True,
+            )
+            tracking.own(proc)
+        return proc
+
+    return await asyncio.get_running_loop().run_in_executor(None, popen)
 
 
 def find_executable(name: str, env: Mapping[str, str]) -> str | None:

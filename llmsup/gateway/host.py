@@ -1,0 +1,199 @@
+"""The daemon's side of the gateway process (llmsup.gateway.worker).
+
+The daemon binds the gateway's port itself (a port it cannot have stops it before any
+launch), then runs the gateway in a process of its own, handing it the listening
+sockets and one end of a channel: every change of a server is sent to it, and its
+requests to start or stop a server are carried out. Relaying thousands of chunks a
+second then never delays the daemon's own loop. A gateway process that dies is
+started again (with backoff) on the same sockets: connections wait in the backlog
+meanwhile, and the port is never free for another program to take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from llmsup import process
+from llmsup.control import Servers
+from llmsup.gateway import channel
+from llmsup.gateway.config import GatewayConfig
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 1024
+REFRESH = 1.0  # s: latency and GPU memory (for /metrics) reach the gateway this often
+SHUTDOWN = 8.0  # s: the gateway's in-flight requests get 5 s to end, then it exits
+RESTART_DELAYS = (0.5, 30.0)  # first and longest wait before starting a dead gateway again
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for host:port (one per address the name resolves to, as
+    asyncio's create_server does). Raises OSError, none left open."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    addresses = list(dict.fromkeys((family, addr) for family, _, _, _, addr in infos))
+    socks: list[socket.socket] = []
+    try:
+        for family, addr in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and len(addresses) > 1:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(BACKLOG)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+class GatewayProcess:
+    """One gateway process at a time for `socks`, fed from `servers`."""
+
+    def __init__(
+        self,
+        servers: Servers,
+        config: GatewayConfig,
+        socks: list[socket.socket],
+        key: str,
+        conflicts: Callable[[], frozenset[tuple[str, str]]],
+    ) -> None:
+        self.servers = servers
+        self.config = config
+        self.socks = socks
+        self.key = key  # the daemon's marker prefix: a next daemon stops what we leave
+        self.conflicts = conflicts
+        self.proc: Any = None  # subprocess.Popen of the running gateway
+        self._writer: asyncio.StreamWriter | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dirty = asyncio.Event()
+        self._sent: channel.Views | None = None
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._watch = asyncio.create_task(self._supervise())
+
+    def poke(self) -> None:
+        """A server changed: tell the gateway soon (changes that come together go as one)."""
+        self._dirty.set()
+
+    async def stop(self, close_sockets: bool = True) -> None:
+        """Stop the gateway: no new connections, those in flight get a few seconds."""
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._writer is not None:
+            self._writer.close()  # its end of the channel: it stops listening, then exits
+        if self.proc is not None:
+            try:
+                await asyncio.wait_for(process.exit_status(self.proc), SHUTDOWN)
+            except asyncio.TimeoutError:
+                log.warning("the gateway process did not exit in %gs: killing it", SHUTDOWN)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                await process.exit_status(self.proc)
+        self._end_tasks()
+        if close_sockets:
+            for sock in self.socks:
+                sock.close()
+
+    # ------------------------------------------------------------ process
+
+    async def _spawn(self) -> None:
+        ours, theirs = socket.socketpair()
+        fds = (theirs.fileno(), *(s.fileno() for s in self.socks))
+        try:
+            self.proc = await process.spawn_helper(
+                [sys.executable, "-m", "llmsup.gateway.worker", *map(str, fds)],
+                process.child_env(os.environ, {}),
+                f"{self.key}:@gateway:{uuid.uuid4().hex[:12]}",
+                pass_fds=fds,
+            )
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        self._writer = writer
+        channel.send(writer, channel.Config(self.config))
+        self._publish(force=True)
+        self._track(self._requests(reader, writer))
+        self._track(self._publisher(writer))
+
+    async def _supervise(self) -> None:
+        delay = RESTART_DELAYS[0]
+        while True:
+            began = time.monotonic()
+            code = await process.exit_status(self.proc)
+            self._end_tasks()
+            if time.monotonic() - began > 60:
+                delay = RESTART_DELAYS[0]  # it ran a good while: not a crash loop
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+            log.error("the gateway process exited (%s); starting it again in %gs", how, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_DELAYS[1])
+            await self._spawn()
+
+    def _track(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _end_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ------------------------------------------------------------ channel
+
+    def _publish(self, force: bool = False) -> None:
+        views = channel.Views(tuple(self.servers.views()), self.conflicts())
+        if self._writer is not None and (force or views != self._sent):
+            channel.send(self._writer, views)
+            self._sent = views
+
+    async def _publisher(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), REFRESH)
+            self._dirty.clear()
+            self._publish()
+            await writer.drain()
+
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (message := await channel.receive(reader)) is not None:
+            match message:
+                case channel.Start(request=n, unit=unit):
+                    await self.servers.start_server(unit)
+                    self._done(writer, n)
+                case channel.Stop(request=n, unit=unit, detail=detail):
+                    # Stops take seconds: the channel goes on meanwhile.
+                    self._track(self._stop_server(writer, n, unit, detail))
+
+    async def _stop_server(
+        self, writer: asyncio.StreamWriter, n: int, unit: str, detail: str
+    ) -> None:
+        await self.servers.stop_server(unit, detail)
+        self._done(writer, n)
+
+    def _done(self, writer: asyncio.StreamWriter, n: int) -> None:
+        if writer is self._writer and not writer.is_closing():
+            self._publish(force=True)  # what the request changed, before it is answered
+            channel.send(writer, channel.Done(n))
