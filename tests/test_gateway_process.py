@@ -1,0 +1,101 @@
+"""The gateway runs in a process of its own, started by the daemon on sockets the daemon
+bound: killed, it comes back on the same port without touching the models; it never
+outlives the daemon; a reload that changes its settings keeps its port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from llmsup.client import call
+from tests.supervisor_util import Daemon
+from tests.test_gateway_daemon import chat, post
+from tests.util import free_port, wait_for
+
+
+def gateway_of(d: Daemon) -> dict[str, Any]:
+    _, data = call(d.sock, "GET", "/v1/status")
+    info: dict[str, Any] = data["gateway"]
+    return info
+
+
+def one_model(tmp_path: Path, gw: int, key: str = "gw-key") -> Daemon:
+    d = Daemon(
+        tmp_path, f"m: {{backend: vllm, model: org/m, served_name: m, port: {free_port()}}}\n"
+    )
+    d.manifest.write_text(f"gateway: {{port: {gw}, api_keys: [{key}]}}\n" + d.manifest.read_text())
+    return d
+
+
+def test_a_killed_gateway_comes_back_on_its_port_and_the_model_keeps_running(
+    tmp_path: Path,
+) -> None:
+    gw = free_port()
+    d = one_model(tmp_path, gw)
+    try:
+        d.start()
+        first = d.wait_state("m", "READY")
+        info = gateway_of(d)
+        assert info["listening"] and info["pid"] is not None
+        worker = psutil.Process(info["pid"])
+        assert d.proc is not None and worker.ppid() == d.proc.pid
+        assert post(gw, chat("m"))[0] == 200
+
+        os.kill(worker.pid, signal.SIGKILL)
+        # The daemon still holds the listening socket: a client connects meanwhile
+        # (it waits in the backlog) and is answered once the new gateway runs.
+        with socket.create_connection(("127.0.0.1", gw), timeout=5):
+            pass
+        code, body, _ = post(gw, chat("m"))
+        assert code == 200, body
+        again = wait_for(lambda: (g := gateway_of(d))["pid"] not in (None, worker.pid) and g, 20)
+        assert again["listening"]
+        row = d.wait_state("m", "READY")
+        assert (row["pid"], row["restarts"]) == (first["pid"], 0)  # the model never noticed
+        assert "the gateway process exited (signal SIGKILL)" in d.log()
+    finally:
+        d.stop()
+    assert d.leftovers == []
+
+
+def test_the_gateway_does_not_outlive_a_killed_daemon(tmp_path: Path) -> None:
+    gw = free_port()
+    d = one_model(tmp_path, gw)
+    try:
+        d.start()
+        d.wait_state("m", "READY")
+        worker = psutil.Process(gateway_of(d)["pid"])
+        d.kill_daemon()
+        # Its channel closed: it stops listening and exits by itself.
+        wait_for(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 15)
+        # The next daemon gets the port (and stops the model the killed one left).
+        d.start()
+        d.wait_state("m", "READY")
+        assert gateway_of(d)["listening"]
+        assert post(gw, chat("m"))[0] == 200
+    finally:
+        d.stop()
+
+
+def test_a_reload_that_changes_the_gateway_keeps_its_port(tmp_path: Path) -> None:
+    gw = free_port()
+    d = one_model(tmp_path, gw, key="old-key")
+    try:
+        d.start()
+        first = d.wait_state("m", "READY")
+        before = gateway_of(d)["pid"]
+        assert post(gw, chat("m"), key="old-key")[0] == 200
+        d.manifest.write_text(d.manifest.read_text().replace("old-key", "new-key"))
+        r = d.cli("reload", "-f", str(d.manifest))
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: gateway_of(d)["pid"] not in (None, before), 20)
+        assert post(gw, chat("m"), key="new-key")[0] == 200
+        assert post(gw, chat("m"), key="old-key")[0] == 401
+        assert d.wait_state("m", "READY")["pid"] == first["pid"]  # the model kept running
+    finally:
+        d.stop()
