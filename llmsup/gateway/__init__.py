@@ -7,7 +7,11 @@
                  policy over the daemon's Servers, owning the in-flight counts
     metrics      the gateway's Prometheus metrics, and each model's
 
-It runs inside the daemon's event loop and knows the daemon only as
+    channel      the daemon <-> gateway process messages
+    host         the daemon's side: binds the port, runs and restarts the process
+    worker       the gateway process: `Servers` seen through the channel
+
+It runs in a process of its own (host starts worker) and knows the daemon only as
 `llmsup.control.Servers`, the gateway's part of the `Control` protocol.
 """
 

@@ -17,6 +17,10 @@ The contract the daemon (and the CLI, for a daemon that is gone) relies on:
 - `load_records` / `save_record` / `drop_record`: the state directory's memory
   of each launch, for a daemon that was killed.
 
+`spawn_helper(...)` starts one of the daemon's own helpers (the gateway process)
+with the daemon's marker, registered so that orphan reaping leaves it alone;
+`exit_status(proc)` awaits a child's exit (pidfd).
+
 The daemon is a child subreaper (`become_subreaper`): orphans of its servers
 come back to it; `reap_loop` waits for them, never for a server itself.
 """
