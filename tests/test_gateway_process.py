@@ -53,8 +53,12 @@ def test_a_killed_gateway_comes_back_on_its_port_and_the_model_keeps_running(
             pass
         code, body, _ = post(gw, chat("m"))
         assert code == 200, body
-        again = wait_for(lambda: (g := gateway_of(d))["pid"] not in (None, worker.pid) and g, 20)
-        assert again["listening"]
+
+        def replaced() -> dict[str, Any] | None:
+            g = gateway_of(d)
+            return g if g["pid"] not in (None, worker.pid) else None
+
+        assert wait_for(replaced, 20)["listening"]
         row = d.wait_state("m", "READY")
         assert (row["pid"], row["restarts"]) == (first["pid"], 0)  # the model never noticed
         assert "the gateway process exited (signal SIGKILL)" in d.log()
