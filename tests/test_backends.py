@@ -19,6 +19,7 @@ from llmsup.errors import ManifestError
 from llmsup.manifest import BACKENDS, json_schema, parse_manifest
 from llmsup.plan import make_plan
 from llmsup.state import State
+from llmsup.supervise import events as ev
 from llmsup.supervise import machine as m
 from llmsup.supervise.runner import Runner
 from tests.test_runner import FakeClock, FakeServer, NoJitter
@@ -206,7 +207,7 @@ def test_the_runner_reads_log_lines_through_the_backend(
             journal=server,
             rand=NoJitter(),
         )
-        task = asyncio.create_task(runner.run(m.Start()))
+        task = asyncio.create_task(runner.run(ev.Start()))
         await clock.run_until(lambda: runner.life.state == State.READY)
         server.say(LOADED)
         server.say(DIED)
@@ -215,7 +216,7 @@ def test_the_runner_reads_log_lines_through_the_backend(
         server.crash(0)
         await clock.run_until(lambda: runner.life.state != State.READY)
         assert runner.life.last_exit == exit
-        runner.post(m.Stop())
+        runner.post(ev.Stop())
         await clock.run_until(task.done)
 
     asyncio.run(main())

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from llmsup.manifest import Restart
 from llmsup.probe import ProbeResult
 from llmsup.state import State
+from llmsup.supervise import events as ev
 from llmsup.supervise import machine as m
 from llmsup.supervise.runner import Refused, Runner
 
@@ -121,7 +122,7 @@ class FakeServer:
     def note(self, text: str, level: int = logging.INFO) -> None:
         self.notes.append(text)
 
-    def publish(self, before: m.Life, after: m.Life) -> None:
+    def publish(self, before: ev.Life, after: ev.Life) -> None:
         if (after.state, after.detail) != (before.state, before.detail):
             self.states.append((after.state, after.detail))
 
@@ -146,7 +147,7 @@ def test_a_crash_loop_through_the_runner_ends_failed_with_every_tree_stopped() -
         clock, server = FakeClock(), FakeServer()
         policy = Restart(policy="always", backoff_initial=1.0, max_restarts=3)
         runner = runner_for(server, clock, m.Rules(restart=policy))
-        task = asyncio.create_task(runner.run(m.Start()))
+        task = asyncio.create_task(runner.run(ev.Start()))
         for n in range(1, 5):
             await clock.run_until(lambda: runner.life.state == State.READY)
             assert len(server.spawned) == n
@@ -167,11 +168,11 @@ def test_stop_during_backoff_launches_nothing_more() -> None:
     async def main() -> None:
         clock, server = FakeClock(), FakeServer()
         runner = runner_for(server, clock, m.Rules(restart=Restart(backoff_initial=30.0)))
-        task = asyncio.create_task(runner.run(m.Start()))
+        task = asyncio.create_task(runner.run(ev.Start()))
         await clock.run_until(lambda: runner.life.state == State.READY)
         server.crash(1)
         await clock.run_until(lambda: runner.life.state == State.BACKOFF)
-        runner.post(m.Stop())
+        runner.post(ev.Stop())
         await clock.run_until(task.done)
         assert (runner.life.state, runner.life.detail) == (State.STOPPED, "stopped")
         assert server.spawned == [100] and clock.t < 30.0
@@ -184,9 +185,9 @@ def test_stop_when_ready_stops_the_tree_and_rests() -> None:
     async def main() -> None:
         clock, server = FakeClock(), FakeServer()
         runner = runner_for(server, clock, m.Rules())
-        task = asyncio.create_task(runner.run(m.Start()))
+        task = asyncio.create_task(runner.run(ev.Start()))
         await clock.run_until(lambda: runner.life.state == State.READY)
-        runner.post(m.Stop())
+        runner.post(ev.Stop())
         await clock.run_until(task.done)
         assert server.stopped == [100]
         assert list(dict.fromkeys(s for s, _ in server.states)) == [
@@ -205,12 +206,12 @@ def test_failing_health_probes_restart_the_server() -> None:
         runner = runner_for(server, clock, m.Rules(failures=2, interval=10.0))
         late = ProbeResult(False, 5.0, "no answer within 5s")
         server.health_results = [OK, late, OK, late, late]
-        task = asyncio.create_task(runner.run(m.Start()))
+        task = asyncio.create_task(runner.run(ev.Start()))
         await clock.run_until(lambda: len(server.spawned) == 2)
         assert server.stopped == [100] and clock.t == 10 * 5 + 5.0
         assert "unhealthy: 2 probes failed in a row (last: no answer within 5s)" in server.notes
         assert (State.UNHEALTHY, "1 probe(s) failed: no answer within 5s") in server.states
-        runner.post(m.Stop())
+        runner.post(ev.Stop())
         await clock.run_until(task.done)
 
     asyncio.run(main())
@@ -221,12 +222,12 @@ def test_out_of_descriptors_is_retried_without_counting_a_restart() -> None:
         clock, server = FakeClock(), FakeServer()
         runner = runner_for(server, clock, m.Rules(restart=Restart(max_restarts=0)))
         server.prepare_errors = [OSError(errno.EMFILE, "Too many open files")] * 5
-        task = asyncio.create_task(runner.run(m.Start()))
+        task = asyncio.create_task(runner.run(ev.Start()))
         await clock.run_until(lambda: runner.life.state == State.READY)
         assert clock.t == 0.5 + 1 + 2 + 4 + 8
         assert runner.life.total == 0 and server.spawned == [100]
         assert any("out of file descriptors" in d for _, d in server.states)
-        runner.post(m.Stop())
+        runner.post(ev.Stop())
         await clock.run_until(task.done)
 
     asyncio.run(main())
@@ -237,7 +238,7 @@ def test_a_refused_launch_fails_at_once() -> None:
         clock, server = FakeClock(), FakeServer()
         runner = runner_for(server, clock, m.Rules())
         server.prepare_errors = [Refused("vllm: not found on PATH")]
-        await runner.run(m.Start())
+        await runner.run(ev.Start())
         assert (runner.life.state, runner.life.fatal) == (State.FAILED, True)
         assert server.spawned == []
 
@@ -249,7 +250,7 @@ def test_a_bug_in_an_effect_fails_the_server_and_stops_its_tree() -> None:
         clock, server = FakeClock(), FakeServer()
         runner = runner_for(server, clock, m.Rules(interval=1.0))
         server.health_results = [RuntimeError("boom")]
-        task = asyncio.create_task(runner.run(m.Start()))
+        task = asyncio.create_task(runner.run(ev.Start()))
         await clock.run_until(task.done)
         assert runner.life.state == State.FAILED
         assert runner.life.reason == "internal error: RuntimeError('boom') (see the daemon's log)"
@@ -264,11 +265,11 @@ def test_a_runner_runs_again_after_a_stop() -> None:
         policy = Restart(max_restarts=1)
         runner = runner_for(server, clock, m.Rules(restart=policy))
         for n in (1, 2):
-            task = asyncio.create_task(runner.run(m.Start(reset=True)))
+            task = asyncio.create_task(runner.run(ev.Start(reset=True)))
             await clock.run_until(lambda: runner.life.state == State.READY)
             server.crash(1)  # a crash in each run: the reset budget allows it
             await clock.run_until(lambda: runner.life.state == State.READY)
-            runner.post(m.Stop())
+            runner.post(ev.Stop())
             await clock.run_until(task.done)
             assert runner.life.state == State.STOPPED
             assert len(server.spawned) == 2 * n and server.stopped == server.spawned
@@ -281,11 +282,11 @@ def test_a_gpu_wait_looks_again_until_the_memory_is_free() -> None:
         clock, server = FakeClock(), FakeServer()
         runner = runner_for(server, clock, m.Rules(gpu_wait=60.0))
         server.gpu_messages = ["GPU 0: 20 GiB held by pid 7"] * 10
-        task = asyncio.create_task(runner.run(m.Start()))
+        task = asyncio.create_task(runner.run(ev.Start()))
         await clock.run_until(lambda: runner.life.state == State.READY)
         assert clock.t == 10 * m.GPU_RECHECK and server.spawned == [100]
         assert (State.WAITING_GPU, "GPU 0: 20 GiB held by pid 7") in server.states
-        runner.post(m.Stop())
+        runner.post(ev.Stop())
         await clock.run_until(task.done)
 
     asyncio.run(main())
@@ -296,7 +297,7 @@ def test_a_gpu_wait_gives_up_at_its_deadline() -> None:
         clock, server = FakeClock(), FakeServer()
         runner = runner_for(server, clock, m.Rules(gpu_wait=5.0))
         server.gpu_messages = ["GPU 0: held"] * 1000
-        task = asyncio.create_task(runner.run(m.Start()))
+        task = asyncio.create_task(runner.run(ev.Start()))
         await clock.run_until(task.done)
         assert (runner.life.state, runner.life.fatal) == (State.FAILED, True)
         assert runner.life.reason == "GPU memory still held after 5s (health.gpu_wait): GPU 0: held"
@@ -310,9 +311,9 @@ def test_a_stop_while_spawning_stops_the_process_once_it_exists() -> None:
         clock, server = FakeClock(), FakeServer()
         runner = runner_for(server, clock, m.Rules())
         server.spawn_gate = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(runner.run(m.Start()))
+        task = asyncio.create_task(runner.run(ev.Start()))
         await clock.run_until(lambda: runner.life.spawning)
-        runner.post(m.Stop())
+        runner.post(ev.Stop())
         await clock.run_until(lambda: runner.life.state == State.STOPPING)
         assert not task.done(), "the process being spawned must be stopped first"
         server.spawn_gate.set_result(None)

@@ -1,6 +1,7 @@
 """The life of one server as a pure function: `step(life, event, now, rules, rand)`
 returns the next `Life` and the commands to carry out. No clock, no I/O: `now`
 is passed in (monotonic seconds), randomness (backoff jitter) through `rand`.
+The events, the commands and `Life` are plain data in `llmsup.supervise.events`.
 
     STOPPED/FAILED --start--> STARTING --busy predecessor--> WAITING --done--> STARTING
     STARTING --GPU short--> WAITING_GPU --free--> STARTING (spawn) --answers--> LOADING
@@ -18,8 +19,44 @@ import logging
 import random
 from dataclasses import dataclass, field, replace
 
-from llmsup.manifest import Restart
+from llmsup import manifest
 from llmsup.state import State, describe_exit
+from llmsup.supervise.events import (
+    Answering,
+    AwaitReady,
+    CancelTimer,
+    CheckGpu,
+    CheckPredecessors,
+    Command,
+    Ending,
+    Event,
+    Exited,
+    GpuFree,
+    GpuShort,
+    Hint,
+    LaunchFailed,
+    Life,
+    Note,
+    Phase,
+    PortReady,
+    PostStartDone,
+    PostStartFailed,
+    PredecessorsBusy,
+    PredecessorsDone,
+    Prepare,
+    Prepared,
+    Probe,
+    Probed,
+    RunPostStart,
+    SetTimer,
+    Spawn,
+    Start,
+    Started,
+    Stop,
+    StopTree,
+    Timer,
+    TreeStopped,
+)
 
 # ------------------------------------------------------------------ rules
 
@@ -28,7 +65,7 @@ from llmsup.state import State, describe_exit
 class Rules:
     """A server's settings, as the manifest resolves them."""
 
-    restart: Restart = field(default_factory=Restart)
+    restart: manifest.Restart = field(default_factory=manifest.Restart)
     failures: int = 3  # failed probes in a row = unhealthy (health.failures)
     interval: float = 10.0  # between liveness probes
     startup_timeout: float = 1200.0
@@ -49,253 +86,6 @@ def backoff_delay(attempt: int, initial: float, cap: float, rand: random.Random)
     """
     base = min(cap, initial * 2 ** max(0, attempt - 1))
     return min(cap, base + rand.uniform(0, base * 0.1)) if base > 0 else 0.0
-
-
-# ------------------------------------------------------------------ events
-
-
-@dataclass(frozen=True)
-class Start:
-    reset: bool = False  # forget earlier restarts (`llmsup start/restart`)
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
-
-
-@dataclass(frozen=True)
-class PredecessorsBusy:
-    names: tuple[str, ...]  # servers sharing a GPU that start before this one
-
-
-@dataclass(frozen=True)
-class PredecessorsDone:
-    pass
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Executable found, environment read, port free: ready to check the GPUs."""
-
-
-@dataclass(frozen=True)
-class LaunchFailed:
-    reason: str
-    retry: float | None = None  # out of descriptors: retry after this, not counted
-
-
-@dataclass(frozen=True)
-class GpuShort:
-    message: str
-
-
-@dataclass(frozen=True)
-class GpuFree:
-    pass
-
-
-@dataclass(frozen=True)
-class Started:
-    pid: int
-
-
-@dataclass(frozen=True)
-class Answering:
-    """The port answers, not yet 200: the model is loading."""
-
-
-@dataclass(frozen=True)
-class PortReady:
-    latency: float
-
-
-@dataclass(frozen=True)
-class PostStartDone:
-    pass
-
-
-@dataclass(frozen=True)
-class PostStartFailed:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Probed:
-    ok: bool
-    detail: str
-    latency: float = 0.0
-    deep: bool = False  # a 1-token completion, not /health
-
-
-@dataclass(frozen=True)
-class Phase:
-    """A log line says how far loading has come (vLLM)."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Hint:
-    """A log line says why the process is about to exit (vLLM's EngineCore died)."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Exited:
-    code: int  # negative: killed by that signal
-
-
-@dataclass(frozen=True)
-class TreeStopped:
-    """No process of the launch is left."""
-
-
-@dataclass(frozen=True)
-class Timer:
-    name: str
-
-
-Event = (
-    Start
-    | Stop
-    | PredecessorsBusy
-    | PredecessorsDone
-    | Prepared
-    | LaunchFailed
-    | GpuShort
-    | GpuFree
-    | Started
-    | Answering
-    | PortReady
-    | PostStartDone
-    | PostStartFailed
-    | Probed
-    | Phase
-    | Hint
-    | Exited
-    | TreeStopped
-    | Timer
-)
-
-# ------------------------------------------------------------------ commands
-
-
-@dataclass(frozen=True)
-class CheckPredecessors:
-    """Report PredecessorsBusy while any is starting, then PredecessorsDone."""
-
-
-@dataclass(frozen=True)
-class Prepare:
-    """Read secrets, find the executable, free the port of our leftovers; report
-    Prepared or LaunchFailed."""
-
-
-@dataclass(frozen=True)
-class CheckGpu:
-    """Report GpuFree or GpuShort."""
-
-
-@dataclass(frozen=True)
-class Spawn:
-    """Start the process; report Started or LaunchFailed, then its lines and Exited."""
-
-
-@dataclass(frozen=True)
-class AwaitReady:
-    """Probe the readiness path until it answers 200 (PortReady), saying Answering
-    when it answers anything else."""
-
-
-@dataclass(frozen=True)
-class RunPostStart:
-    """The backend's steps after the port answers; report PostStartDone or -Failed."""
-
-
-@dataclass(frozen=True)
-class Probe:
-    deep: bool = False
-
-
-@dataclass(frozen=True)
-class StopTree:
-    """SIGTERM to every member, `grace`, then kill; report TreeStopped."""
-
-    grace: float
-
-
-@dataclass(frozen=True)
-class SetTimer:
-    name: str
-    delay: float
-
-
-@dataclass(frozen=True)
-class CancelTimer:
-    name: str
-
-
-@dataclass(frozen=True)
-class Note:
-    """A line about the server's life, in the daemon's log and the server's."""
-
-    text: str
-    level: int = logging.INFO
-
-
-Command = (
-    CheckPredecessors
-    | Prepare
-    | CheckGpu
-    | Spawn
-    | AwaitReady
-    | RunPostStart
-    | Probe
-    | StopTree
-    | SetTimer
-    | CancelTimer
-    | Note
-)
-
-# ------------------------------------------------------------------ state
-
-
-@dataclass(frozen=True)
-class Ending:
-    """Why the current process is being stopped (None in `Life.ending`: asked to)."""
-
-    failed: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class Life:
-    state: State = State.STOPPED
-    detail: str = ""
-    reason: str = ""  # why it is FAILED, or the last failure
-    last_exit: str = ""
-    progress: str = ""
-    latency: float | None = None
-    pid: int | None = None
-    spawning: bool = False  # a Spawn is under way: its process may yet appear
-    since: float = 0.0  # when the process was spawned
-    hint: str = ""  # what the log said about a coming exit
-    ending: Ending | None = None  # while STOPPING
-    fatal: bool = False  # FAILED for a reason retrying cannot help
-    launched: bool = False  # a process was spawned, or a wait for GPUs began
-    gpu_deadline: float | None = None
-    # Restarts: their times within the window, failures since READY, all of them.
-    restarts: tuple[float, ...] = ()
-    streak: int = 0
-    total: int = 0
-    shortages: int = 0  # launches in a row that found no descriptor free
-    # Liveness of a READY server: /health and deep probes failed in a row, apart.
-    misses: int = 0
-    deep_misses: int = 0
-    last_deep: float = 0.0
-    last_detail: str = ""
 
 
 Result = tuple[Life, list[Command]]

@@ -21,7 +21,8 @@ from typing import Protocol
 from llmsup import backends, limits
 from llmsup.probe import ProbeResult
 from llmsup.state import State
-from llmsup.supervise import machine as m
+from llmsup.supervise import events as ev
+from llmsup.supervise.machine import Rules, step
 
 log = logging.getLogger("llmsup")
 
@@ -82,7 +83,7 @@ class Neighbours(Protocol):
 class Journal(Protocol):
     def note(self, text: str, level: int) -> None: ...
 
-    def publish(self, before: m.Life, after: m.Life) -> None:
+    def publish(self, before: ev.Life, after: ev.Life) -> None:
         """The life changed: status, listeners, systemd."""
 
 
@@ -104,7 +105,7 @@ class Runner:
         self,
         name: str,
         backend: str,
-        rules: Callable[[], m.Rules],
+        rules: Callable[[], Rules],
         *,
         clock: Clock,
         launcher: Launcher,
@@ -124,27 +125,27 @@ class Runner:
         self.neighbours = neighbours
         self.journal = journal
         self.rand = rand
-        self.life = m.Life()
-        self._queue: asyncio.Queue[m.Event | BaseException] = asyncio.Queue()
+        self.life = ev.Life()
+        self._queue: asyncio.Queue[ev.Event | BaseException] = asyncio.Queue()
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._effects: set[asyncio.Task[None]] = set()  # cancelled when the process ends
         self._keep: set[asyncio.Task[None]] = set()  # spawn and stop: never cancelled
         self._wake = asyncio.Event()  # the server's last line before it listens
 
-    def post(self, ev: m.Event) -> None:
-        self._queue.put_nowait(ev)
+    def post(self, event: ev.Event) -> None:
+        self._queue.put_nowait(event)
 
-    async def run(self, first: m.Event) -> None:
+    async def run(self, first: ev.Event) -> None:
         """Feed `first`, then every event the effects report, until the life rests."""
         while not self._queue.empty():  # reports of the last run's effects, too late
             self._queue.get_nowait()
         self.post(first)
         try:
             while True:
-                ev = await self._queue.get()
-                if isinstance(ev, BaseException):
-                    raise ev
-                self.feed(ev)
+                event = await self._queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                self.feed(event)
                 if self.resting:
                     return
         except Exception as e:  # a bug must not leave a model unsupervised in silence
@@ -172,39 +173,39 @@ class Runner:
         life = self.life
         return life.state in (State.STOPPED, State.FAILED) and not life.spawning
 
-    def feed(self, ev: m.Event) -> None:
+    def feed(self, event: ev.Event) -> None:
         before = self.life
-        self.life, commands = m.step(before, ev, self.clock.now(), self.rules(), self.rand)
+        self.life, commands = step(before, event, self.clock.now(), self.rules(), self.rand)
         for c in commands:
             self._do(c)
         self.journal.publish(before, self.life)
 
     # ------------------------------------------------------------ commands
 
-    def _do(self, c: m.Command) -> None:
+    def _do(self, c: ev.Command) -> None:
         match c:
-            case m.Note(text=text, level=level):
+            case ev.Note(text=text, level=level):
                 self.journal.note(text, level)
-            case m.SetTimer(name=name, delay=delay):
+            case ev.SetTimer(name=name, delay=delay):
                 self._cancel_timer(name)
                 self._timers[name] = asyncio.create_task(self._timer(name, delay))
-            case m.CancelTimer(name=name):
+            case ev.CancelTimer(name=name):
                 self._cancel_timer(name)
-            case m.CheckPredecessors():
+            case ev.CheckPredecessors():
                 self._effect(self._predecessors)
-            case m.Prepare():
+            case ev.Prepare():
                 self._effect(self._prepare)
-            case m.CheckGpu():
+            case ev.CheckGpu():
                 self._effect(self._check_gpu)
-            case m.Spawn():
+            case ev.Spawn():
                 self._effect(self._spawn, keep=True)
-            case m.AwaitReady():
+            case ev.AwaitReady():
                 self._effect(self._await_ready)
-            case m.RunPostStart():
+            case ev.RunPostStart():
                 self._effect(self._post_start)
-            case m.Probe(deep=deep):
+            case ev.Probe(deep=deep):
                 self._effect(lambda: self._probe(deep))
-            case m.StopTree(grace=grace):
+            case ev.StopTree(grace=grace):
                 self._cancel(self._effects)
                 self._effect(lambda: self._stop_tree(grace), keep=True)
 
@@ -235,55 +236,55 @@ class Runner:
     async def _timer(self, name: str, delay: float) -> None:
         await self.clock.sleep(delay)
         self._timers.pop(name, None)
-        self.post(m.Timer(name))
+        self.post(ev.Timer(name))
 
     async def _predecessors(self) -> None:
         await self.neighbours.wait_predecessors(
-            lambda names: self.post(m.PredecessorsBusy(tuple(names)))
+            lambda names: self.post(ev.PredecessorsBusy(tuple(names)))
         )
-        self.post(m.PredecessorsDone())
+        self.post(ev.PredecessorsDone())
 
-    def _launch_error(self, e: OSError) -> m.LaunchFailed:
+    def _launch_error(self, e: OSError) -> ev.LaunchFailed:
         retry = limits.launch_retry(e, self.life.shortages + 1)
         if retry is None:
             raise e
-        return m.LaunchFailed(retry.detail, retry.delay)
+        return ev.LaunchFailed(retry.detail, retry.delay)
 
     async def _prepare(self) -> None:
         try:
             await self.launcher.prepare()
         except Refused as e:
-            self.post(m.LaunchFailed(str(e)))
+            self.post(ev.LaunchFailed(str(e)))
         except OSError as e:
             self.post(self._launch_error(e))
         else:
-            self.post(m.Prepared())
+            self.post(ev.Prepared())
 
     async def _check_gpu(self) -> None:
         msg = await self.gpus.short()
-        self.post(m.GpuFree() if msg is None else m.GpuShort(msg))
+        self.post(ev.GpuFree() if msg is None else ev.GpuShort(msg))
 
     async def _spawn(self) -> None:
         self._wake.clear()
         try:
             pid = await self.launcher.spawn(self._on_line)
         except Refused as e:
-            self.post(m.LaunchFailed(str(e)))
+            self.post(ev.LaunchFailed(str(e)))
             return
         except OSError as e:
             self.post(self._launch_error(e))
             return
-        self.post(m.Started(pid))
+        self.post(ev.Started(pid))
         self._effect(self._watch_exit)
 
     async def _watch_exit(self) -> None:
-        self.post(m.Exited(await self.launcher.exited()))
+        self.post(ev.Exited(await self.launcher.exited()))
 
     def _on_line(self, line: str) -> None:
         if hint := self.backend.exit_hint(line):
-            self.post(m.Hint(hint))
+            self.post(ev.Hint(hint))
         if phase := self.backend.phase(line):
-            self.post(m.Phase(phase))
+            self.post(ev.Phase(phase))
         if self.backend.listening_soon(line):
             self._wake.set()  # the server's last line before its port accepts: probe now
 
@@ -295,11 +296,11 @@ class Runner:
             self._wake.clear()  # before the probe: a line that comes during it still wakes us
             r = await self.prober.ready()
             if r.ok:
-                self.post(m.PortReady(r.latency))
+                self.post(ev.PortReady(r.latency))
                 return
             if r.detail.startswith("HTTP") and not answering:
                 answering = True
-                self.post(m.Answering())  # it answers 503 while it loads
+                self.post(ev.Answering())  # it answers 503 while it loads
             # Woken: it listens within milliseconds now, so probe often.
             pause = woken if await self._woken(pause) else min(cap, pause * 1.5)
 
@@ -316,12 +317,12 @@ class Runner:
         return self._wake.is_set()
 
     async def _post_start(self) -> None:
-        why = await self.prober.post_start(lambda text: self.post(m.Phase(text)))
-        self.post(m.PostStartDone() if why is None else m.PostStartFailed(why))
+        why = await self.prober.post_start(lambda text: self.post(ev.Phase(text)))
+        self.post(ev.PostStartDone() if why is None else ev.PostStartFailed(why))
 
     async def _probe(self, deep: bool) -> None:
         r = await (self.prober.deep() if deep else self.prober.health())
-        self.post(m.Probed(r.ok, r.detail, r.latency, deep))
+        self.post(ev.Probed(r.ok, r.detail, r.latency, deep))
 
     async def _stop_tree(self, grace: float) -> None:
         """Stop the tree, retrying when descriptors run out: a next launch must not
@@ -338,4 +339,4 @@ class Runner:
                     raise
                 log.warning("%s: stopping: %s", self.name, retry.detail)
                 await self.clock.sleep(retry.delay)
-        self.post(m.TreeStopped())
+        self.post(ev.TreeStopped())

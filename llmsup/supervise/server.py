@@ -20,7 +20,7 @@ from llmsup.backends import Launch
 from llmsup.manifest import LoadedManifest
 from llmsup.plan import Plan
 from llmsup.state import State
-from llmsup.supervise import machine
+from llmsup.supervise import events, machine
 from llmsup.supervise.runner import MonotonicClock, Refused, Runner
 
 log = logging.getLogger("llmsup")
@@ -151,14 +151,14 @@ class Server:
             # even before its task first runs.
             self.set_state(State.STARTING, "launching")
             self.task = asyncio.create_task(
-                self.runner.run(machine.Start(reset)), name=f"server:{self.launch.unit}"
+                self.runner.run(events.Start(reset)), name=f"server:{self.launch.unit}"
             )
 
     async def stop(self) -> None:
         """Stop it and wait until no process of it is left (even if our caller is
         cancelled meanwhile, the stop goes on to its end)."""
         if self.task is not None and not self.task.done():
-            self.runner.post(machine.Stop())
+            self.runner.post(events.Stop())
             await asyncio.shield(self.task)
         self.task = None
 
@@ -214,7 +214,7 @@ class Server:
 
     # -------------------------------------------------------- journal (runner port)
 
-    def publish(self, before: machine.Life, after: machine.Life) -> None:
+    def publish(self, before: events.Life, after: events.Life) -> None:
         if after.progress and after.progress != before.progress:
             self.daemon.changed(self.launch.unit, after.state, after.progress)
         if after.state != before.state or after.detail != before.detail:
