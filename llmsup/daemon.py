@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import random
@@ -27,10 +26,10 @@ from llmsup.control import ServerView
 from llmsup.errors import BadRequest, DaemonError, LlmsupError, ManifestError, UnknownModel
 from llmsup.manifest import LoadedManifest, gateway_file_keys, load_manifest
 from llmsup.notify import Notifier, status_line
-from llmsup.paths import default_state_dir, socket_path
 from llmsup.plan import Plan, plan_or_raise, untrusted_problems
 from llmsup.plan import conflicts as models_conflict
 from llmsup.state import State
+from llmsup.statedir import DaemonLock, StateDir
 from llmsup.supervise.server import Server, connect_host
 
 if TYPE_CHECKING:
@@ -39,11 +38,6 @@ if TYPE_CHECKING:
 Listener = Callable[[str, State, str], None]
 GPU_POLL = 5.0  # seconds between GPU memory readings for status and metrics
 log = logging.getLogger("llmsup")
-
-
-def state_dir_of(loaded: LoadedManifest) -> Path:
-    sd = loaded.manifest.state_dir
-    return Path(sd) if sd else default_state_dir()
 
 
 class Daemon:
@@ -63,8 +57,9 @@ class Daemon:
         self.manifest_path = manifest_path
         self.loaded = loaded
         self.plan = plan
-        self.state_dir = state_dir_of(loaded)
-        self.key = process.state_key(self.state_dir)
+        self.state = StateDir.named(loaded.manifest.state_dir)
+        self.state_dir = self.state.path
+        self.key = self.state.key
         self.rand = rand or random.Random()
         self.listener = listener
         self.servers: dict[str, Server] = {}
@@ -74,7 +69,7 @@ class Daemon:
         self.reloading = asyncio.Lock()  # one reload at a time (SIGHUP and the socket may race)
         self.started = time.time()
         self._session: aiohttp.ClientSession | None = None
-        self._lock_fd: int | None = None
+        self._lock: DaemonLock | None = None
         self.notifier = notifier or Notifier()
         self.untrusted = untrusted  # reloads refuse command backends too
         self._status_dirty = True
@@ -96,10 +91,10 @@ class Daemon:
 
     @property
     def socket_path(self) -> Path:
-        return socket_path(self.state_dir)
+        return self.state.socket
 
     def log_path(self, unit: str) -> Path:
-        return self.state_dir / "logs" / f"{unit}.log"
+        return self.state.log(unit)
 
     def changed(self, unit: str, state: State, detail: str) -> None:
         self._status_dirty = True
@@ -119,27 +114,6 @@ class Daemon:
             self._gateway.poke()
 
     # -------------------------------------------------------- lifecycle
-
-    def _lock(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        group = self.loaded.manifest.control.group
-        if group is not None:  # members of the group must reach the socket inside
-            import grp
-
-            os.chown(self.state_dir, -1, grp.getgrnam(group).gr_gid)
-            os.chmod(self.state_dir, 0o750)
-        fd = os.open(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise DaemonError(
-                f"another llmsup daemon already runs on {self.state_dir} "
-                "(use `llmsup reload` or `llmsup up` to hand it a manifest)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
 
     async def clean_leftovers(self) -> list[int]:
         """Stop what a daemon that was killed left behind: the launches its records
@@ -169,7 +143,7 @@ class Daemon:
         before, after = limits.raise_open_files_limit()
         if after != before:
             log.info("open files limit raised from %d to %d", before, after)
-        self._lock()
+        self._lock = self.state.acquire(self.loaded.manifest.control.group)
         loop = asyncio.get_running_loop()
         runner = None
         monitor: asyncio.Task[None] | None = None
@@ -223,11 +197,11 @@ class Daemon:
             if runner is not None:
                 await runner.cleanup()
             self.socket_path.unlink(missing_ok=True)
-            running.unregister(self.state_dir)
+            running.unregister(self.state)
             if self._session is not None:
                 await self._session.close()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
+            if self._lock is not None:
+                self._lock.release()
             self.notifier.close()
         if self.launch_failures:
             raise DaemonError(
@@ -243,7 +217,7 @@ class Daemon:
     def _register(self) -> None:
         """Let the CLI find us without a manifest (`llmsup status` after `up -f x.yaml`)."""
         try:
-            running.register(self.manifest_path, self.state_dir, self.socket_path)
+            running.register(self.manifest_path, self.state)
         except (OSError, running.UnsafeRuntimeDir) as e:
             log.warning("not registered in %s: %s", running.runtime_dir(), e)
 
@@ -441,7 +415,7 @@ class Daemon:
             ]
             if errors:
                 raise ManifestError(errors)
-        if state_dir_of(loaded).resolve() != self.state_dir.resolve():
+        if not StateDir.named(loaded.manifest.state_dir).same(self.state):
             raise DaemonError("state_dir cannot change on reload; run `llmsup down` first")
         old = {u: s.launch for u, s in self.servers.items()}
         new = {la.unit: la for la in plan.launches}

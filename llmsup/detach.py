@@ -10,9 +10,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmsup.client import alive, call
 from llmsup.errors import DaemonError, LlmsupError
+
+if TYPE_CHECKING:
+    from llmsup.statedir import StateDir
 
 TAIL_LINES = 40  # of this start's log, shown when the daemon exits before answering
 
@@ -41,12 +45,13 @@ def argv(manifest: Path, untrusted: bool) -> list[str]:
 
 
 def start(
-    manifest: Path, state_dir: Path, sock: Path, untrusted: bool, timeout: float = 60.0
+    manifest: Path, state: StateDir, untrusted: bool, timeout: float = 60.0
 ) -> Started | Exited:
     """Start the daemon for `manifest` detached from this process and wait until it
-    answers on `sock`; raises DaemonError when it neither answers nor exits in time."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log = state_dir / "daemon.log"
+    answers on its socket; raises DaemonError when it neither answers nor exits in time."""
+    sock = state.socket
+    state.create()
+    log = state.daemon_log
     with open(log, "ab") as out:
         offset = out.tell()  # the log is appended to: this start's lines begin here
         proc = subprocess.Popen(

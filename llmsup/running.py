@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmsup.errors import UnsafeRuntimeDir as UnsafeRuntimeDir
+from llmsup.statedir import StateDir
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class Entry:
     state_dir: str
     socket: str
     file: Path | None = field(default=None, compare=False)  # where it was read from
+
+    @property
+    def state(self) -> StateDir:
+        return StateDir(Path(self.state_dir))
 
     @property
     def alive(self) -> bool:
@@ -81,28 +86,29 @@ def _private_dir(path: Path, create: bool) -> Path | None:
     return path
 
 
-def _entry_path(folder: Path, state_dir: Path) -> Path:
-    key = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+def _entry_path(folder: Path, state: StateDir) -> Path:
+    key = hashlib.sha256(str(state.path.resolve()).encode()).hexdigest()[:16]
     return folder / f"{key}.json"
 
 
-def register(manifest: Path, state_dir: Path, socket: Path) -> Path:
-    """Say that this process is the daemon of `state_dir` (again, after a reload)."""
+def register(manifest: Path, state: StateDir) -> Path:
+    """Say that this process is the daemon of `state` (again, after a reload)."""
     folder = _private_dir(runtime_dir(), create=True)
     assert folder is not None
-    entry = Entry(os.getpid(), _start_time(os.getpid()), str(manifest), str(state_dir), str(socket))
-    target = _entry_path(folder, state_dir)
+    pid = os.getpid()
+    entry = Entry(pid, _start_time(pid), str(manifest), str(state.path), str(state.socket))
+    target = _entry_path(folder, state)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({k: v for k, v in asdict(entry).items() if k != "file"}))
     tmp.replace(target)
     return target
 
 
-def unregister(state_dir: Path) -> None:
+def unregister(state: StateDir) -> None:
     with contextlib.suppress(OSError, UnsafeRuntimeDir):
         folder = _private_dir(runtime_dir(), create=False)
         if folder is not None:
-            target = _entry_path(folder, state_dir)
+            target = _entry_path(folder, state)
             entry = _read(target)
             if entry is None or entry.pid == os.getpid():
                 target.unlink(missing_ok=True)

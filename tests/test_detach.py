@@ -9,7 +9,7 @@ import pytest
 
 from llmsup import detach
 from llmsup.client import alive
-from llmsup.paths import socket_path
+from llmsup.statedir import StateDir
 from tests.util import free_port
 
 
@@ -26,10 +26,10 @@ def test_a_daemon_that_exits_shows_this_starts_lines_only(
         f"state_dir: {state}\n"
         f"models:\n  b: {{backend: command, command: [no-such-server-x], port: {free_port()}}}\n"
     )
-    sock = socket_path(state)
+    sock = StateDir(state).socket
     # Generous: the suite runs real engines beside this test, and a start under that
     # load can take long; an exit ends the wait at once.
-    result = detach.start(manifest, state, sock, untrusted=False, timeout=240)
+    result = detach.start(manifest, StateDir(state), untrusted=False, timeout=240)
     assert isinstance(result, detach.Exited), result
     assert result.code == 1
     assert result.log == state / "daemon.log"

@@ -20,10 +20,6 @@ from typing import Any
 import pytest
 
 from llmsup import process
-from llmsup.daemon import Daemon
-from llmsup.errors import DaemonError
-from llmsup.manifest import parse_manifest
-from llmsup.plan import make_plan
 from llmsup.process import (
     MARKER,
     ProcessTable,
@@ -68,23 +64,6 @@ def test_torn_record_is_dropped(tmp_path: Path) -> None:
     (tmp_path / "procs" / "torn.json").write_text("{")
     assert load_records(tmp_path) == [rec]
     assert not (tmp_path / "procs" / "torn.json").exists()
-
-
-def test_second_daemon_on_one_state_dir_is_refused(tmp_path: Path) -> None:
-    text = f"state_dir: {tmp_path}\nmodels:\n  m: {{backend: vllm, model: x}}\n"
-    loaded = parse_manifest(textwrap.dedent(text), "m.yaml", {})
-    plan = make_plan(loaded)
-
-    async def both() -> None:
-        first = Daemon(tmp_path / "m.yaml", loaded, plan)
-        first._lock()
-        second = Daemon(tmp_path / "m.yaml", loaded, plan)
-        with pytest.raises(DaemonError, match="another llmsup daemon already runs"):
-            second._lock()
-        assert first._lock_fd is not None
-        os.close(first._lock_fd)
-
-    asyncio.run(both())
 
 
 def _spawn_marked(tmp_path: Path, instance: str) -> tuple[subprocess.Popen[bytes], int]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmsup import running
+from llmsup.statedir import StateDir
 
 
 def test_places_of_a_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,12 +30,12 @@ def test_places_of_a_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_register_then_unregister(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMSUP_RUNTIME_DIR", str(tmp_path / "run"))
-    state = tmp_path / "state"
-    f = running.register(tmp_path / "m.yaml", state, state / "control.sock")
+    state = StateDir(tmp_path / "state")
+    f = running.register(tmp_path / "m.yaml", state)
     assert (tmp_path / "run").stat().st_mode & 0o777 == 0o700
     live, dead = running.entries()
-    assert [(e.pid, e.manifest, e.state_dir) for e in live] == [
-        (os.getpid(), str(tmp_path / "m.yaml"), str(state))
+    assert [(e.pid, e.manifest, e.state_dir, e.socket) for e in live] == [
+        (os.getpid(), str(tmp_path / "m.yaml"), str(state.path), str(state.path / "control.sock"))
     ]
     assert dead == []
     running.unregister(state)
@@ -74,7 +75,7 @@ def test_a_directory_others_may_write_is_refused(
     run.chmod(0o777)
     monkeypatch.setenv("LLMSUP_RUNTIME_DIR", str(run))
     with pytest.raises(running.UnsafeRuntimeDir, match="writable only by it"):
-        running.register(tmp_path / "m.yaml", tmp_path, tmp_path / "control.sock")
+        running.register(tmp_path / "m.yaml", StateDir(tmp_path))
     (run / "planted.json").write_text(
         json.dumps({"pid": os.getpid(), "started": None, "manifest": "m", "state_dir": "s",
                     "socket": "x"})

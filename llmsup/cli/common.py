@@ -17,6 +17,7 @@ from llmsup.errors import DaemonError, ManifestError, NoDaemonError
 if TYPE_CHECKING:
     from llmsup.manifest import LoadedManifest
     from llmsup.plan import Plan
+    from llmsup.statedir import StateDir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -81,14 +82,8 @@ def load(
 class Target:
     """The daemon a command talks to: its state directory, and the manifest to name."""
 
-    state_dir: Path
+    state: StateDir
     manifest: Path
-
-    @property
-    def sock(self) -> Path:
-        from llmsup.paths import socket_path
-
-        return socket_path(self.state_dir)
 
     def no_daemon(self, e: NoDaemonError) -> NoDaemonError:
         arg = shlex.quote(str(self.manifest))
@@ -102,23 +97,24 @@ def target(manifest_file: Path | None) -> Target:
     runs (several: the default manifest's, or an error that lists them); else what a
     killed daemon left behind; else the default manifest's state directory."""
     from llmsup import running
-    from llmsup.paths import default_manifest_path, default_state_dir, state_dir_from_file
+    from llmsup.paths import default_manifest_path
+    from llmsup.statedir import StateDir
 
     default = default_manifest_path()
     if manifest_file is not None:
-        return Target(state_dir_from_file(manifest_file), manifest_file)
+        return Target(StateDir.of_file(manifest_file), manifest_file)
     if os.environ.get("LLMSUP_STATE_DIR"):
-        return Target(default_state_dir(), default)
+        return Target(StateDir.default(), default)
     if os.environ.get("LLMSUP_MANIFEST"):
-        return Target(state_dir_from_file(default), default)
+        return Target(StateDir.of_file(default), default)
     live, dead = running.entries()
     if len(live) == 1:
-        return Target(Path(live[0].state_dir), Path(live[0].manifest))
+        return Target(live[0].state, Path(live[0].manifest))
     if live:
-        mine = state_dir_from_file(default).resolve() if default.exists() else None
-        chosen = [e for e in live if Path(e.state_dir).resolve() == mine]
+        mine = StateDir.of_file(default) if default.exists() else None
+        chosen = [e for e in live if mine is not None and mine.same(e.state)]
         if chosen:
-            return Target(Path(chosen[0].state_dir), Path(chosen[0].manifest))
+            return Target(chosen[0].state, Path(chosen[0].manifest))
         listed = "\n".join(f"  pid {e.pid}: {e.manifest} (state {e.state_dir})" for e in live)
         raise DaemonError(
             f"{len(live)} llmsup daemons are running:\n{listed}\n"
@@ -126,20 +122,20 @@ def target(manifest_file: Path | None) -> Target:
         )
     left = []
     for e in dead:
-        if _records(Path(e.state_dir)):
+        if _records(e.state):
             left.append(e)
         else:
             running.forget(e)  # a daemon that is gone and left nothing behind
     if len(left) == 1:
-        return Target(Path(left[0].state_dir), Path(left[0].manifest))
-    return Target(state_dir_from_file(default), default)
+        return Target(left[0].state, Path(left[0].manifest))
+    return Target(StateDir.of_file(default), default)
 
 
-def _records(state_dir: Path) -> bool:
+def _records(state: StateDir) -> bool:
     """Does the state directory hold records of launched processes?"""
     from llmsup import process
 
-    return bool(process.load_records(state_dir))
+    return bool(process.load_records(state.path))
 
 
 def call(target: Target, method: str, url: str, body: Any = None) -> Any:
@@ -147,7 +143,7 @@ def call(target: Target, method: str, url: str, body: Any = None) -> Any:
     from llmsup import client
 
     try:
-        code, data = client.call(target.sock, method, url, body)
+        code, data = client.call(target.state.socket, method, url, body)
     except NoDaemonError as e:
         raise target.no_daemon(e) from None
     if code >= 400:

@@ -77,26 +77,27 @@ def up(
     import signal
 
     from llmsup.client import alive
-    from llmsup.daemon import Daemon, state_dir_of
+    from llmsup.daemon import Daemon
     from llmsup.paths import default_manifest_path
+    from llmsup.statedir import StateDir
 
     if detach and foreground:
         raise click.UsageError("-d and --foreground exclude each other")
     given = manifest_file or default_manifest_path()
     path = given.resolve()
     loaded, plan = load(path, gpus=True, untrusted=untrusted)
-    there = Target(state_dir_of(loaded), given)
-    if alive(there.sock):
+    there = Target(StateDir.named(loaded.manifest.state_dir), given)
+    if alive(there.state.socket):
         if foreground:  # systemd's ExecStart: two daemons on one state_dir is a mistake
             raise DaemonError(
-                f"a daemon already answers on {there.sock}; stop it (`llmsup down`) first, "
+                f"a daemon already answers on {there.state.socket}; stop it (`llmsup down`) first, "
                 "or leave out --foreground to hand it this manifest"
             )
         current = Path(call(there, "GET", "/v1/status")["daemon"]["manifest"])
         if current.resolve() != path and not replace:
             arg = shlex.quote(str(given))
             raise DaemonError(
-                f"a daemon already runs {current} on {there.state_dir}; nothing changed. "
+                f"a daemon already runs {current} on {there.state.path}; nothing changed. "
                 f"To apply {given} to it instead (changed models restart, missing ones stop): "
                 f"`llmsup reload -f {arg}` or `llmsup up --replace -f {arg}`; "
                 f"to run both, give {given} a state_dir of its own"
@@ -125,7 +126,7 @@ def up(
 def _detach(path: Path, there: Target, untrusted: bool) -> None:
     from llmsup import detach
 
-    started = detach.start(path, there.state_dir, there.sock, untrusted)
+    started = detach.start(path, there.state, untrusted)
     if isinstance(started, detach.Exited):
         click.echo("\n".join(started.tail), err=True)
         raise DaemonError(f"the daemon exited with code {started.code} (log: {started.log})")
@@ -172,7 +173,7 @@ def status(manifest_file: Path | None, as_json: bool, name: str | None) -> None:
 
 
 def _status_without_daemon(there: Target, e: NoDaemonError, as_json: bool) -> NoReturn:
-    with leftovers.no_daemon_holds(there):
+    with there.state.vacant():
         rows = leftovers.rows(there)
     if as_json:
         out = {"daemon": None, "error": str(e), "leftovers": rows}
@@ -181,7 +182,7 @@ def _status_without_daemon(there: Target, e: NoDaemonError, as_json: bool) -> No
     if not rows:
         raise e
     click.echo(
-        f"llmsup: no llmsup daemon is running on {there.state_dir}; what it started is left over:",
+        f"llmsup: no llmsup daemon is running on {there.state.path}; what it started is left over:",
         err=True,
     )
     _echo(render.leftovers(rows))
@@ -237,12 +238,12 @@ def down(manifest_file: Path | None, timeout: float) -> None:
     try:
         data = call(there, "POST", "/v1/down")
     except NoDaemonError as e:
-        with leftovers.no_daemon_holds(there):
+        with there.state.vacant():
             stopped = leftovers.stop(there)
         if not stopped:
             raise NoDaemonError(f"{e}; nothing it started is left") from None
         click.echo(
-            f"llmsup: no llmsup daemon was running on {there.state_dir}; "
+            f"llmsup: no llmsup daemon was running on {there.state.path}; "
             "stopped what it left behind:"
         )
         for unit, pids in stopped:

@@ -35,7 +35,7 @@ def gpus(manifest_file: Path | None, as_json: bool) -> None:
     orphans: dict[int, str] = {}
     daemon_note = ""
     try:
-        _, data = call(target(manifest_file).sock, "GET", "/v1/status", timeout=5.0)
+        _, data = call(target(manifest_file).state.socket, "GET", "/v1/status", timeout=5.0)
         current = {r["instance"]: r["unit"] for r in data["models"] if r.get("instance")}
         owners = {pid: r["unit"] for r in data["models"] for pid in r.get("pids", [])}
         owners = gpucheck.with_descendants(owners)
@@ -43,7 +43,7 @@ def gpus(manifest_file: Path | None, as_json: bool) -> None:
         if snap.processes:
             daemon_note = "no llmsup daemon answers: llmsup's processes show as orphans"
             with contextlib.suppress(LlmsupError, OSError):
-                orphans = gpucheck.recorded(target(manifest_file).state_dir)
+                orphans = gpucheck.recorded(target(manifest_file).state.path)
     procs: list[dict[str, Any]] = []
     for p in snap.processes:
         info = gpu.process_info(p.pid)

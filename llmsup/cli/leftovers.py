@@ -1,45 +1,15 @@
 """What a daemon that is gone (killed, or stuck) left behind in its state directory:
-shown by `status`, stopped by `down`, only while no daemon holds the directory."""
+shown by `status`, stopped by `down`, only while no daemon holds the directory
+(`StateDir.vacant`)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from llmsup.cli.common import Target
-from llmsup.errors import DaemonError, LlmsupError
-
-
-@contextlib.contextmanager
-def no_daemon_holds(target: Target) -> Iterator[None]:
-    """Hold the state directory's daemon lock: no daemon runs there, not even one
-    that does not answer, and none starts until we are done."""
-    import fcntl
-
-    lock = target.state_dir / "daemon.lock"
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except FileNotFoundError:
-        yield  # no daemon ever ran there
-        return
-    except PermissionError:
-        raise DaemonError(f"permission denied on {lock}: run as the daemon's user") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise DaemonError(
-                f"a daemon (pid {pid}) holds {target.state_dir} but does not answer on "
-                f"{target.sock}: it may be starting, or stuck; retry in a moment, "
-                f"or stop it with `kill {pid}`"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
+from llmsup.errors import LlmsupError
 
 
 def rows(target: Target) -> list[dict[str, Any]]:
@@ -47,7 +17,7 @@ def rows(target: Target) -> list[dict[str, Any]]:
     from llmsup import process
 
     out = []
-    for rec in process.load_records(target.state_dir):
+    for rec in process.load_records(target.state.path):
         pids = sorted(p.pid for p in process.members(rec))
         out.append({"unit": rec.unit, "pid": rec.pid, "alive": pids, "argv": list(rec.argv)})
     return out
@@ -60,8 +30,8 @@ def stop(target: Target) -> list[tuple[str, list[int]]]:
 
     from llmsup import process
 
-    key = process.state_key(target.state_dir) + ":"
-    found = [(rec, process.members(rec)) for rec in process.load_records(target.state_dir)]
+    key = target.state.key + ":"
+    found = [(rec, process.members(rec)) for rec in process.load_records(target.state.path)]
     known = {p.pid for _, procs in found for p in procs}
     strays = [p for p in process.marked_with(key) if p.pid not in known]
     if not found and not strays:
@@ -71,7 +41,7 @@ def stop(target: Target) -> list[tuple[str, list[int]]]:
     async def stop_all() -> None:
         async def stop(rec: process.Record) -> None:
             await process.stop(rec, grace(rec.unit))  # and its cgroup, TMPDIR, shared memory
-            process.drop_record(target.state_dir, rec)
+            process.drop_record(target.state.path, rec)
 
         await asyncio.gather(*(stop(rec) for rec, _ in found))
         await process.terminate(lambda: process.marked_with(key), grace(""))

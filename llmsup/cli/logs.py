@@ -30,10 +30,10 @@ def logs(manifest_file: Path | None, follow: bool, lines: int, name: str) -> Non
     from llmsup.client import call
 
     there = target(manifest_file)
-    logs_dir = there.state_dir / "logs"
-    path = logs_dir / f"{name}.log"
+    logs_dir = there.state.logs
+    path = there.state.log(name)
     try:
-        _, data = call(there.sock, "GET", "/v1/status", timeout=5.0)
+        _, data = call(there.state.socket, "GET", "/v1/status", timeout=5.0)
         row = next((r for r in data["models"] if name in (r["name"], r["unit"])), None)
         if row is None:
             known = ", ".join(r["name"] for r in data["models"]) or "none"

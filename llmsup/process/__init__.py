@@ -49,7 +49,6 @@ from llmsup.process.records import (
     Record,
     drop_record,
     load_records,
-    record_dir,
     save_record,
     state_key,
 )
@@ -89,7 +88,6 @@ __all__ = [
     "port_holder",
     "port_in_use",
     "reap_loop",
-    "record_dir",
     "save",
     "save_record",
     "spawn",

@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from llmsup.statedir import StateDir
+
 SHM = "/dev/shm/"
 # Python's multiprocessing (vLLM's psm_*), torch's shared tensors. Not the
 # semaphores (sem.mp-*): glibc maps them under a temporary name, so a live one
@@ -36,7 +38,7 @@ def make_tmpdir(state_dir: Path, instance: str) -> Path:
     own TMPDIR, or /tmp when even that is too long."""
     key, _, ident = instance.partition(":")
     ident = ident.rsplit(":", 1)[-1]
-    path = state_dir.resolve() / "tmp" / ident
+    path = StateDir(state_dir).tmp / ident
     if len(str(path)) > MAX_TMPDIR:
         parent = Path(tempfile.gettempdir()) / f"llmsup-{key}"
         if len(str(parent / ident)) > MAX_TMPDIR:

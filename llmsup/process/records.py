@@ -8,15 +8,17 @@ version does not know are ignored).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llmsup.statedir import StateDir
+
 
 def state_key(state_dir: Path) -> str:
-    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    """The marker prefix of the processes a daemon of `state_dir` starts."""
+    return StateDir(state_dir).key
 
 
 @dataclass(frozen=True)
@@ -45,17 +47,12 @@ def _from_json(data: dict[str, Any]) -> Record:
     return Record(**data)
 
 
-def record_dir(state_dir: Path) -> Path:
-    return state_dir / "procs"
-
-
 def _file(state_dir: Path, record: Record) -> Path:
-    return record_dir(state_dir) / f"{record.instance.replace(':', '_')}.json"
+    return StateDir(state_dir).records / f"{record.instance.replace(':', '_')}.json"
 
 
 def save_record(state_dir: Path, record: Record) -> None:
-    d = record_dir(state_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    StateDir(state_dir).records.mkdir(parents=True, exist_ok=True)
     final = _file(state_dir, record)
     tmp = final.with_name(f".{final.stem}.tmp")
     tmp.write_text(json.dumps(asdict(record)))
@@ -68,7 +65,7 @@ def drop_record(state_dir: Path, record: Record) -> None:
 
 def load_records(state_dir: Path) -> list[Record]:
     out = []
-    for f in sorted(record_dir(state_dir).glob("*.json")):
+    for f in sorted(StateDir(state_dir).records.glob("*.json")):
         try:
             out.append(_from_json(json.loads(f.read_text())))
         except (OSError, ValueError, TypeError, AttributeError):
