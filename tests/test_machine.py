@@ -80,6 +80,7 @@ def timer(cmds: list[ev.Command], name: str) -> float:
 SAMPLES: dict[type, ev.Event] = {
     ev.Start: ev.Start(),
     ev.Stop: ev.Stop(),
+    ev.Restart: ev.Restart(),
     ev.PredecessorsBusy: ev.PredecessorsBusy(("a",)),
     ev.PredecessorsDone: ev.PredecessorsDone(),
     ev.Prepared: ev.Prepared(),
@@ -402,6 +403,156 @@ def test_a_start_after_failed_forgets_the_restarts_only_when_asked() -> None:
     r(ev.PortReady(0.1), 3.0)
     r.crash(4.0)
     assert r.state() == State.BACKOFF, "a fresh budget after `llmsup restart`"
+
+
+# ------------------------------------------------------------------ restarts asked for
+
+
+class Seen(Replay):
+    """A replay that keeps every state the life passes through."""
+
+    def __init__(self, rules: Rules | None = None) -> None:
+        super().__init__(rules)
+        self.states: list[State] = []
+
+    def __call__(self, event: ev.Event, now: float = 0.0) -> list[ev.Command]:
+        cmds = super().__call__(event, now)
+        self.states.append(self.state())
+        return cmds
+
+
+def test_restart_when_ready_stops_the_tree_then_starts_afresh_without_resting() -> None:
+    r = Seen(Rules(stop_timeout=7.0, restart=Restart(backoff_initial=1.0)))
+    r.up(0.0, pid=41)
+    r.crash(1.0)  # a restart counted, then up again
+    r.up(2.0, pid=42)
+    assert (len(r.life.restarts), r.life.total) == (1, 1)
+    cmds = r(ev.Restart(), 3.0)
+    assert cmds[0] == ev.Note("restarting (requested)")
+    assert cmds[-1] == ev.StopTree(7.0)
+    assert {ev.CancelTimer("health"), ev.CancelTimer("startup")} <= set(cmds)
+    assert (r.state(), r.life.detail) == (State.STOPPING, "restarting (pid 42)")
+    assert r(ev.Exited(-15), 3.5) == [], "the exit of a process being stopped is no failure"
+    assert r(ev.TreeStopped(), 4.0) == [ev.CheckPredecessors()]
+    assert (r.state(), r.life.detail, r.life.pid) == (State.STARTING, "launching", None)
+    assert (r.life.restarts, r.life.streak, r.life.total) == ((), 0, 1)
+    assert r.life.last_exit == "exited with code 1", "a restart asked for is no exit to report"
+    assert State.STOPPED not in r.states
+    assert r(ev.PredecessorsDone(), 5.0) == [ev.Prepare()]
+
+
+def test_restart_mid_start_stops_the_loading_process() -> None:
+    r = Seen(Rules(stop_timeout=5.0))
+    r.up(0.0, pid=9, ready=False)
+    r(ev.Answering())
+    assert r.state() == State.LOADING
+    cmds = r(ev.Restart(), 1.0)
+    assert ev.CancelTimer("startup") in cmds and cmds[-1] == ev.StopTree(5.0)
+    r(ev.TreeStopped(), 2.0)
+    assert (r.state(), r.life.starts) == (State.STARTING, 2)
+    assert State.STOPPED not in r.states
+
+
+@pytest.mark.parametrize("where", [State.WAITING, State.WAITING_GPU, State.BACKOFF])
+def test_restart_with_no_process_abandons_the_start_under_way(where: State) -> None:
+    r = Seen(Rules(gpu_wait=60.0, restart=Restart(backoff_initial=30.0)))
+    if where == State.BACKOFF:
+        r.up(0.0)
+        r.crash(0.0)
+    else:
+        r(ev.Start(), 0.0)
+        r(ev.PredecessorsBusy(("a",)), 0.0)
+        if where == State.WAITING_GPU:
+            r(ev.PredecessorsDone(), 0.0)
+            r(ev.Prepared(), 0.0)
+            r(ev.GpuShort("GPU 0: held"), 0.0)
+    assert r.state() == where
+    cmds = r(ev.Restart(), 50.0)
+    assert cmds == [
+        ev.Note("restarting (requested)"),
+        ev.CancelTimer("startup"),
+        ev.CancelTimer("health"),
+        ev.CancelTimer("gpu"),
+        ev.CancelTimer("backoff"),
+        ev.Abandon(),
+        ev.CheckPredecessors(),
+    ]
+    assert (r.state(), r.life.detail, r.life.restarts) == (State.STARTING, "launching", ())
+    assert State.STOPPED not in r.states
+    assert r(ev.Timer("backoff"), 51.0) == [] and r(ev.Timer("gpu"), 51.0) == []
+    # A fresh start: its GPU wait has its own deadline.
+    r(ev.PredecessorsDone(), 100.0)
+    r(ev.Prepared(), 100.0)
+    r(ev.GpuShort("GPU 0: held"), 100.0)
+    assert (r.state(), r.life.gpu_deadline) == (State.WAITING_GPU, 160.0)
+
+
+def test_restart_while_spawning_stops_the_process_once_it_exists() -> None:
+    for spawned in (True, False):
+        r = Seen(Rules(stop_timeout=7.0))
+        r(ev.Start())
+        r(ev.PredecessorsDone())
+        r(ev.Prepared())
+        r(ev.GpuFree())
+        assert r(ev.Restart()) == [ev.Note("restarting (requested)")]
+        assert (r.state(), r.life.detail) == (State.STOPPING, "restarting")
+        if spawned:
+            assert r(ev.Started(9)) == [ev.StopTree(7.0)]
+            assert r(ev.TreeStopped()) == [ev.CheckPredecessors()]
+        else:
+            assert r(ev.LaunchFailed("cannot start vllm: busy")) == [ev.CheckPredecessors()]
+        assert (r.state(), r.life.pid, r.life.spawning) == (State.STARTING, None, False)
+        assert State.STOPPED not in r.states
+
+
+def test_restart_when_stopped_or_failed_is_a_start_with_reset() -> None:
+    r = Replay(Rules(restart=Restart(policy="never")))
+    assert r(ev.Restart()) == [ev.CheckPredecessors()]
+    assert (r.state(), r.life.starts) == (State.STARTING, 1)
+    r(ev.PredecessorsDone())
+    r(ev.LaunchFailed("port 8000 on 127.0.0.1 is held by nginx (pid 1)"))
+    assert (r.state(), r.life.fatal) == (State.FAILED, True)
+    assert r(ev.Restart()) == [ev.CheckPredecessors()]
+    assert (r.state(), r.life.fatal, r.life.reason) == (State.STARTING, False, "")
+
+
+def test_a_stop_during_a_restarts_stop_wins() -> None:
+    r = Seen()
+    r.up(0.0, pid=5)
+    r(ev.Restart(), 1.0)
+    assert r(ev.Stop(), 1.5) == []
+    assert (r.state(), r.life.detail) == (State.STOPPING, "pid 5")
+    assert r(ev.TreeStopped(), 2.0) == [ev.Note("stopped (requested)")]
+    assert (r.state(), r.life.detail) == (State.STOPPED, "stopped")
+    # And a restart asked for during a stop's stop leaves it stopped.
+    r.up(3.0, pid=6)
+    r(ev.Stop(), 4.0)
+    assert r(ev.Restart(), 4.5) == []
+    r(ev.TreeStopped(), 5.0)
+    assert r.state() == State.STOPPED
+
+
+def test_a_second_restart_during_a_restarts_stop_is_taken_into_it() -> None:
+    r = Replay()
+    r.up(0.0, pid=5)
+    r(ev.Restart(), 1.0)
+    before = r.life
+    assert r(ev.Restart(), 1.5) == [] and r.life == before
+    assert r(ev.TreeStopped(), 2.0) == [ev.CheckPredecessors()]
+    assert (r.state(), r.life.starts) == (State.STARTING, 2), "one start, one restart"
+
+
+def test_restart_during_a_crashs_stop_starts_afresh_without_backoff() -> None:
+    r = Seen(Rules(restart=Restart(backoff_initial=30.0)))
+    r.up(0.0, pid=5)
+    r(ev.Exited(1), 1.0)
+    assert r.state() == State.STOPPING and r.life.ending is not None
+    assert r(ev.Restart(), 1.5) == [ev.Note("restarting (requested)")]
+    assert r.life.detail == "restarting (pid 5)"
+    assert r(ev.TreeStopped(), 2.0) == [ev.CheckPredecessors()]
+    assert (r.state(), r.life.total, r.life.restarts) == (State.STARTING, 0, ())
+    assert r.life.last_exit == "exited with code 1"
+    assert State.BACKOFF not in r.states
 
 
 # ------------------------------------------------------------------ launches

@@ -68,17 +68,21 @@ class FakeServer:
         self.notes: list[str] = []
         self.states: list[tuple[State, str]] = []
         self.gpu_messages: list[str] = []  # what holds the GPUs, one per look
+        self.gpu_gate: asyncio.Future[None] | None = None  # a look waits for it
+        self.calls: list[str] = []  # prepare, look (at the GPUs), spawn: in order
         self.spawn_gate: asyncio.Future[None] | None = None  # a spawn waits for it
         self._exit: asyncio.Future[int] | None = None
 
     # launcher
     async def prepare(self) -> None:
+        self.calls.append("prepare")
         if self.prepare_errors:
             raise self.prepare_errors.pop(0)
 
     async def spawn(self, on_line: Callable[[str], None]) -> int:
         if self.spawn_gate is not None:
             await self.spawn_gate
+        self.calls.append("spawn")
         self.spawned.append(100 + len(self.spawned))
         self._exit = asyncio.get_running_loop().create_future()
         return self.spawned[-1]
@@ -114,6 +118,9 @@ class FakeServer:
 
     # GPUs, neighbours, journal
     async def short(self) -> str | None:
+        self.calls.append("look")
+        if self.gpu_gate is not None:
+            await self.gpu_gate
         return self.gpu_messages.pop(0) if self.gpu_messages else None
 
     async def wait_predecessors(self, busy: Callable[[list[str]], None]) -> None:
@@ -320,5 +327,68 @@ def test_a_stop_while_spawning_stops_the_process_once_it_exists() -> None:
         await clock.run_until(task.done)
         assert server.stopped == server.spawned == [100]
         assert (runner.life.state, runner.life.pid) == (State.STOPPED, None)
+
+    asyncio.run(main())
+
+
+def test_a_restart_keeps_the_runner_running_and_returns_once_the_new_start_is_under_way() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules(stop_timeout=3.0))
+        task = asyncio.create_task(runner.run(ev.Start()))
+        await clock.run_until(lambda: runner.life.state == State.READY)
+
+        async def restart() -> tuple[State, list[int]]:
+            await runner.restart()
+            return runner.life.state, list(server.stopped)
+
+        restarting = asyncio.create_task(restart())
+        await clock.run_until(restarting.done)
+        assert restarting.result() == (State.STARTING, [100])
+        await clock.run_until(lambda: runner.life.state == State.READY)
+        assert not task.done() and server.spawned == [100, 101]
+        assert (State.STOPPING, "restarting (pid 100)") in server.states
+        assert State.STOPPED not in [s for s, _ in server.states]
+        assert "restarting (requested)" in server.notes
+        runner.post(ev.Stop())
+        await clock.run_until(task.done)
+        assert server.stopped == [100, 101]
+
+    asyncio.run(main())
+
+
+def test_a_restart_drops_what_the_abandoned_start_reports() -> None:
+    """A look at the GPUs of the start before reports free memory just after the
+    restart was asked: the fresh start does not spawn on it, it looks again."""
+
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules(gpu_wait=60.0))
+        server.gpu_messages = ["GPU 0: held"]
+        task = asyncio.create_task(runner.run(ev.Start()))
+        await clock.run_until(lambda: runner.life.state == State.WAITING_GPU)
+        gate = server.gpu_gate = asyncio.get_running_loop().create_future()
+        await clock.run_until(lambda: server.calls.count("look") == 2)  # it waits at the gate
+        gate.set_result(None)  # its GpuFree is queued right behind the restart
+        runner.post(ev.Restart())
+        await clock.run_until(lambda: runner.life.state == State.READY)
+        assert server.calls == ["prepare", "look", "look", "prepare", "look", "spawn"]
+        runner.post(ev.Stop())
+        await clock.run_until(task.done)
+
+    asyncio.run(main())
+
+
+def test_a_stop_during_a_restart_ends_the_run_and_the_restart_returns() -> None:
+    async def main() -> None:
+        clock, server = FakeClock(), FakeServer()
+        runner = runner_for(server, clock, m.Rules())
+        task = asyncio.create_task(runner.run(ev.Start()))
+        await clock.run_until(lambda: runner.life.state == State.READY)
+        restarting = asyncio.create_task(runner.restart())
+        await asyncio.sleep(0)  # the restart is asked for first
+        runner.post(ev.Stop())
+        await clock.run_until(lambda: task.done() and restarting.done())
+        assert (runner.life.state, server.spawned, server.stopped) == (State.STOPPED, [100], [100])
 
     asyncio.run(main())

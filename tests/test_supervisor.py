@@ -577,6 +577,26 @@ def test_hung_engine_without_the_deep_probe_stays_ready(tmp_path: Path) -> None:
         assert (row["state"], row["restarts"]) == ("READY", 0)
 
 
+def test_restart_asked_for_stops_the_server_and_starts_it_afresh(tmp_path: Path) -> None:
+    models = f"""\
+    m: {{backend: vllm, model: org/m, port: {free_port()}}}
+    """
+    with running(tmp_path, models) as d:
+        d.wait_all_ready()
+        old = [p.pid for p in tree(server_pid(d, "m"))]
+        r = d.cli("restart", "-f", str(d.manifest), "m")
+        assert r.returncode == 0, r.stderr
+        # It returns once the old server is gone and the new start is under way.
+        assert r.stdout.strip() == "m: STARTING"
+        assert gone(old)
+        row = d.wait_state("m", "READY")
+        assert row["pid"] not in old and row["restarts"] == 0
+        r = d.cli("logs", "--file", str(d.manifest), "m", "-n", "500")
+        ours = [line for line in r.stdout.splitlines() if line.startswith("--- llmsup ")]
+        assert any(line.endswith("restarting (requested)") for line in ours), ours
+        assert not any("stopped" in line for line in ours), ours
+
+
 def test_restart_causes_are_in_the_logs(tmp_path: Path) -> None:
     models = f"""\
     m: {{backend: vllm, model: org/m, port: {free_port()}}}

@@ -15,12 +15,18 @@ from llmsup.state import State
 
 @dataclass(frozen=True)
 class Start:
-    reset: bool = False  # forget earlier restarts (`llmsup start/restart`)
+    reset: bool = False  # forget earlier restarts (`llmsup start`)
 
 
 @dataclass(frozen=True)
 class Stop:
     pass
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Asked for (`llmsup restart`): stop the process, if any, and start afresh with
+    the earlier restarts forgotten, without resting in STOPPED."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,7 @@ class Timer:
 Event = (
     Start
     | Stop
+    | Restart
     | PredecessorsBusy
     | PredecessorsDone
     | Prepared
@@ -186,6 +193,12 @@ class StopTree:
 
 
 @dataclass(frozen=True)
+class Abandon:
+    """Cancel the checks and waits under way (a restart before any process): what
+    they report, even if already reported, is no longer fed to the machine."""
+
+
+@dataclass(frozen=True)
 class SetTimer:
     name: str
     delay: float
@@ -213,6 +226,7 @@ Command = (
     | RunPostStart
     | Probe
     | StopTree
+    | Abandon
     | SetTimer
     | CancelTimer
     | Note
@@ -242,6 +256,8 @@ class Life:
     since: float = 0.0  # when the process was spawned
     hint: str = ""  # what the log said about a coming exit
     ending: Ending | None = None  # while STOPPING
+    restarting: bool = False  # while STOPPING: start afresh once the tree is gone
+    starts: int = 0  # starts and restarts begun (a restart's caller waits for the next)
     fatal: bool = False  # FAILED for a reason retrying cannot help
     launched: bool = False  # a process was spawned, or a wait for GPUs began
     gpu_deadline: float | None = None

@@ -8,6 +8,8 @@ The events, the commands and `Life` are plain data in `llmsup.supervise.events`.
     STARTING/LOADING --ready--> READY <--probes--> UNHEALTHY
     a process that ends, or is to be ended --> STOPPING --tree gone--> BACKOFF/STOPPED/FAILED
     BACKOFF --timer--> STARTING ...   too many restarts within the window --> FAILED
+    any --restart--> STOPPING (restarting) --tree gone--> STARTING, restarts forgotten;
+        with no process yet, STARTING at once; from STOPPED/FAILED, a start
 
 `TABLE` lists every (state, event) pair that does something; any other pair is
 ignored (a probe result that arrives after its server was stopped, say).
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from llmsup import manifest
 from llmsup.state import State, describe_exit
 from llmsup.supervise.events import (
+    Abandon,
     Answering,
     AwaitReady,
     CancelTimer,
@@ -47,6 +50,7 @@ from llmsup.supervise.events import (
     Prepared,
     Probe,
     Probed,
+    Restart,
     RunPostStart,
     SetTimer,
     Spawn,
@@ -98,8 +102,38 @@ def _cancel_all() -> list[Command]:
 def _start(life: Life, reset: bool) -> Result:
     if reset:
         life = replace(life, restarts=(), streak=0, reason="")
-    life = replace(life, state=State.STARTING, detail="launching", fatal=False, ending=None)
+    life = replace(
+        life,
+        state=State.STARTING,
+        detail="launching",
+        fatal=False,
+        ending=None,
+        restarting=False,
+        starts=life.starts + 1,
+    )
     return life, [CheckPredecessors()]
+
+
+def _restart(life: Life, rules: Rules) -> Result:
+    """Start afresh, the restarts forgotten; a process is stopped first, as by a stop."""
+    s = life.state
+    if s in (State.STOPPED, State.FAILED):
+        return _start(life, reset=True)
+    note = Note("restarting (requested)")
+    detail = f"restarting (pid {life.pid})" if life.pid is not None else "restarting"
+    if s == State.STOPPING:
+        if life.ending is None:  # a stop asked for wins; a restart under way takes this in
+            return life, []
+        return replace(life, ending=None, restarting=True, detail=detail), [note]
+    if life.pid is not None:
+        life, cmds = _end(life, None, rules)
+        return replace(life, restarting=True, detail=detail), [note, *cmds]
+    if life.spawning:  # its process is stopped once Started says which it is
+        life = replace(life, state=State.STOPPING, ending=None, restarting=True, detail=detail)
+        return life, [note]
+    # No process yet: the checks and waits under way belong to the start before.
+    life, cmds = _start(life, reset=True)
+    return life, [note, *_cancel_all(), Abandon(), *cmds]
 
 
 def _launch(life: Life) -> Result:
@@ -134,6 +168,8 @@ def _after(life: Life, now: float, rules: Rules, rand: random.Random) -> Result:
     """The process tree is gone: restart, stay down, or give up."""
     life = replace(life, pid=None, spawning=False)
     ending, life = life.ending, replace(life, ending=None)
+    if ending is None and life.restarting:
+        return _start(life, reset=True)
     if ending is None:
         life = replace(life, state=State.STOPPED, detail="stopped")
         return life, [Note("stopped (requested)")]
@@ -234,10 +270,13 @@ LAUNCHING = (State.STARTING, State.WAITING, State.WAITING_GPU, State.BACKOFF)
 STARTUP = (State.STARTING, State.LOADING)
 LIVE = (State.READY, State.UNHEALTHY)
 
-# (event type, the states in which it acts): every transition `step` makes.
+# (event type, the states in which it acts): every transition `step` makes. In
+# STOPPING, Stop and Restart act on an ending not asked for (a crash): a Stop asked
+# for wins over a Restart under way, and a second Restart is taken into the first.
 TABLE: dict[type, tuple[State, ...]] = {
     Start: (State.STOPPED, State.FAILED),
     Stop: (State.WAITING, State.WAITING_GPU, State.BACKOFF, *RUNNING, State.STOPPING),
+    Restart: tuple(State),
     PredecessorsBusy: (State.STARTING, State.WAITING, State.BACKOFF),
     PredecessorsDone: (State.STARTING, State.WAITING, State.BACKOFF),
     Prepared: (State.STARTING,),
@@ -267,14 +306,17 @@ def step(life: Life, ev: Event, now: float, rules: Rules, rand: random.Random) -
         case Start(reset=reset):
             return _start(life, reset)
         case Stop():
-            if s == State.STOPPING:  # a stop asked for wins over a restart under way
-                return replace(life, ending=None), []
+            if s == State.STOPPING:  # a stop asked for wins over any restart under way
+                detail = f"pid {life.pid}" if life.pid is not None else "stopping"
+                return replace(life, ending=None, restarting=False, detail=detail), []
             if life.pid is not None:
                 return _end(life, None, rules)
             if life.spawning:  # its process is stopped once Started says which it is
                 return replace(life, state=State.STOPPING, detail="stopping", ending=None), []
             life = replace(life, state=State.STOPPED, detail="stopped")
             return life, [Note("stopped (requested)"), *_cancel_all()]
+        case Restart():
+            return _restart(life, rules)
         case PredecessorsBusy(names=names):
             return replace(
                 life, state=State.WAITING, detail=f"after {', '.join(names)} (shared GPU)"
@@ -285,6 +327,8 @@ def step(life: Life, ev: Event, now: float, rules: Rules, rand: random.Random) -
             return life, [CheckGpu()]
         case LaunchFailed(reason=reason, retry=retry):
             life = replace(life, spawning=False)
+            if s == State.STOPPING and life.restarting:
+                return _start(life, reset=True)
             if s == State.STOPPING:
                 return replace(life, state=State.STOPPED, detail="stopped", ending=None), [
                     Note("stopped (requested)")

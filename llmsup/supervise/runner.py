@@ -26,6 +26,8 @@ from llmsup.supervise.machine import Rules, step
 
 log = logging.getLogger("llmsup")
 
+Report = Callable[[ev.Event], None]  # how an effect reports back
+
 
 class Refused(Exception):
     """A launch that retrying cannot help (not found, port held, a secret unreadable)."""
@@ -126,25 +128,52 @@ class Runner:
         self.journal = journal
         self.rand = rand
         self.life = ev.Life()
-        self._queue: asyncio.Queue[ev.Event | BaseException] = asyncio.Queue()
+        # Each event with the epoch of the effect that reported it (None: from outside).
+        self._queue: asyncio.Queue[tuple[int | None, ev.Event] | BaseException] = asyncio.Queue()
+        self._epoch = 0  # Abandon begins the next: reports of the effects before are dropped
+        self._running = False
+        self._waiters: list[tuple[Callable[[ev.Life], bool], asyncio.Future[None]]] = []
         self._timers: dict[str, asyncio.Task[None]] = {}
         self._effects: set[asyncio.Task[None]] = set()  # cancelled when the process ends
         self._keep: set[asyncio.Task[None]] = set()  # spawn and stop: never cancelled
         self._wake = asyncio.Event()  # the server's last line before it listens
 
     def post(self, event: ev.Event) -> None:
-        self._queue.put_nowait(event)
+        """An event from outside the effects (a request, a log line, a timer)."""
+        self._queue.put_nowait((None, event))
+
+    async def restart(self) -> None:
+        """Restart while running (`Restart`): return once the fresh start is under
+        way (the old tree gone), or once the run has ended (a stop asked meanwhile)."""
+        starts = self.life.starts
+        self.post(ev.Restart())
+        await self.until(lambda life: life.starts > starts)
+
+    async def until(self, done: Callable[[ev.Life], bool]) -> None:
+        """Return once `done(life)` holds, or once the run has ended."""
+        if not self._running or done(self.life):
+            return
+        waiter = (done, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            await waiter[1]
+        finally:
+            self._waiters.remove(waiter)
 
     async def run(self, first: ev.Event) -> None:
         """Feed `first`, then every event the effects report, until the life rests."""
         while not self._queue.empty():  # reports of the last run's effects, too late
             self._queue.get_nowait()
         self.post(first)
+        self._running = True
         try:
             while True:
-                event = await self._queue.get()
-                if isinstance(event, BaseException):
-                    raise event
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                epoch, event = item
+                if epoch is not None and epoch != self._epoch:
+                    continue  # an abandoned effect's report
                 self.feed(event)
                 if self.resting:
                     return
@@ -152,9 +181,11 @@ class Runner:
             log.exception("supervising %s failed", self.name)
             await self._crashed(f"internal error: {e!r} (see the daemon's log)")
         finally:
+            self._running = False
             self._cancel(self._effects)
             self._cancel(set(self._timers.values()))
             self._timers.clear()
+            self._settle()
 
     async def _crashed(self, reason: str) -> None:
         self._cancel(self._effects)
@@ -179,6 +210,12 @@ class Runner:
         for c in commands:
             self._do(c)
         self.journal.publish(before, self.life)
+        self._settle()
+
+    def _settle(self) -> None:
+        for done, fut in self._waiters:
+            if not fut.done() and (not self._running or done(self.life)):
+                fut.set_result(None)
 
     # ------------------------------------------------------------ commands
 
@@ -204,15 +241,24 @@ class Runner:
             case ev.RunPostStart():
                 self._effect(self._post_start)
             case ev.Probe(deep=deep):
-                self._effect(lambda: self._probe(deep))
+                self._effect(lambda report: self._probe(report, deep))
             case ev.StopTree(grace=grace):
                 self._cancel(self._effects)
-                self._effect(lambda: self._stop_tree(grace), keep=True)
+                self._effect(lambda report: self._stop_tree(report, grace), keep=True)
+            case ev.Abandon():
+                self._epoch += 1
+                self._cancel(self._effects)
 
-    def _effect(self, work: Callable[[], Awaitable[None]], keep: bool = False) -> None:
+    def _effect(self, work: Callable[[Report], Awaitable[None]], keep: bool = False) -> None:
+        """Run `work` as a task; `keep`: spawn and stop, never cancelled nor abandoned."""
+        epoch = None if keep else self._epoch
+
+        def report(event: ev.Event) -> None:
+            self._queue.put_nowait((epoch, event))
+
         async def guarded() -> None:
             try:
-                await work()
+                await work(report)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a bug: the loop reports it
@@ -238,11 +284,11 @@ class Runner:
         self._timers.pop(name, None)
         self.post(ev.Timer(name))
 
-    async def _predecessors(self) -> None:
+    async def _predecessors(self, report: Report) -> None:
         await self.neighbours.wait_predecessors(
-            lambda names: self.post(ev.PredecessorsBusy(tuple(names)))
+            lambda names: report(ev.PredecessorsBusy(tuple(names)))
         )
-        self.post(ev.PredecessorsDone())
+        report(ev.PredecessorsDone())
 
     def _launch_error(self, e: OSError) -> ev.LaunchFailed:
         retry = limits.launch_retry(e, self.life.shortages + 1)
@@ -250,35 +296,35 @@ class Runner:
             raise e
         return ev.LaunchFailed(retry.detail, retry.delay)
 
-    async def _prepare(self) -> None:
+    async def _prepare(self, report: Report) -> None:
         try:
             await self.launcher.prepare()
         except Refused as e:
-            self.post(ev.LaunchFailed(str(e)))
+            report(ev.LaunchFailed(str(e)))
         except OSError as e:
-            self.post(self._launch_error(e))
+            report(self._launch_error(e))
         else:
-            self.post(ev.Prepared())
+            report(ev.Prepared())
 
-    async def _check_gpu(self) -> None:
+    async def _check_gpu(self, report: Report) -> None:
         msg = await self.gpus.short()
-        self.post(ev.GpuFree() if msg is None else ev.GpuShort(msg))
+        report(ev.GpuFree() if msg is None else ev.GpuShort(msg))
 
-    async def _spawn(self) -> None:
+    async def _spawn(self, report: Report) -> None:
         self._wake.clear()
         try:
             pid = await self.launcher.spawn(self._on_line)
         except Refused as e:
-            self.post(ev.LaunchFailed(str(e)))
+            report(ev.LaunchFailed(str(e)))
             return
         except OSError as e:
-            self.post(self._launch_error(e))
+            report(self._launch_error(e))
             return
-        self.post(ev.Started(pid))
+        report(ev.Started(pid))
         self._effect(self._watch_exit)
 
-    async def _watch_exit(self) -> None:
-        self.post(ev.Exited(await self.launcher.exited()))
+    async def _watch_exit(self, report: Report) -> None:
+        report(ev.Exited(await self.launcher.exited()))
 
     def _on_line(self, line: str) -> None:
         if hint := self.backend.exit_hint(line):
@@ -288,7 +334,7 @@ class Runner:
         if self.backend.listening_soon(line):
             self._wake.set()  # the server's last line before its port accepts: probe now
 
-    async def _await_ready(self) -> None:
+    async def _await_ready(self, report: Report) -> None:
         first, woken, cap = READY_PAUSE
         pause = first
         answering = False
@@ -296,11 +342,11 @@ class Runner:
             self._wake.clear()  # before the probe: a line that comes during it still wakes us
             r = await self.prober.ready()
             if r.ok:
-                self.post(ev.PortReady(r.latency))
+                report(ev.PortReady(r.latency))
                 return
             if r.detail.startswith("HTTP") and not answering:
                 answering = True
-                self.post(ev.Answering())  # it answers 503 while it loads
+                report(ev.Answering())  # it answers 503 while it loads
             # Woken: it listens within milliseconds now, so probe often.
             pause = woken if await self._woken(pause) else min(cap, pause * 1.5)
 
@@ -316,15 +362,15 @@ class Runner:
             sleep.cancel()
         return self._wake.is_set()
 
-    async def _post_start(self) -> None:
-        why = await self.prober.post_start(lambda text: self.post(ev.Phase(text)))
-        self.post(ev.PostStartDone() if why is None else ev.PostStartFailed(why))
+    async def _post_start(self, report: Report) -> None:
+        why = await self.prober.post_start(lambda text: report(ev.Phase(text)))
+        report(ev.PostStartDone() if why is None else ev.PostStartFailed(why))
 
-    async def _probe(self, deep: bool) -> None:
+    async def _probe(self, report: Report, deep: bool) -> None:
         r = await (self.prober.deep() if deep else self.prober.health())
-        self.post(ev.Probed(r.ok, r.detail, r.latency, deep))
+        report(ev.Probed(r.ok, r.detail, r.latency, deep))
 
-    async def _stop_tree(self, grace: float) -> None:
+    async def _stop_tree(self, report: Report, grace: float) -> None:
         """Stop the tree, retrying when descriptors run out: a next launch must not
         find the old server (its EngineCore, say) still running."""
         attempt = 0
@@ -339,4 +385,4 @@ class Runner:
                     raise
                 log.warning("%s: stopping: %s", self.name, retry.detail)
                 await self.clock.sleep(retry.delay)
-        self.post(ev.TreeStopped())
+        report(ev.TreeStopped())

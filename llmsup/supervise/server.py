@@ -163,8 +163,15 @@ class Server:
         self.task = None
 
     async def restart(self) -> None:
-        await self.stop()
-        self.start(reset=True)
+        """Stop its processes and start it afresh, its earlier restarts and failure
+        forgotten, never resting in STOPPED; return once the old processes are gone
+        and the new start is under way (or a stop asked for meanwhile has ended it)."""
+        if self.retired:  # replaced or removed by a reload: never starts again
+            await self.stop()
+        elif self.task is None or self.task.done():
+            self.start(reset=True)
+        else:
+            await self.runner.restart()
 
     def set_state(self, state: State, detail: str = "") -> None:
         changed = state != self.state or detail != self.detail
