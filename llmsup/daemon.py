@@ -13,27 +13,24 @@ import logging
 import os
 import random
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
 from llmsup import gpu, gpucheck, limits, process, running
 from llmsup.control import ServerView
 from llmsup.errors import BadRequest, DaemonError, LlmsupError, ManifestError, UnknownModel
-from llmsup.manifest import LoadedManifest, gateway_file_keys, load_manifest
+from llmsup.gateway.host import GatewayHost
+from llmsup.manifest import LoadedManifest, load_manifest
 from llmsup.notify import Notifier, status_line
 from llmsup.plan import Plan, plan_or_raise, untrusted_problems
 from llmsup.plan import conflicts as models_conflict
 from llmsup.state import State
 from llmsup.statedir import DaemonLock, StateDir
-from llmsup.supervise.server import Server, connect_host
-
-if TYPE_CHECKING:
-    from llmsup.gateway.host import GatewayProcess
+from llmsup.supervise.server import Server
 
 Listener = Callable[[str, State, str], None]
 GPU_POLL = 5.0  # seconds between GPU memory readings for status and metrics
@@ -73,13 +70,12 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.untrusted = untrusted  # reloads refuse command backends too
         self._status_dirty = True
-        self._gateway: GatewayProcess | None = None
+        self.gateway = GatewayHost(self, self.key, self._conflict_pairs)
         self._conflicts: tuple[Any, frozenset[tuple[str, str]]] | None = None  # per manifest
         self.gpu_source: gpu.GpuSource | None = None
         self.gpu_note = ""  # why there is no GPU information, if there is none
         self.snapshot: gpu.Snapshot | None = None
         self.cgroups: Path | None = None  # where each server gets a cgroup, if anywhere
-        self._gateway_config: Any = None
         self.launches_begun = False
         self.any_ready = False
         self.launch_failures: list[str] = []  # why no server could be launched (exit 1)
@@ -110,8 +106,7 @@ class Daemon:
                 self.cond.notify_all()
 
         asyncio.get_running_loop().create_task(notify())
-        if self._gateway is not None:
-            self._gateway.poke()
+        self.gateway.poke()
 
     # -------------------------------------------------------- lifecycle
 
@@ -159,7 +154,7 @@ class Daemon:
             )
             # Before the control socket answers: once it does, the gateway's port
             # accepts connections; and a port it cannot have stops us before any launch.
-            await self._start_gateway()
+            await self.gateway.start(self.loaded.manifest, len(self.plan.launches))
             group = self.loaded.manifest.control.group
             runner = await api.serve(self, self.socket_path, group)
             self._register()
@@ -173,8 +168,7 @@ class Daemon:
                 if not self.servers[la.unit].on_demand:
                     self.servers[la.unit].start()
             self.launches_begun = True
-            if self._gateway is not None:
-                self._gateway.poke()  # the servers it routes to, on-demand ones too
+            self.gateway.poke()  # the servers it routes to, on-demand ones too
             # Ready = the control socket answers and launches are under way; a model
             # that loads for twenty minutes must not fail the unit's start.
             self.notifier.send("READY=1")
@@ -183,7 +177,7 @@ class Daemon:
             self.notifier.send("STOPPING=1", "STATUS=stopping all models")
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self._stop_gateway()
+            await self.gateway.stop()
             await asyncio.gather(*(s.stop() for s in self.servers.values()))
             # Orphans that came back to us and that no record named.
             await process.terminate(process.strays, self.loaded.manifest.defaults.stop_timeout)
@@ -305,73 +299,6 @@ class Daemon:
                     s.gpu_memory = gpu.memory_by_pids(snap, pids) if pids else {}
             await asyncio.sleep(GPU_POLL)
 
-    def _gateway_settings(self) -> Any:
-        gw = self.loaded.manifest.gateway
-        if gw is None:
-            return None
-        keys = [k.get_secret_value() for k in gw.api_keys]  # none empty: the manifest checks
-        if gw.api_key_file:
-            keys += gateway_file_keys(gw.api_key_file)
-        return (
-            gw.host,
-            gw.port,
-            tuple(keys),
-            tuple(gw.aliases.items()),
-            gw.max_body,
-            gw.start_wait,
-            (gw.max_connections, gw.header_timeout, gw.body_timeout, gw.keepalive_timeout),
-        )
-
-    async def _start_gateway(self, socks: list[socket.socket] | None = None) -> None:
-        """Bind the gateway's port (unless given the sockets of the gateway before a
-        reload) and start the gateway process on it."""
-        from llmsup import gateway
-        from llmsup.gateway.host import GatewayProcess, bind
-
-        settings = self._gateway_settings()
-        self._gateway_config = settings
-        if settings is None:
-            return
-        host, port, keys, aliases, max_body, start_wait, timeouts = settings
-        max_connections, header_timeout, body_timeout, keepalive_timeout = timeouts
-        soft = limits.open_files_limit()
-        cap = limits.connection_cap(soft, len(self.plan.launches))
-        if max_connections is not None and max_connections > cap:
-            log.warning(
-                "gateway.max_connections %d is more than the open files limit (%d) allows "
-                "with a reserve for supervision: using %d (raise LimitNOFILE)",
-                *(max_connections, soft, cap),
-            )
-        config = gateway.GatewayConfig(
-            api_keys=keys,
-            aliases=dict(aliases),
-            max_body_bytes=max_body,
-            start_wait=start_wait,
-            max_connections=min(cap, max_connections or cap),
-            header_timeout=header_timeout,
-            body_timeout=body_timeout,
-            keepalive_timeout=keepalive_timeout,
-        )
-        if socks is None:
-            try:
-                socks = await asyncio.to_thread(bind, host, port)
-            except OSError as e:
-                holder = process.port_holder(port)
-                raise DaemonError(
-                    f"the gateway cannot listen on {host}:{port}: {e} ({holder})"
-                ) from e
-        self._gateway = GatewayProcess(self, config, socks, self.key, self._conflict_pairs)
-        await self._gateway.start()
-
-    async def _stop_gateway(self, keep_sockets: bool = False) -> list[socket.socket] | None:
-        """Stop the gateway process; with `keep_sockets`, return its listening sockets
-        open (a reload that changes the gateway's settings but not its address)."""
-        gw, self._gateway = self._gateway, None
-        if gw is None:
-            return None
-        await gw.stop(close_sockets=not keep_sockets)
-        return gw.socks if keep_sockets else None
-
     def _conflict_pairs(self) -> frozenset[tuple[str, str]]:
         """The on-demand servers that cannot run together (for the gateway's swaps)."""
         units = tuple(u for u, s in self.servers.items() if s.on_demand)
@@ -436,10 +363,7 @@ class Daemon:
         for u in [la.unit for la in plan.launches if la.unit in changed + added]:
             if not self.servers[u].on_demand:
                 self.servers[u].start()
-        if (settings := self._gateway_settings()) != self._gateway_config:
-            old = self._gateway_config
-            same_address = old is not None and settings is not None and old[:2] == settings[:2]
-            await self._start_gateway(await self._stop_gateway(keep_sockets=same_address))
+        await self.gateway.reload(loaded.manifest, len(plan.launches))
         unchanged = [u for u in new if u not in changed and u not in added]
         return {"added": added, "removed": removed, "restarted": changed, "unchanged": unchanged}
 
@@ -513,19 +437,7 @@ class Daemon:
 
     def gateway_info(self) -> dict[str, Any] | None:
         """Where the gateway listens, and whether it asks for a key."""
-        settings = self._gateway_config
-        if settings is None:
-            return None
-        host, port, keys = settings[0], settings[1], settings[2]
-        gw = self._gateway
-        return {
-            "host": host,
-            "port": port,
-            "url": f"http://{connect_host(host)}:{port}/v1",
-            "keys_required": bool(keys),
-            "listening": gw is not None and gw.alive,
-            "pid": gw.proc.pid if gw is not None and gw.alive else None,
-        }
+        return self.gateway.info()
 
     def _none_launched(self) -> None:
         """Every server FAILED before any was READY, each for a reason retrying cannot

@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
+from llmsup import limits
 from llmsup.client import call
+from llmsup.gateway.host import Settings
+from llmsup.manifest import parse_manifest
 from tests.supervisor_util import Daemon
 from tests.test_gateway_daemon import chat, post
 from tests.util import free_port, wait_for
@@ -103,3 +107,25 @@ def test_a_reload_that_changes_the_gateway_keeps_its_port(tmp_path: Path) -> Non
         assert d.wait_state("m", "READY")["pid"] == first["pid"]  # the model kept running
     finally:
         d.stop()
+
+
+def test_settings_read_the_key_file_and_cap_connections_by_the_open_files_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("k2\n\nk3\n")
+    text = (
+        f"gateway: {{port: 8000, api_keys: [k1], api_key_file: {keys}, max_connections: 500,"
+        " aliases: {gpt: m}}\nmodels:\n  m: {backend: vllm, model: org/m}\n"
+    )
+    manifest = parse_manifest(text, "m.yaml", {}).manifest
+    settings = Settings.of(manifest)
+    assert settings is not None
+    assert (settings.host, settings.port, settings.keys) == ("127.0.0.1", 8000, ("k1", "k2", "k3"))
+    monkeypatch.setattr(limits, "open_files_limit", lambda: 1024)
+    config = settings.config(servers=2)  # (1024 - 128 - 2 * 4) // 2 = 444 connections
+    assert config.max_connections == 444
+    assert (config.api_keys, dict(config.aliases)) == (("k1", "k2", "k3"), {"gpt": "m"})
+    assert "gateway.max_connections 500 is more than the open files limit (1024)" in caplog.text
+    no_gateway = parse_manifest("models:\n  m: {backend: vllm, model: org/m}\n", "m.yaml", {})
+    assert Settings.of(no_gateway.manifest) is None

@@ -1,5 +1,7 @@
 """The daemon's side of the gateway process (llmsup.gateway.worker).
 
+`GatewayHost` is what the daemon owns: the manifest's `gateway:` settings, the port
+they name, and the process that serves it, started again when a reload changes them.
 The daemon binds the gateway's port itself (a port it cannot have stops it before any
 launch), then runs the gateway in a process of its own, handing it the listening
 sockets and one end of a channel: every change of a server is sent to it, and its
@@ -21,12 +23,19 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from llmsup import process
+from llmsup import limits, process
 from llmsup.control import Servers
+from llmsup.errors import DaemonError
 from llmsup.gateway import channel
 from llmsup.gateway.config import GatewayConfig
+from llmsup.manifest import gateway_file_keys
+from llmsup.supervise.server import connect_host
+
+if TYPE_CHECKING:
+    from llmsup.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +206,126 @@ class GatewayProcess:
         if writer is self._writer and not writer.is_closing():
             self._publish(force=True)  # what the request changed, before it is answered
             channel.send(writer, channel.Done(n))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The manifest's `gateway:` section as the gateway runs it (the keys of its
+    api_key_file read): a reload that leaves them equal leaves the gateway alone."""
+
+    host: str
+    port: int
+    keys: tuple[str, ...]
+    aliases: tuple[tuple[str, str], ...]
+    max_body: int
+    start_wait: float
+    max_connections: int | None
+    header_timeout: float
+    body_timeout: float
+    keepalive_timeout: float
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Settings | None:
+        gw = manifest.gateway
+        if gw is None:
+            return None
+        keys = [k.get_secret_value() for k in gw.api_keys]  # none empty: the manifest checks
+        if gw.api_key_file:
+            keys += gateway_file_keys(gw.api_key_file)
+        return cls(
+            *(gw.host, gw.port, tuple(keys), tuple(gw.aliases.items()), gw.max_body),
+            *(gw.start_wait, gw.max_connections, gw.header_timeout, gw.body_timeout),
+            gw.keepalive_timeout,
+        )
+
+    def config(self, servers: int) -> GatewayConfig:
+        """The gateway's configuration beside `servers` servers: its connections
+        capped by what the open files limit leaves them (see llmsup.limits)."""
+        soft = limits.open_files_limit()
+        cap = limits.connection_cap(soft, servers)
+        if self.max_connections is not None and self.max_connections > cap:
+            log.warning(
+                "gateway.max_connections %d is more than the open files limit (%d) allows "
+                "with a reserve for supervision: using %d (raise LimitNOFILE)",
+                *(self.max_connections, soft, cap),
+            )
+        return GatewayConfig(
+            api_keys=self.keys,
+            aliases=dict(self.aliases),
+            max_body_bytes=self.max_body,
+            start_wait=self.start_wait,
+            max_connections=min(cap, self.max_connections or cap),
+            header_timeout=self.header_timeout,
+            body_timeout=self.body_timeout,
+            keepalive_timeout=self.keepalive_timeout,
+        )
+
+
+class GatewayHost:
+    """The daemon's gateway, if its manifest has one: its settings, port and process."""
+
+    def __init__(
+        self, servers: Servers, key: str, conflicts: Callable[[], frozenset[tuple[str, str]]]
+    ) -> None:
+        self.servers = servers
+        self.key = key
+        self.conflicts = conflicts
+        self.settings: Settings | None = None
+        self.process: GatewayProcess | None = None
+
+    async def start(
+        self, manifest: Manifest, servers: int, socks: list[socket.socket] | None = None
+    ) -> None:
+        """Bind the gateway's port (unless given the sockets of the gateway before a
+        reload) and start the gateway process on it. DaemonError: the port is taken."""
+        self.settings = settings = Settings.of(manifest)
+        if settings is None:
+            return
+        config = settings.config(servers)
+        if socks is None:
+            try:
+                socks = await asyncio.to_thread(bind, settings.host, settings.port)
+            except OSError as e:
+                holder = process.port_holder(settings.port)
+                raise DaemonError(
+                    f"the gateway cannot listen on {settings.host}:{settings.port}: {e} ({holder})"
+                ) from e
+        self.process = GatewayProcess(self.servers, config, socks, self.key, self.conflicts)
+        await self.process.start()
+
+    async def stop(self, keep_sockets: bool = False) -> list[socket.socket] | None:
+        """Stop the gateway process; with `keep_sockets`, return its listening sockets
+        open (a reload that changes the gateway's settings but not its address)."""
+        gw, self.process = self.process, None
+        if gw is None:
+            return None
+        await gw.stop(close_sockets=not keep_sockets)
+        return gw.socks if keep_sockets else None
+
+    async def reload(self, manifest: Manifest, servers: int) -> None:
+        """After a reload: start the gateway again if its settings changed, on the
+        same sockets if its address did not."""
+        old, new = self.settings, Settings.of(manifest)
+        if new == old:
+            return
+        same = old is not None and new is not None and (old.host, old.port) == (new.host, new.port)
+        await self.start(manifest, servers, await self.stop(keep_sockets=same))
+
+    def poke(self) -> None:
+        if self.process is not None:
+            self.process.poke()
+
+    def info(self) -> dict[str, Any] | None:
+        """Where the gateway listens, and whether it asks for a key."""
+        if self.settings is None:
+            return None
+        host, port, gw = self.settings.host, self.settings.port, self.process
+        alive = gw is not None and gw.alive
+        return {
+            "host": host,
+            "port": port,
+            "url": f"http://{connect_host(host)}:{port}/v1",
+            "keys_required": bool(self.settings.keys),
+            "listening": alive,
+            "pid": gw.proc.pid if gw is not None and alive else None,
+        }
