@@ -85,10 +85,6 @@ class Daemon:
         assert self._session is not None
         return self._session
 
-    @property
-    def socket_path(self) -> Path:
-        return self.state.socket
-
     def log_path(self, unit: str) -> Path:
         return self.state.log(unit)
 
@@ -156,7 +152,7 @@ class Daemon:
             # accepts connections; and a port it cannot have stops us before any launch.
             await self.gateway.start(self.loaded.manifest, len(self.plan.launches))
             group = self.loaded.manifest.control.group
-            runner = await api.serve(self, self.socket_path, group)
+            runner = await api.serve(self, self.state.socket, group)
             self._register()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop_by, sig)
@@ -190,7 +186,7 @@ class Daemon:
                 monitor.cancel()
             if runner is not None:
                 await runner.cleanup()
-            self.socket_path.unlink(missing_ok=True)
+            self.state.socket.unlink(missing_ok=True)
             running.unregister(self.state)
             if self._session is not None:
                 await self._session.close()
