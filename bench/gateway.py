@@ -4,9 +4,10 @@
 
 Needs `wrk` and `nginx` on PATH (Debian: apt-get install wrk nginx-light). Starts
 two fake vLLM servers (FAKE_TOKEN_DELAY=0 for request latency, 0.01 for stream
-timing), the gateway in its own process (as the daemon would run it: one asyncio
-loop), and nginx as a plain reverse proxy (1 worker, upstream keepalive,
-proxy_buffering off). Writes bench/results/gateway.json.
+timing), the gateway in its own process as the daemon runs it (llmsup.gateway.worker:
+uvloop where installed) and once more on asyncio's own loop (`gateway_asyncio`), and
+nginx as a plain reverse proxy (1 worker, upstream keepalive, proxy_buffering off).
+Writes bench/results/gateway.json.
 
 - Non-streaming latency and throughput: wrk (C, one thread; a Lua script sends the
   POST body) for a fixed time at 1 and 32 connections against each target.
@@ -15,7 +16,7 @@ proxy_buffering off). Writes bench/results/gateway.json.
   direct arrival time of the same chunk (medians over requests).
 - Event-loop lag inside the gateway process during each phase (a 5 ms ticker,
   exported through the gateway's extra_collector hook): what supervision timing
-  would suffer if it shared the loop.
+  suffered when the gateway shared the daemon's loop.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ sys.path.insert(0, str(ROOT))
 from tests.util import FAKES_DIR, fake_env, free_port, wait_for  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+try:
+    import uvloop  # noqa: F401
+
+    DEPLOYED_LOOP = "uvloop"
+except ImportError:
+    DEPLOYED_LOOP = "asyncio"
+GATEWAYS = ("gateway", "gateway_asyncio")  # as deployed, and on asyncio's own loop
 MODEL = "bench-model"
 BODY = json.dumps({"model": MODEL, "prompt": "hello there", "max_tokens": 4})
 WRK_LUA = """
@@ -104,8 +112,9 @@ NGINX_COMMON = (
 # ------------------------------------------------------------ the gateway process
 
 
-def serve_gateway(port: int, fast_url: str, slow_url: str) -> None:
-    """Runs in a child process: the gateway with a fixed registry and a lag probe."""
+def serve_gateway(port: int, fast_url: str, slow_url: str, loop: str) -> None:
+    """Runs in a child process: the gateway with a fixed registry and a lag probe, on
+    `loop` (uvloop: as llmsup.gateway.worker runs it where uvloop is installed)."""
     from prometheus_client.core import GaugeMetricFamily, Metric
     from prometheus_client.registry import Collector
 
@@ -156,6 +165,10 @@ def serve_gateway(port: int, fast_url: str, slow_url: str) -> None:
         task.cancel()
         await runner.cleanup()
 
+    if loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(main())
 
 
@@ -281,12 +294,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5, help="duration of each wrk run")
     ap.add_argument("--streams", type=int, default=20, help="streamed requests per target")
     ap.add_argument(
-        "--serve-gateway", nargs=3, metavar=("PORT", "FAST", "SLOW"), help=argparse.SUPPRESS
+        "--serve-gateway", nargs=4, metavar=("PORT", "FAST", "SLOW", "LOOP"), help=argparse.SUPPRESS
     )
     args = ap.parse_args()
     if args.serve_gateway:
-        port, fast, slow = args.serve_gateway
-        return serve_gateway(int(port), fast, slow)
+        port, fast, slow, loop = args.serve_gateway
+        return serve_gateway(int(port), fast, slow, loop)
     for tool in ("wrk", "nginx"):
         if not shutil.which(tool) and not Path("/usr/sbin", tool).exists():
             sys.exit(f"{tool} not found: apt-get install wrk nginx-light")
@@ -295,7 +308,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llmsup-bench-") as tmp_s:
         tmp = Path(tmp_s)
         try:
-            ports = {k: free_port() for k in ("fast", "slow", "gateway", "nginx")}
+            ports = {
+                k: free_port() for k in ("fast", "slow", "gateway", "gateway_asyncio", "nginx")
+            }
             for name, delay in (("fast", 0), ("slow", 0.01)):
                 argv = [sys.executable, "-c", FAKE_NODELAY, "serve", "org/m", "--host", "127.0.0.1"]
                 argv += ["--port", str(ports[name]), "--disable-uvicorn-access-log"]
@@ -303,17 +318,22 @@ def main() -> None:
                 env = fake_env(FAKE_LOAD_TIME=0.1, FAKE_TOKEN_DELAY=delay)
                 procs.append(start(argv, tmp / f"{name}.log", env))
             fast, slow = (f"http://127.0.0.1:{ports[k]}" for k in ("fast", "slow"))
-            gw = f"http://127.0.0.1:{ports['gateway']}"
-            argv = [sys.executable, __file__, "--serve-gateway", str(ports["gateway"]), fast, slow]
-            gw_proc = start(argv, tmp / "gateway.log")
-            procs.append(gw_proc)
+            # The gateway as deployed (uvloop where installed), and on asyncio's own loop.
+            gw, gw_asyncio = (
+                f"http://127.0.0.1:{ports[k]}" for k in ("gateway", "gateway_asyncio")
+            )
+            gw_procs = {}
+            for name, loop in (("gateway", DEPLOYED_LOOP), ("gateway_asyncio", "asyncio")):
+                argv = [sys.executable, __file__, "--serve-gateway", str(ports[name]), fast, slow]
+                gw_procs[name] = start([*argv, loop], tmp / f"{name}.log")
+                procs.append(gw_procs[name])
             conf = NGINX_CONF.format(tmp=tmp, common=NGINX_COMMON, **ports)
             (tmp / "nginx.conf").write_text(conf)
             nginx = shutil.which("nginx") or "/usr/sbin/nginx"
             ngx_proc = start([nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")], tmp / "ng.log")
             procs.append(ngx_proc)
             ngx = f"http://127.0.0.1:{ports['nginx']}"
-            targets = {"direct": fast, "gateway": gw, "nginx": ngx}
+            targets = {"direct": fast, "gateway": gw, "gateway_asyncio": gw_asyncio, "nginx": ngx}
             for name, url in targets.items():
                 wait_for(partial(answers, url + "/v1/completions"), 20, message=f"{name} down")
 
@@ -323,6 +343,7 @@ def main() -> None:
                 "machine": f"{platform.node()} {os.cpu_count()} cpus, {platform.python_version()}",
                 "when": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "load_generator": "wrk 1 thread, Lua POST body; streams: aiohttp client",
+                "gateway_loop": DEPLOYED_LOOP,
                 "nginx": "1 worker, upstream keepalive 64, proxy_buffering off",
                 "request": BODY,
                 "seconds_per_run": args.seconds,
@@ -333,12 +354,14 @@ def main() -> None:
             for conc in (1, 32):
                 row: dict[str, Any] = {}
                 for name, url in targets.items():
-                    pid = {"gateway": gw_proc.pid, "nginx": ngx_proc.pid}.get(name)
+                    pids = {k: p.pid for k, p in gw_procs.items()} | {"nginx": ngx_proc.pid}
+                    pid = pids.get(name)
                     row[name] = wrk(url + "/v1/completions", conc, args.seconds, script, pid)
                     if name == "gateway":
                         res["loop_lag"][f"wrk_c{conc}"] = loop_lag(gw)
                 d, g, n = row["direct"], row["gateway"], row["nginx"]
                 row["gateway_added_p50_ms"] = g["p50_ms"] - d["p50_ms"]
+                row["gateway_asyncio_added_p50_ms"] = row["gateway_asyncio"]["p50_ms"] - d["p50_ms"]
                 row["gateway_added_p99_ms"] = g["p99_ms"] - d["p99_ms"]
                 row["nginx_added_p50_ms"] = n["p50_ms"] - d["p50_ms"]
                 row["nginx_added_p99_ms"] = n["p99_ms"] - d["p99_ms"]
@@ -348,9 +371,10 @@ def main() -> None:
                 row["gateway_rps_ratio_vs_nginx"] = g["rps"] / n["rps"]
                 res["nonstreaming"][f"c{conc}"] = row
 
-            urls = {"direct": slow, "gateway": gw, "nginx": ngx + "/slow"}
-            urls = {k: v + "/v1/completions" for k, v in urls.items()}
-            model = {"direct": "slow", "gateway": "slow-alias", "nginx": "slow"}
+            urls = {"direct": slow, "gateway": gw, "gateway_asyncio": gw_asyncio}
+            urls = {k: v + "/v1/completions" for k, v in (urls | {"nginx": ngx + "/slow"}).items()}
+            model = {"direct": "slow", "nginx": "slow"}
+            model |= {"gateway": "slow-alias", "gateway_asyncio": "slow-alias"}
             res["streaming"] = {"tokens": 20, "token_delay_ms": 10}
             for conc, n_runs in ((1, args.streams), (32, max(2, args.streams // 5))):
                 loop_lag(gw)
