@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Literal
 
+import aiohttp
+import psutil
 import pytest
 
 from llmsup import gpu, gpucheck
-from llmsup.backends import REGISTRY
+from llmsup.backends import REGISTRY, Http
+from llmsup.backends.ollama import OllamaModel, build
 from llmsup.errors import ManifestError
 from llmsup.manifest import BACKENDS, json_schema, parse_manifest
 from llmsup.plan import make_plan
@@ -23,6 +29,7 @@ from llmsup.supervise import events as ev
 from llmsup.supervise import machine as m
 from llmsup.supervise.runner import Runner
 from tests.test_runner import FakeClock, FakeServer, NoJitter
+from tests.util import fake_env, free_port
 
 GiB = 2**30
 
@@ -218,5 +225,122 @@ def test_the_runner_reads_log_lines_through_the_backend(
         assert runner.life.last_exit == exit
         runner.post(ev.Stop())
         await clock.run_until(task.done)
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ steps after the start
+
+OLLAMA_FAST = {"FAKE_DISCOVERY_TIME": "0.05", "FAKE_PULL_TIME": "0.3", "FAKE_LOAD_TIME": "0.1"}
+
+
+@pytest.fixture
+def fake_ollama(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Starts the fake `ollama serve` on OLLAMA_HOST (port: the launch's)."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(port: int, **env: str) -> subprocess.Popen[bytes]:
+        host = {"OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_MODELS": str(tmp_path)}
+        proc = subprocess.Popen(
+            ["ollama", "serve"],
+            env=fake_env(**OLLAMA_FAST, **host, **env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+async def _answering(http: Http) -> None:
+    for _ in range(200):
+        try:
+            async with http.session.get(http.base + "/") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("the fake ollama never answered 200 on /")
+
+
+async def _loaded(http: Http, count: int | None = None) -> list[str]:
+    """The models /api/ps lists (once there are `count` of them)."""
+    for _ in range(200):
+        async with http.session.get(http.base + "/api/ps") as r:
+            names = [str(m["name"]) for m in (await r.json())["models"]]
+        if count is None or len(names) == count:
+            return sorted(names)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"/api/ps never listed {count} models: {names}")
+
+
+def test_the_ollama_backend_pulls_preloads_and_loads_again_what_a_dead_runner_dropped(
+    fake_ollama: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    port = free_port()
+    names = ["qwen2.5:0.5b", "llama3.2:1b"]
+    specs = [OllamaModel(backend="ollama", model=n, port=port) for n in names]
+    launch = build(["a", "b"], specs, "127.0.0.1", noprune=False)
+    backend = REGISTRY["ollama"]
+    server = fake_ollama(port)
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as session:
+            http = Http(session, f"http://127.0.0.1:{port}")
+            await _answering(http)
+            said: list[str] = []
+            assert await backend.post_start(launch, http, said.append, 30.0) is None
+            assert any(x.startswith("pulling qwen2.5:0.5b ") for x in said), said
+            assert said.index("loading qwen2.5:0.5b") < said.index("loading llama3.2:1b")
+            alive = await backend.liveness(launch, http, 5.0)
+            assert alive is not None and (alive.ok, alive.detail) == (True, "loaded")
+            # A runner dies: Ollama forgets its model; the next probe loads it again.
+            runners = [p for p in psutil.Process(server.pid).children() if "runner" in p.cmdline()]
+            assert len(runners) == 2
+            runners[0].kill()
+            assert len(await _loaded(http, count=1)) == 1
+            alive = await backend.liveness(launch, http, 5.0)
+            assert alive is not None and (alive.ok, alive.detail) == (True, "loaded")
+            assert await _loaded(http) == sorted(names)
+
+    asyncio.run(main())
+
+
+def test_a_failed_ollama_pull_is_why_the_steps_failed(
+    fake_ollama: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    port = free_port()
+    spec = OllamaModel(backend="ollama", model="llama3.2:1b", port=port)
+    launch = build(["a"], [spec], "127.0.0.1", noprune=False)
+    fake_ollama(port, FAKE_PULL_FAIL="1")
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as session:
+            http = Http(session, f"http://127.0.0.1:{port}")
+            await _answering(http)
+            why = await REGISTRY["ollama"].post_start(launch, http, lambda _: None, 30.0)
+            assert why is not None and why.startswith("pull llama3.2:1b: "), why
+
+    asyncio.run(main())
+
+
+def test_backends_without_steps_have_nothing_to_do_after_the_start() -> None:
+    loaded = parse_manifest("models:\n  a: {backend: vllm, model: org/a}\n", "m.yaml", {})
+    [launch] = make_plan(loaded).launches
+    backend = REGISTRY["vllm"]
+    assert backend.steps(launch) == []
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as session:
+            http = Http(session, "http://127.0.0.1:1")  # never reached
+            assert await backend.post_start(launch, http, lambda _: None, 1.0) is None
+            assert await backend.liveness(launch, http, 1.0) is None
 
     asyncio.run(main())

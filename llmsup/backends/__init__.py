@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmsup.backends.base import Backend
+from llmsup.backends.base import Backend, Http
 from llmsup.backends.command import Command
 from llmsup.backends.launch import REDACTED, Launch, OllamaLoad, SecretRef, cuda_devices
 from llmsup.backends.ollama import Ollama
@@ -18,6 +18,7 @@ __all__ = [
     "REDACTED",
     "REGISTRY",
     "Backend",
+    "Http",
     "Launch",
     "OllamaLoad",
     "SecretRef",

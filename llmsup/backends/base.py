@@ -3,24 +3,30 @@
 A backend owns one kind of server: its manifest fields (a pydantic class on
 `fields.ModelBase`), how its models become a `Launch` (argv, env, the path
 probed for readiness and liveness), its checks of one model and of one server,
-what it claims of the GPUs, its steps after the start, and what its log lines
-say. `llmsup.backends.REGISTRY` names them; the manifest, the plan and the
-runner ask the registry, never a backend by name. Pure, except where noted.
+what it claims of the GPUs, its steps after the start (and what liveness means
+beyond the probe path), and what its log lines say. `llmsup.backends.REGISTRY`
+names them; the manifest, the plan and the supervisor ask the registry, never a
+backend by name. Pure, except where noted.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from llmsup.backends.launch import Launch
 from llmsup.backends.vllm_flags import FlagTable, for_path
 from llmsup.errors import Problem
 from llmsup.fields import ModelBase
 from llmsup.yamlsrc import KeyPath
+
+if TYPE_CHECKING:  # aiohttp is for the daemon: checking a manifest does without it
+    import aiohttp
+
+    from llmsup.probe import ProbeResult
 
 # Environment variables that load code into any process (the dynamic linker,
 # Python's startup): a confined backend must run its own engine only.
@@ -55,6 +61,14 @@ class GpuLoad:
 
     peak: float  # the always-on models' shares plus the largest on-demand one
     users: tuple[str, ...]  # those models
+
+
+@dataclass(frozen=True)
+class Http:
+    """How a backend's steps reach its running server."""
+
+    session: aiohttp.ClientSession  # the daemon's
+    base: str  # http://host:port
 
 
 class Context:
@@ -177,6 +191,18 @@ class Backend(ABC, Generic[S]):
     def steps(self, launch: Launch) -> list[str]:
         """What happens once the port answers, before the server counts as ready."""
         return []
+
+    async def post_start(
+        self, launch: Launch, http: Http, report: Callable[[str], None], timeout: float
+    ) -> str | None:
+        """Carry out `steps` (effect: HTTP; `timeout` for a step that loads a model),
+        telling `report` how far they have come; None when done, else why not."""
+        return None
+
+    async def liveness(self, launch: Launch, http: Http, timeout: float) -> ProbeResult | None:
+        """Once the probe path answered 200, what else a live server must pass (effect:
+        HTTP); the result stands for the probe's. None: nothing else."""
+        return None
 
     # ---------------------------------------------------------------- its log
 

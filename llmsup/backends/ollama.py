@@ -4,15 +4,18 @@ with the same host, port and GPUs share one server, which pulls and preloads eac
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
-from llmsup.backends.base import Backend, GpuClaim, GpuLoad, Locator
+from llmsup.backends.base import Backend, GpuClaim, GpuLoad, Http, Locator
 from llmsup.backends.launch import Launch, OllamaLoad, cuda_devices
 from llmsup.errors import Problem
 from llmsup.fields import ModelBase, Port, Size
+
+if TYPE_CHECKING:
+    from llmsup.probe import ProbeResult
 
 # Server-wide knobs: models sharing a server must agree on them.
 KNOBS: dict[str, str] = {
@@ -189,3 +192,16 @@ class Ollama(Backend[OllamaModel]):
         for load in launch.ollama_loads:
             out += [f"pull {load.model}", f"preload {load.model} (keep_alive {load.keep_alive})"]
         return out
+
+    async def post_start(
+        self, launch: Launch, http: Http, report: Callable[[str], None], timeout: float
+    ) -> str | None:
+        from llmsup.backends import ollama_api  # aiohttp: the daemon's alone
+
+        return await ollama_api.post_start(launch, http, report, timeout)
+
+    async def liveness(self, launch: Launch, http: Http, timeout: float) -> ProbeResult:
+        """Each model still loaded: a runner that died unloads its model."""
+        from llmsup.backends import ollama_api
+
+        return await ollama_api.still_loaded(launch, http, timeout)

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from llmsup import gpu, gpucheck, limits, probe, process
-from llmsup.backends import Launch
+from llmsup import backends, gpu, gpucheck, limits, probe, process
+from llmsup.backends import Http, Launch
 from llmsup.manifest import LoadedManifest
 from llmsup.plan import Plan
 from llmsup.state import State
@@ -62,6 +62,7 @@ class Server:
     def __init__(self, daemon: Host, launch: Launch) -> None:
         self.daemon = daemon
         self.launch = launch
+        self.backend = backends.get(launch.backend)
         self.state = State.STOPPED
         self.detail = ""
         self.started_at: float | None = None  # wall clock, for uptime
@@ -136,7 +137,7 @@ class Server:
                 deep_interval=h.deep_interval,
                 gpu_wait=h.gpu_wait,
                 stop_timeout=mf.stop_timeout(unit),
-                post_start=bool(self.launch.ollama_loads),
+                post_start=bool(self.backend.steps(self.launch)),
             )
         return self._rules
 
@@ -358,6 +359,10 @@ class Server:
     def _base(self) -> str:
         return f"http://{connect_host(self.launch.host)}:{self.launch.port}"
 
+    @property
+    def _http(self) -> Http:
+        return Http(self.daemon.session, self._base)
+
     def _headers(self) -> dict[str, str]:
         if self.launch.auth_env and self.launch.auth_env in self.launch.secrets:
             return {"Authorization": f"Bearer {self.launch.secrets[self.launch.auth_env].read()}"}
@@ -373,9 +378,8 @@ class Server:
     async def health(self) -> probe.ProbeResult:
         timeout, url = self._timeout(), self._base + self.launch.ready_path
         r = await probe.get_ok(self.daemon.session, url, timeout, self._headers())
-        if r.ok and self.launch.ollama_loads:
-            r = await self._ollama_still_loaded(timeout)
-        return r
+        more = await self.backend.liveness(self.launch, self._http, timeout) if r.ok else None
+        return r if more is None else more
 
     async def deep(self) -> probe.ProbeResult:
         la = self.launch
@@ -384,32 +388,9 @@ class Server:
         return await probe.completion_ok(session, self._base, name, timeout, self._headers())
 
     async def post_start(self, progress: Callable[[str], None]) -> str | None:
-        """Ollama: pull and preload each model, then check that it is loaded."""
-        session, base = self.daemon.session, self._base
+        """The backend's steps once the port answers (`Backend.post_start`)."""
         timeout = self.daemon.loaded.manifest.health(self.launch.unit).startup_timeout
-        try:
-            for load in self.launch.ollama_loads:
-                await probe.ollama_pull(session, base, load.model, progress)
-                progress(f"loading {load.model}")
-                await probe.ollama_preload(session, base, load.model, load.keep_alive, timeout)
-            loaded = await probe.ollama_loaded(session, base, 10.0)
-        except (probe.StepError, aiohttp.ClientError) as e:
-            return str(e) or type(e).__name__
-        missing = [x.model for x in self.launch.ollama_loads if x.model not in loaded]
-        return f"not in /api/ps after preload: {', '.join(missing)}" if missing else None
-
-    async def _ollama_still_loaded(self, timeout: float) -> probe.ProbeResult:
-        """A runner that died unloads its model: load it again, as `ollama run` would."""
-        start = time.monotonic()
-        session, base = self.daemon.session, self._base
-        try:
-            loaded = await probe.ollama_loaded(session, base, timeout)
-            for load in self.launch.ollama_loads:
-                if load.model not in loaded:
-                    await probe.ollama_preload(session, base, load.model, load.keep_alive, timeout)
-        except (probe.StepError, aiohttp.ClientError, asyncio.TimeoutError) as e:
-            return probe.ProbeResult(False, time.monotonic() - start, str(e) or type(e).__name__)
-        return probe.ProbeResult(True, time.monotonic() - start, "loaded")
+        return await self.backend.post_start(self.launch, self._http, progress, timeout)
 
 
 def connect_host(host: str) -> str:
