@@ -5,7 +5,7 @@
 Needs `wrk` and `nginx` on PATH (Debian: apt-get install wrk nginx-light). Starts
 two fake vLLM servers (FAKE_TOKEN_DELAY=0 for request latency, 0.01 for stream
 timing), the gateway in its own process as the daemon runs it (llmsup.gateway.worker:
-uvloop where installed) and once more on asyncio's own loop (`gateway_asyncio`), and
+uvloop) and once more on asyncio's own loop (`gateway_asyncio`), and
 nginx as a plain reverse proxy (1 worker, upstream keepalive, proxy_buffering off).
 Writes bench/results/gateway.json.
 
@@ -49,12 +49,7 @@ sys.path.insert(0, str(ROOT))
 from tests.util import FAKES_DIR, fake_env, free_port, wait_for  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-try:
-    import uvloop  # noqa: F401
-
-    DEPLOYED_LOOP = "uvloop"
-except ImportError:
-    DEPLOYED_LOOP = "asyncio"
+DEPLOYED_LOOP = "uvloop"  # as llmsup.gateway.worker runs
 GATEWAYS = ("gateway", "gateway_asyncio")  # as deployed, and on asyncio's own loop
 MODEL = "bench-model"
 BODY = json.dumps({"model": MODEL, "prompt": "hello there", "max_tokens": 4})
@@ -114,7 +109,7 @@ NGINX_COMMON = (
 
 def serve_gateway(port: int, fast_url: str, slow_url: str, loop: str) -> None:
     """Runs in a child process: the gateway with a fixed registry and a lag probe, on
-    `loop` (uvloop: as llmsup.gateway.worker runs it where uvloop is installed)."""
+    `loop` (uvloop: as llmsup.gateway.worker runs it)."""
     from prometheus_client.core import GaugeMetricFamily, Metric
     from prometheus_client.registry import Collector
 

@@ -273,6 +273,9 @@ def test_a_flood_of_idle_connections_leaves_supervision_running(tmp_path: Path) 
         _, raw = call(d.sock, "GET", "/v1/status")
         gateway = psutil.Process(raw["gateway"]["pid"])  # the gateway's own process
         assert gateway.ppid() == daemon.pid and gateway.rlimit(resource.RLIMIT_NOFILE) == (256, 256)
+        # Counted once it has served (its loop, its pooled upstream connection): it
+        # starts on its own, after the daemon answers.
+        assert post(gw, chat("a"))[0] == 200
         daemon_fds, before = daemon.num_fds(), gateway.num_fds()
         flood = Flood(gw, 300)
         wait_for(lambda: gateway.num_fds() >= before + 50, 30, message="the flood never arrived")
