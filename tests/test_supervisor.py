@@ -184,11 +184,11 @@ def test_hung_engine_behind_healthy_health_needs_the_deep_probe(tmp_path: Path) 
     """
     with running(tmp_path, models) as d:
         d.wait_all_ready()
-        wait_for(lambda: d.status()["m"]["restarts"] >= 1, 15)
-        assert (
-            "completion" in d.status()["m"]["last_exit"]
-            or "unhealthy" in (d.status()["m"]["last_exit"])
-        )
+        row = wait_for(lambda: (r := d.status()["m"])["restarts"] >= 1 and r, 15)
+        assert "deep probes (1-token completions) failed in a row" in row["last_exit"], row
+        log = d.cli("logs", "--file", str(d.manifest), "m", "-n", "500").stdout
+        # The tests' default health.failures is 2: one failure noted, the second ends it.
+        assert "deep probe failed (1/2)" in log and "hung: 2 deep probes" in log, log
 
 
 def test_crash_loop_ends_in_failed_with_reason_and_log(tmp_path: Path) -> None:
@@ -212,22 +212,6 @@ def test_crash_loop_ends_in_failed_with_reason_and_log(tmp_path: Path) -> None:
         r = d.cli("restart", "-f", str(d.manifest), "m")
         assert r.returncode == 0, r.stderr
         wait_for(lambda: d.status()["m"]["restarts"] >= 4, 10)
-
-
-def test_startup_deadline_is_a_failed_start(tmp_path: Path) -> None:
-    models = f"""\
-    m:
-      backend: vllm
-      model: org/m
-      port: {free_port()}
-      health: {{startup_timeout: 1s}}
-      restart: {{policy: never}}
-      env: {{FAKE_LOAD_TIME: "30"}}
-    """
-    with running(tmp_path, models) as d:
-        row = d.wait_state("m", "FAILED", 15)
-        assert "not ready within 1s" in row["reason"]
-        assert d.processes("m") == []
 
 
 def test_reload_restarts_only_the_changed_model(tmp_path: Path) -> None:
@@ -541,40 +525,6 @@ def test_loading_is_shown_from_the_log_while_the_port_is_closed(tmp_path: Path) 
         row = d.wait_state("m", "LOADING")
         assert row["progress"] == "loading weights (10%)", row
         assert not _listening(port)  # real vLLM refuses connections while it loads
-
-
-def hung_model(port: int, deep_probe: bool) -> str:
-    # The defaults' ratios (interval 10 s, deep_interval 60 s, failures 3), scaled
-    # down: /health passes several times between two deep probes.
-    return f"""\
-    m:
-      backend: vllm
-      model: org/m
-      port: {port}
-      health: {{interval: 200ms, timeout: 500ms, failures: 3, deep_probe: {str(deep_probe).lower()},
-               deep_interval: 1200ms}}
-      env: {{FAKE_LOAD_TIME: "{FAKE_LOAD}", FAKE_HEALTH_OK_BUT_HUNG_AFTER: "0.5"}}
-    """
-
-
-def test_hung_engine_is_restarted_with_default_probe_ratios(tmp_path: Path) -> None:
-    with running(tmp_path, hung_model(free_port(), deep_probe=True)) as d:
-        d.wait_all_ready()
-        row = wait_for(lambda: (r := d.status()["m"])["restarts"] >= 1 and r, 30)
-        assert "deep probes (1-token completions) failed in a row" in row["last_exit"], row
-        log = d.cli("logs", "--file", str(d.manifest), "m", "-n", "500").stdout
-        assert "deep probe failed (1/3)" in log and "deep probe failed (2/3)" in log
-
-
-def test_hung_engine_without_the_deep_probe_stays_ready(tmp_path: Path) -> None:
-    """The control: the same hang with the deep probe off is not seen (/health passes)."""
-    with running(tmp_path, hung_model(free_port(), deep_probe=False)) as d:
-        d.wait_all_ready()
-        log = Path(d.status()["m"]["log"])
-        # Many /health probes after the hang began (0.5 s after ready), all passing.
-        wait_for(lambda: log.read_text(errors="replace").count('"GET /health') >= 20, 30)
-        row = d.status()["m"]
-        assert (row["state"], row["restarts"]) == ("READY", 0)
 
 
 def test_restart_asked_for_stops_the_server_and_starts_it_afresh(tmp_path: Path) -> None:
