@@ -413,6 +413,15 @@ class Chaos:
     def status(self) -> dict[str, dict[str, Any]]:
         return self.d.status()
 
+    def gateway_pid(self) -> int | None:
+        """The daemon's gateway process now (None: no daemon answers, or none runs)."""
+        try:
+            _, data = call(self.d.sock, "GET", "/v1/status", timeout=10)
+        except Exception:
+            return None
+        pid = (data.get("gateway") or {}).get("pid")
+        return pid if isinstance(pid, int) else None
+
     def row(self, name: str) -> dict[str, Any]:
         return self.status()[name]
 
@@ -460,7 +469,7 @@ class Chaos:
         """Per unit, live processes of an instance that is not its current one (as
         `status` says just before and just after the scan), and who listens on the
         models' ports."""
-        before = self.status()
+        before, gateways = self.status(), {self.gateway_pid()}
         procs = self.marked()
         loose = self.unattributed()
         ports = {m.port for m in [*self.models.values(), self.extra]}
@@ -470,13 +479,17 @@ class Chaos:
                 if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port in ports and c.pid:
                     listeners[c.pid] = c.laddr.port
         after = self.status()
+        gateways.add(self.gateway_pid())
         out: dict[str, list[tuple[psutil.Process, str]]] = {}
         for p, mark in procs:
             unit = self.unit_of(mark)
+            if unit == "@gateway" and p.pid in gateways:
+                continue  # the daemon's own gateway process; an earlier one is an orphan
             current = {r[unit]["instance"] for r in (before, after) if unit in r}
             if mark not in current:
                 out.setdefault(unit, []).append((p, mark))
-        for p in loose:  # one key each: the same process must be there at every look
+        for p in [p for p in loose if p.pid not in gateways]:  # one key each: the same
+            # process must be there at every look
             out[f"(none: pid {p.pid})"] = [(p, "")]
         return out, {"rows": after, "listeners": listeners}
 
