@@ -6,7 +6,8 @@ CLI ends with and the HTTP status the control API answers with.
     ├── BadRequest                  exit 2  HTTP 400  a request the control API cannot parse
     ├── DaemonError                 exit 1  HTTP 409  the daemon could not do what was asked
     │   ├── NoDaemonError           exit 3  HTTP 503  no daemon answers on the control socket
-    │   └── UnknownModel            exit 1  HTTP 404  no model or server by that name
+    │   ├── UnknownModel            exit 1  HTTP 404  no model or server by that name
+    │   └── StateFormatError        exit 1  HTTP 409  a newer llmsup wrote the state directory
     ├── LaunchError                 exit 1  HTTP 500  a model's process could not be started
     ├── UnsafeRuntimeDir            exit 1  HTTP 500  the runtime dir is not ours alone
     ├── StepError                   exit 1  HTTP 502  a backend's post-start step failed
@@ -97,6 +98,11 @@ class NoDaemonError(DaemonError):
 
 class UnknownModel(DaemonError):
     http_status = 404
+
+
+class StateFormatError(DaemonError):
+    """The state directory, or a record in it, is of a format this llmsup cannot read
+    (a newer llmsup's): nothing in it is signalled, removed or written."""
 
 
 class LaunchError(LlmsupError):

@@ -1,12 +1,28 @@
 """The state directory: one daemon's control socket, logs, process records, its
 servers' TMPDIRs and the lock that says the daemon runs.
 
+    STATE/format            the format it is written in (see FORMAT)
     STATE/control.sock      the control socket (llmsup.api)
     STATE/daemon.lock       held (flock) by the daemon while it runs; holds its pid
     STATE/daemon.log        the output of a daemon started with `llmsup up -d`
     STATE/logs/UNIT.log     each server's stdout and stderr
     STATE/procs/*.json      one record per launch (llmsup.process.records)
     STATE/tmp/ID/           each launch's private TMPDIR (llmsup.process.litter)
+
+The directory outlives the llmsup that wrote it: a newer llmsup reads what an older
+one left (and stops its servers); an older one refuses a newer format
+before it signals or writes anything. The format is said twice:
+
+- `STATE/format`, `{"format": 1, "written_by": "llmsup 0.1.0"}`, written (atomically)
+  by the daemon once it holds the lock: the directory's format, read before any
+  record, and the llmsup that wrote it (the one to upgrade to).
+- a `format` field in each record (llmsup.process.records): records outlive the
+  daemon that wrote them and a newer daemon writes the format file without rewriting
+  them, so each says what it is; and a newer record is told apart from a torn write
+  (which is removed), never deleted for a field this llmsup cannot parse.
+
+No format file, or a record without `format` (as llmsup wrote them before formats):
+format 0, the same fields as format 1.
 
 Light on imports: the CLI needs it for every command.
 """
@@ -16,18 +32,44 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from llmsup.errors import DaemonError
+from llmsup import __version__
+from llmsup.errors import DaemonError, StateFormatError
 from llmsup.yamlsrc import expand_env
 
 SOCKET_NAME = "control.sock"
 _UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the NUL
+FORMAT = 1  # of the state directory and its records: the newest this llmsup reads
+WRITTEN_BY = f"llmsup {__version__}"
+
+
+def stamp() -> dict[str, Any]:
+    """What a format file or record says of its format, and who wrote it."""
+    return {"format": FORMAT, "written_by": WRITTEN_BY}
+
+
+def format_of(data: Mapping[str, Any], what: str) -> int:
+    """The format `data` (the JSON of a format file or record; `what`: the state
+    directory or the record's file) is written in: 0 without one; StateFormatError
+    for one this llmsup cannot read."""
+    fmt = data.get("format", 0)
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and 0 <= fmt <= FORMAT:
+        return fmt
+    by = data.get("written_by")
+    by = by if isinstance(by, str) and by else "a newer llmsup"
+    raise StateFormatError(
+        f"this llmsup ({__version__}) reads state formats up to {FORMAT}; {what} was "
+        f"written by {by} (format {fmt!r}): upgrade llmsup, or run `llmsup down` with "
+        "the newer one first; nothing was stopped or changed"
+    )
 
 
 @dataclass(frozen=True)
@@ -106,6 +148,49 @@ class StateDir:
     def lock_file(self) -> Path:
         return self.path / "daemon.lock"
 
+    @property
+    def format_file(self) -> Path:
+        return self.path / "format"
+
+    def read_format(self) -> int:
+        """The format the format file says (0 without one); StateFormatError when this
+        llmsup cannot read the directory. Reads only."""
+        try:
+            text = self.format_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError) as e:
+            raise StateFormatError(f"cannot read {self.format_file}: {e}") from None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):  # written atomically: not a torn write
+            raise StateFormatError(
+                f"{self.format_file} is not a format this llmsup ({__version__}) reads: "
+                "if a newer llmsup wrote it, upgrade llmsup or run `llmsup down` with that "
+                "one first; nothing was stopped or changed"
+            )
+        return format_of(data, str(self.path))
+
+    def check_format(self) -> None:
+        """StateFormatError when the directory, or a record in it, is of a format this
+        llmsup cannot read. Reads only: a record that does not parse is a torn write,
+        left for `load_records` to remove."""
+        self.read_format()
+        for f in sorted(self.records.glob("*.json")):
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict):
+                format_of(data, str(f))
+
+    def _write_format(self) -> None:
+        tmp = self.path / ".format.tmp"
+        tmp.write_text(json.dumps(stamp()) + "\n", encoding="utf-8")
+        tmp.replace(self.format_file)
+
     def create(self, group: str | None = None) -> None:
         """The directory, 0700; with `group`, 0750 and that group's, so that its
         members reach the control socket inside."""
@@ -117,8 +202,11 @@ class StateDir:
             os.chmod(self.path, 0o750)
 
     def acquire(self, group: str | None = None) -> DaemonLock:
-        """Create the directory and take the daemon's lock, writing our pid in it;
-        DaemonError when another daemon holds it. Held until released or we exit."""
+        """Create the directory and take the daemon's lock, writing our pid in it and
+        our format in the format file; DaemonError when another daemon holds it, and
+        StateFormatError (before anything is written) when a newer llmsup wrote the
+        directory. Held until released or we exit."""
+        self.check_format()
         self.create(group)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -129,8 +217,14 @@ class StateDir:
                 f"another llmsup daemon already runs on {self.path} "
                 "(use `llmsup reload` or `llmsup up` to hand it a manifest)"
             ) from None
+        try:
+            self.check_format()  # again: a newer daemon may have run since
+        except StateFormatError:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        self._write_format()  # older records keep theirs: they are read as they are
         return DaemonLock(fd)
 
     @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """What the state directory remembers of each launch, for a daemon that was killed.
 
-One JSON file per launch under `STATE/procs/`. Fields added later have
-defaults, so a record written by an older llmsup still loads (and fields this
-version does not know are ignored).
+One JSON file per launch under `STATE/procs/`, with the state directory's format
+(llmsup.statedir.FORMAT) and the llmsup that wrote it. A record of an older format
+is migrated in memory as it loads (fields added later have defaults; fields this
+version does not know are ignored); one of a newer format is refused, and kept.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llmsup.statedir import StateDir
+from llmsup.statedir import StateDir, format_of, stamp
 
 
 def state_key(state_dir: Path) -> str:
@@ -39,7 +40,8 @@ class Record:
     shm: tuple[str, ...] = ()  # /dev/shm entries the tree was seen to map or hold open
 
 
-def _from_json(data: dict[str, Any]) -> Record:
+def _from_json(data: dict[str, Any], what: str) -> Record:
+    format_of(data, what)  # format 0 (no field) has the fields of format 1: as it is
     names = {f.name for f in dataclasses.fields(Record)}
     data = {k: v for k, v in data.items() if k in names}
     data["known"] = tuple((int(p), float(t)) for p, t in data.get("known", ()))
@@ -55,7 +57,7 @@ def save_record(state_dir: Path, record: Record) -> None:
     StateDir(state_dir).records.mkdir(parents=True, exist_ok=True)
     final = _file(state_dir, record)
     tmp = final.with_name(f".{final.stem}.tmp")
-    tmp.write_text(json.dumps(asdict(record)))
+    tmp.write_text(json.dumps({**stamp(), **asdict(record)}))
     tmp.replace(final)
 
 
@@ -64,10 +66,14 @@ def drop_record(state_dir: Path, record: Record) -> None:
 
 
 def load_records(state_dir: Path) -> list[Record]:
+    """The launches the records name; StateFormatError, with nothing removed, when the
+    directory or a record is of a newer format than this llmsup reads."""
+    state = StateDir(state_dir)
+    state.check_format()
     out = []
-    for f in sorted(StateDir(state_dir).records.glob("*.json")):
+    for f in sorted(state.records.glob("*.json")):
         try:
-            out.append(_from_json(json.loads(f.read_text())))
+            out.append(_from_json(json.loads(f.read_text()), str(f)))
         except (OSError, ValueError, TypeError, AttributeError):
             f.unlink(missing_ok=True)  # a torn write from a killed daemon
     return out
