@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from llmsup.errors import DaemonError, ManifestError, NoDaemonError
+from llmsup.errors import DaemonError, ManifestError, NoDaemonError, StateFormatError
 
 if TYPE_CHECKING:
     from llmsup.manifest import LoadedManifest
@@ -132,10 +132,14 @@ def target(manifest_file: Path | None) -> Target:
 
 
 def _records(state: StateDir) -> bool:
-    """Does the state directory hold records of launched processes?"""
+    """Does the state directory hold records of launched processes? A newer llmsup's
+    directory may: the command that acts on it says it cannot read it."""
     from llmsup import process
 
-    return bool(process.load_records(state.path))
+    try:
+        return bool(process.load_records(state.path))
+    except StateFormatError:
+        return True
 
 
 def call(target: Target, method: str, url: str, body: Any = None) -> Any:

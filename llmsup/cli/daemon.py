@@ -104,6 +104,7 @@ def up(
             )
         _echo(render.reload(call(there, "POST", "/v1/reload", {"manifest": str(path)})))
         return
+    there.state.check_format()  # a newer llmsup's: refused before its log or lock is written
     if detach:
         _detach(path, there, untrusted)
         return
