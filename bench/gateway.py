@@ -373,8 +373,14 @@ def main() -> None:
             res["streaming"] = {"tokens": 20, "token_delay_ms": 10}
             for conc, n_runs in ((1, args.streams), (32, max(2, args.streams // 5))):
                 loop_lag(gw)
+                proxies = {k: p.pid for k, p in gw_procs.items()} | {"nginx": ngx_proc.pid}
+                cpu = {k: cpu_seconds(pid) for k, pid in proxies.items()}
                 per_event = asyncio.run(stream_times(urls, model, n_runs, conc))
-                res["streaming"][f"c{conc}"] = stream_summary(per_event)
+                row = stream_summary(per_event)
+                chunks = n_runs * conc * len(per_event["direct"])  # per target
+                for k, pid in proxies.items():  # CPU each proxy spent per relayed chunk
+                    row[k]["proxy_cpu_us_per_chunk"] = (cpu_seconds(pid) - cpu[k]) / chunks * 1e6
+                res["streaming"][f"c{conc}"] = row
                 res["loop_lag"][f"streams_c{conc}_all_targets"] = loop_lag(gw)
         finally:
             for proc in reversed(procs):
