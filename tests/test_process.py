@@ -1,4 +1,4 @@
-"""Process plumbing that needs no daemon: log rotation, the state lock, records."""
+"""Process plumbing that needs no daemon: the state lock, records, spawning."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from llmsup.process import (
     MARKER,
     ProcessTable,
     Record,
-    RotatingLog,
     Seen,
+    ServerLog,
     child_env,
     litter,
     load_records,
@@ -34,20 +34,6 @@ from llmsup.process import (
     save_record,
 )
 from tests.util import wait_for
-
-
-def test_log_rotates_by_size_and_keeps_n_backups(tmp_path: Path) -> None:
-    log = RotatingLog(tmp_path / "m.log", max_bytes=100, backups=2)
-    for i in range(10):
-        log.write(f"line {i:02d} ".encode() * 5 + b"\n")  # 46 bytes
-    log.close()
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["m.log", "m.log.1", "m.log.2"]
-    assert all(p.stat().st_size <= 100 + 46 for p in tmp_path.iterdir())
-    assert (
-        b"line 09" in (tmp_path / "m.log").read_bytes()
-        or b"line 09" in (tmp_path / "m.log.1").read_bytes()
-    )
 
 
 def test_child_env_drops_systemd_variables() -> None:
@@ -173,7 +159,7 @@ def test_a_spawn_stopped_while_it_forks_leaves_no_process(
         return started[-1]
 
     monkeypatch.setattr(subprocess, "Popen", gated_popen)  # the module llmsup.process uses
-    log = RotatingLog(tmp_path / "m.log", max_bytes=1 << 20, backups=1)
+    log = ServerLog(tmp_path / "m.log", max_bytes=1 << 20, backups=1)
     argv = [sys.executable, "-c", "import time; time.sleep(60)"]
 
     async def body() -> None:

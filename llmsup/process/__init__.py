@@ -14,6 +14,9 @@ The contract the daemon (and the CLI, for a daemon that is gone) relies on:
 - `stop(record, grace, leader)`: SIGTERM to the members, `grace`, then
   `cgroup.kill` and SIGKILL; complete only when no member is left; then the
   cgroup, the TMPDIR and the shared memory the tree held are removed.
+- `ServerLog(path, max_bytes, backups)`: a server's log file, the output
+  `spawn` pumps into it; a write that fails drops output (counted, in
+  status), never the server's pipe.
 - `load_records` / `save_record` / `drop_record`: the state directory's memory
   of each launch, for a daemon that was killed.
 
@@ -30,7 +33,6 @@ from llmsup.process.child import (
     SCRUBBED_ENV,
     TRACK_INTERVAL,
     Child,
-    RotatingLog,
     child_env,
     exit_status,
     find_executable,
@@ -45,6 +47,7 @@ from llmsup.process.child import (
     terminate,
     track,
 )
+from llmsup.process.logfile import ServerLog
 from llmsup.process.records import (
     Record,
     drop_record,
@@ -72,8 +75,8 @@ __all__ = [
     "Child",
     "ProcessTable",
     "Record",
-    "RotatingLog",
     "Seen",
+    "ServerLog",
     "become_subreaper",
     "cgroup",
     "child_env",

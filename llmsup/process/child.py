@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from llmsup.process import cgroup, litter, tracking
+from llmsup.process.logfile import ServerLog
 from llmsup.process.records import Record, save_record
 from llmsup.process.tracking import MARKER, members
 
@@ -39,40 +40,12 @@ _JOIN = '{ echo $$ > "$1"; } 2>/dev/null; shift; exec "$@"'
 _SH = "/bin/sh"
 
 
-class RotatingLog:
-    """A per-server log file, rotated by size (`name.log.1` ... `name.log.N`)."""
-
-    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
-        self.path = path
-        self.max_bytes = max_bytes
-        self.backups = backups
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "ab")  # noqa: SIM115 - kept open for the server's life
-
-    def write(self, data: bytes) -> None:
-        self._f.write(data)
-        self._f.flush()
-        if self.max_bytes and self._f.tell() >= self.max_bytes:
-            self._rotate()
-
-    def _rotate(self) -> None:
-        self._f.close()
-        for i in range(self.backups - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{i}")
-            if older.exists():
-                older.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
-        if self.backups:
-            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
-        else:
-            self.path.unlink(missing_ok=True)
-        self._f = open(self.path, "ab")  # noqa: SIM115
-
-    def close(self) -> None:
-        self._f.close()
-
-
 class Child:
     """A running server: its process, its record, and its output pump.
+
+    The pump reads the server's output for as long as the pipe is open, whatever
+    becomes of its log (`ServerLog.write` never raises): a server never blocks
+    on its output, nor sees EPIPE.
 
     The process is started in a worker thread (`spawn`): fork/exec blocks the
     calling thread until the new program runs, and the event loop must go on
@@ -85,7 +58,7 @@ class Child:
         self,
         proc: subprocess.Popen[bytes],
         record: Record,
-        log: RotatingLog,
+        log: ServerLog,
         on_line: Callable[[str], None],
     ) -> None:
         self.proc = proc
@@ -207,7 +180,7 @@ async def spawn(
     argv: list[str],
     env: dict[str, str],
     key: str,
-    log: RotatingLog,
+    log: ServerLog,
     on_line: Callable[[str], None],
     *,
     state_dir: Path | None = None,
