@@ -122,6 +122,34 @@ def test_status_gateway_line_and_gpu_note() -> None:
     )
 
 
+def test_status_says_when_a_log_drops_output() -> None:
+    warning = "/var/lib/llmsup/logs/a.log: disk full (No space left on device): dropping output"
+    data = {
+        "models": [
+            row("a", "READY", unit="a", log_dropped_bytes=3 * 2**20 // 2, log_warning=warning),
+            row("a2", "READY", unit="a", log_dropped_bytes=3 * 2**20 // 2, log_warning=warning),
+            row("b", "READY", log_dropped_bytes=512, log_warning=""),
+            row("c", "READY", log_dropped_bytes=0, log_warning=""),
+            row("d", "READY"),  # a daemon that predates the fields
+        ],
+        "gateway": None,
+    }
+    out = render.status(data)
+    # The rows are unchanged (the server's state is not the log's); the lines follow,
+    # one per server however many models it serves.
+    assert [cells(line)[2] for line in out[1:6]] == ["READY"] * 5
+    assert out[6:] == [
+        f"warning: a: {warning} (1.5 MiB dropped so far)",
+        "note: b: 512 B of output could not be written to its log",
+    ]
+
+
+def test_size() -> None:
+    assert [render.size(n) for n in (0, 1023, 1024, 1536, 5 * 2**30, 5 * 2**40)] == [
+        *("0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 GiB", "5120.0 GiB"),
+    ]
+
+
 def test_age() -> None:
     assert [render.age(s) for s in (None, 0, 119.9, 120, 7199, 7200, 90061)] == [
         *("-", "0s", "119s", "2m", "119m", "2h00m", "25h01m"),

@@ -38,6 +38,32 @@ def gpu_memory(held: Mapping[str, int] | None) -> str:
     return " ".join(f"{i}:{b / 2**30:.1f}G" for i, b in sorted(held.items()))
 
 
+def size(n: int) -> str:
+    """`512 B`, `3.0 KiB`, `1.5 MiB`, `2.0 GiB`."""
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def log_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A warning per server whose log drops its output now (a full disk), a note per
+    server whose log lacks some; one line per server, not per model it serves."""
+    out, seen = [], set()
+    for r in rows:
+        unit, dropped = r.get("unit", r["name"]), r.get("log_dropped_bytes") or 0
+        if unit in seen or not (dropped or r.get("log_warning")):
+            continue
+        seen.add(unit)
+        if r.get("log_warning"):
+            out.append(f"warning: {unit}: {r['log_warning']} ({size(dropped)} dropped so far)")
+        else:
+            out.append(f"note: {unit}: {size(dropped)} of output could not be written to its log")
+    return out
+
+
 def gateway_line(info: Mapping[str, Any] | None) -> str | None:
     """`gateway: http://127.0.0.1:9000/v1 (listening on 0.0.0.0:9000), API key required`"""
     if info is None:
@@ -68,7 +94,8 @@ STATUS_HEAD = (
 
 def status(data: Mapping[str, Any]) -> list[str]:
     """`llmsup status`: a row per model of `data["models"]`, a note when GPUs were seen
-    and are no longer, the gateway's address, and a FAILED model's last log lines."""
+    and are no longer, a warning when a log drops output, the gateway's address, and
+    a FAILED model's last log lines."""
     rows = data["models"]
     cells: list[tuple[str, ...]] = [STATUS_HEAD]
     for r in rows:
@@ -90,6 +117,7 @@ def status(data: Mapping[str, Any]) -> list[str]:
     out = table(cells)
     if data.get("gpu_note") and any(r.get("gpu_memory") is not None for r in rows):
         out.append(f"note: {data['gpu_note']}")
+    out += log_lines(rows)
     if line := gateway_line(data.get("gateway")):
         out.append(line)
     for r in rows:

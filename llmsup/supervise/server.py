@@ -67,6 +67,7 @@ class Server:
         self.detail = ""
         self.started_at: float | None = None  # wall clock, for uptime
         self.child: process.Child | None = None
+        self.logfile: process.ServerLog | None = None  # the last launch's, for status
         self.task: asyncio.Task[None] | None = None
         self.tail: list[str] = []
         self.api_key: str | None = None  # the key the server was started with
@@ -207,6 +208,9 @@ class Server:
                 ),
                 "progress": self.progress if self.state.running else "",
                 "log": str(self.daemon.log_path(la.unit)),
+                # Output dropped from the log (a full disk): since the launch began.
+                "log_dropped_bytes": self.logfile.dropped_bytes if self.logfile else 0,
+                "log_warning": self.logfile.warning if self.logfile else "",
                 "tail": self.tail if self.state == State.FAILED else [],
                 "gpu_memory": (
                     {str(k): v for k, v in self.gpu_memory.items()}
@@ -294,9 +298,10 @@ class Server:
     async def spawn(self, on_line: Callable[[str], None]) -> int:
         la = self.launch
         mf = self.daemon.loaded.manifest
-        logfile = process.RotatingLog(
+        logfile = process.ServerLog(
             self.daemon.log_path(la.unit), mf.defaults.log.max_size, mf.defaults.log.backups
         )
+        self.logfile = logfile
         try:
             child = await process.spawn(
                 la.unit,
