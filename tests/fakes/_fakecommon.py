@@ -25,6 +25,9 @@ Fault injection (environment, read once at start; seconds as floats):
     FAKE_PULL_FAIL=1        Ollama: pull streams end with an {"error": ...} line.
     FAKE_CONTROL_FILE=PATH  JSON file polled every 0.2 s, see below.
     FAKE_LISTEN_STAMP=PATH  vLLM: append time.time() when the port begins to accept.
+    FAKE_LOG_SPAM=N         vLLM: N bytes/s of progress lines on stdout from start,
+                            written raw as a progress bar does: a write that
+                            fails (EPIPE) is fatal, exit 1.
     LLMSUP_FAKE_NVML=PATH   a simulated GPU host to take memory on (_fakegpu.py).
     FAKE_GPU_RELEASE_DELAY=T  simulated memory of a dead process is freed T s
                             after it is first seen dead (default 0).
@@ -110,6 +113,7 @@ class FakeConfig:
         self.fail_load = env_flag("FAKE_FAIL_LOAD")
         self.pull_fail = env_flag("FAKE_PULL_FAIL")
         self.control_file = os.environ.get("FAKE_CONTROL_FILE") or None
+        self.log_spam: float = env_float("FAKE_LOG_SPAM", 0.0) or 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -132,6 +136,29 @@ def vllm_log(level: str, source: str, msg: str, prefix: str = "", stream: Any = 
     stamp = time.strftime("%m-%d %H:%M:%S")
     lead = f"({prefix}) " if prefix else ""
     log_raw(stream or sys.stdout, f"{lead}{level} {stamp} [{source}] {msg}")
+
+
+def spam_output(rate: float) -> None:
+    """FAKE_LOG_SPAM: `rate` bytes/s of progress lines on stdout, in a thread, written
+    as a progress bar writes them (no handling of a failed write): a failed write
+    ends the process with exit code 1, as it ends code that does not expect it."""
+
+    def run() -> None:
+        n = 0
+        while True:
+            tick = time.monotonic()
+            out = bytearray()
+            while len(out) < rate / 10:
+                n += 1
+                out += f"Loading safetensors checkpoint shards: step {n} |{'#' * 60}|\n".encode()
+            try:
+                os.write(1, out)
+            except OSError as e:
+                log_raw(sys.stderr, f"BrokenPipeError: [Errno {e.errno}] {e.strerror}")
+                exit_now(1)
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - tick)))
+
+    threading.Thread(target=run, name="fake-log-spam", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from _fakecommon import (
     python_executable,
     set_process_name,
     sleep_forever_child,
+    spam_output,
     start_serving,
     vllm_log,
     watch_control_file,
@@ -532,6 +533,8 @@ class ApiServer:
         )
         self.log(f"vLLM API server version {VERSION}")
         self.log(f"non-default args: {self.non_default_args()}", source="utils.py:1")
+        if cfg.log_spam:
+            spam_output(cfg.log_spam)
         try:
             self.httpd = make_server(self.host, self.port, Handler, self.app)
         except OSError as e:
