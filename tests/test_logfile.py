@@ -20,11 +20,13 @@ from llmsup.process.logfile import RESUME_FREE
 
 
 class Disk:
-    """A file system with `free` bytes left: a write that does not fit fails whole
-    with ENOSPC; `open_error`, when set, is what opening a file raises."""
+    """A file system with `free` bytes left: a write that does not fit fails with
+    ENOSPC, whole or (`partial`) once what fits is written; `open_error`, when set,
+    is what opening a file raises."""
 
-    def __init__(self, free: int) -> None:
+    def __init__(self, free: int, partial: bool = False) -> None:
         self.free = free
+        self.partial = partial
         self.opens = 0
         self.open_error: OSError | None = None
 
@@ -46,6 +48,9 @@ class _File(io.TextIOWrapper):
     def write(self, s: str) -> int:
         n = len(s.encode())
         if n > self.disk.free:
+            if self.disk.partial:  # ASCII in these tests: a byte a character
+                super().write(s[: self.disk.free])
+                self.disk.free = 0
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.disk.free -= n
         return super().write(s)
@@ -152,6 +157,26 @@ def test_writing_resumes_only_once_there_is_room(
         "back",
     ]
     assert [level for level, _ in said(caplog)] == [logging.WARNING, logging.INFO]
+
+
+def test_after_a_write_cut_short_the_note_begins_a_line(
+    tmp_path: Path, logger: logging.Logger
+) -> None:
+    disk = Disk(free=RESUME_FREE, partial=True)
+    log = on(disk, tmp_path / "m.log", logger)
+    log.write(b"before\n")
+    disk.free = 5
+    log.write(b"0123456789\n")
+    disk.free = RESUME_FREE
+    log.write(b"after\n")
+    log.close()
+    assert (tmp_path / "m.log").read_text().splitlines() == [
+        "before",
+        "01234",
+        "--- llmsup: 11 bytes of output dropped while this log could not be written "
+        "(No space left on device)",
+        "after",
+    ]
 
 
 def test_a_log_that_cannot_be_opened_drops_output(

@@ -127,6 +127,7 @@ class ServerLog:
                 self._error = error
                 self._log.warning("%s", _warning(self.path, error))
             self._drop(size)
+            self._at_line_start = _ends_line(self.path)  # part of it may have been written
             return
         if self._error is not None:
             self._log.info(
@@ -172,6 +173,18 @@ def free_bytes(directory: Path) -> int | None:
         return None
     blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail
     return blocks * st.f_frsize
+
+
+def _ends_line(path: Path) -> bool:
+    """Whether `path` is empty or ends with a newline (or cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except OSError:
+        return True
 
 
 def _warning(path: Path, error: OSError) -> str:
