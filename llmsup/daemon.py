@@ -78,6 +78,7 @@ class Daemon:
         self.cgroups: Path | None = None  # where each server gets a cgroup, if anywhere
         self.launches_begun = False
         self.any_ready = False
+        self._records_failing = False  # saving tracked records fails (disk full)
         self.launch_failures: list[str] = []  # why no server could be launched (exit 1)
 
     @property
@@ -282,8 +283,22 @@ class Daemon:
                 current = {id(s.child) for s in self.servers.values() if s.child is not None}
                 for child in changed:
                     if id(child) in current:  # not buried meanwhile (its record is gone)
-                        await asyncio.to_thread(process.save, self.state_dir, child)
+                        await self._save_record(child)
             await asyncio.sleep(process.TRACK_INTERVAL)
+
+    async def _save_record(self, child: process.Child) -> None:
+        """Save what tracking learnt; a full disk costs the record its news, never the
+        tracking (said once, and once more when saving works again)."""
+        try:
+            await asyncio.to_thread(process.save, self.state_dir, child)
+        except OSError as e:
+            if not self._records_failing:
+                log.warning("cannot save process records in %s: %s", self.state_dir, e)
+            self._records_failing = True
+        else:
+            if self._records_failing:
+                log.info("process records in %s saved again", self.state_dir)
+            self._records_failing = False
 
     async def _gpu_loop(self) -> None:
         """Keeps each server's GPU memory (its whole process tree) for status and metrics."""
