@@ -161,7 +161,16 @@ class GatewayProcess:
     def _track(self, work: Any) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        """A channel task that failed leaves the gateway deaf or blind: start it afresh."""
+        self._tasks.discard(task)
+        if task.cancelled() or (e := task.exception()) is None:
+            return
+        log.error("the gateway's channel failed (%r): restarting its process", e, exc_info=e)
+        if self.alive:
+            os.kill(self.proc.pid, signal.SIGKILL)
 
     def _end_tasks(self) -> None:
         for task in list(self._tasks):
@@ -190,8 +199,10 @@ class GatewayProcess:
         while (message := await channel.receive(reader)) is not None:
             match message:
                 case channel.Start(request=n, unit=unit):
-                    await self.servers.start_server(unit)
-                    self._done(writer, n)
+                    try:
+                        await self.servers.start_server(unit)
+                    finally:  # answered whatever happened: the views tell what did
+                        self._done(writer, n)
                 case channel.Stop(request=n, unit=unit, detail=detail):
                     # Stops take seconds: the channel goes on meanwhile.
                     self._track(self._stop_server(writer, n, unit, detail))
@@ -199,8 +210,10 @@ class GatewayProcess:
     async def _stop_server(
         self, writer: asyncio.StreamWriter, n: int, unit: str, detail: str
     ) -> None:
-        await self.servers.stop_server(unit, detail)
-        self._done(writer, n)
+        try:
+            await self.servers.stop_server(unit, detail)
+        finally:
+            self._done(writer, n)
 
     def _done(self, writer: asyncio.StreamWriter, n: int) -> None:
         if writer is self._writer and not writer.is_closing():

@@ -104,10 +104,14 @@ async def run(channel_fd: int, listen_fds: list[int]) -> None:
         create_app(routing, config), socks=[socket.socket(fileno=fd) for fd in listen_fds]
     )
     idle = asyncio.create_task(routing.idle_loop())
+    follow = asyncio.create_task(servers.follow(reader))
     try:
-        await servers.follow(reader)
+        done, _ = await asyncio.wait({idle, follow}, return_when=asyncio.FIRST_COMPLETED)
+        if idle in done and follow not in done:
+            idle.result()  # it failed: exit non-zero, and the daemon starts a fresh gateway
     finally:
         idle.cancel()
+        follow.cancel()
         await listening.cleanup()
         writer.close()
 
