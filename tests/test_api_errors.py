@@ -23,6 +23,7 @@ STATUS = {
     "BadRequest": 400,
     "DaemonError": 409,
     "NoDaemonError": 503,
+    "StateFormatError": 409,
     "UnknownModel": 404,
     "LaunchError": 500,
     "UnsafeRuntimeDir": 500,
