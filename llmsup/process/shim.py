@@ -396,8 +396,8 @@ def mirror(returncode: int) -> NoReturn:
 
 
 def main(args: list[str] | None = None) -> NoReturn:
+    hold_signals()  # first: a daemon may die while the shim is still starting
     options = parse(sys.argv[1:] if args is None else args)
-    hold_signals()
     logging.raiseExceptions = False  # a stderr nobody reads is no reason to print tracebacks
     logger = logging.getLogger("llmsup.shim")
     logger.propagate = False
