@@ -312,7 +312,8 @@ class Daemon:
 
     def _conflict_pairs(self) -> frozenset[tuple[str, str]]:
         """The on-demand servers that cannot run together (for the gateway's swaps)."""
-        units = tuple(u for u, s in self.servers.items() if s.on_demand)
+        # A server a reload retired is still here while it stops, its models gone.
+        units = tuple(u for u, s in self.servers.items() if s.on_demand and not s.retired)
         if self._conflicts is None or self._conflicts[0] != (self.loaded, units):
             pairs = frozenset(
                 (a, b) for a in units for b in units if a != b and self.conflicts(a, b)

@@ -129,3 +129,30 @@ def test_settings_read_the_key_file_and_cap_connections_by_the_open_files_limit(
     assert "gateway.max_connections 500 is more than the open files limit (1024)" in caplog.text
     no_gateway = parse_manifest("models:\n  m: {backend: vllm, model: org/m}\n", "m.yaml", {})
     assert Settings.of(no_gateway.manifest) is None
+
+
+def test_a_reload_that_removes_a_model_leaves_the_gateway_process_alone(tmp_path: Path) -> None:
+    """While a removed model stops, its server is still the daemon's but no longer in the
+    manifest: what the daemon sends the gateway then must not fail (it used to, and the
+    gateway lost every later change, or, once that was caught, was restarted mid-stream)."""
+    gw = free_port()
+    keep = f"m: {{backend: vllm, model: org/m, served_name: m, port: {free_port()}}}\n"
+    extra = f"x: {{backend: vllm, model: org/x, served_name: x, port: {free_port()}, gpus: [1]}}\n"
+    d = Daemon(tmp_path, keep + extra)
+    d.manifest.write_text(f"gateway: {{port: {gw}, api_keys: [gw-key]}}\n" + d.manifest.read_text())
+    try:
+        d.start()
+        d.wait_state("m", "READY")
+        d.wait_state("x", "READY")
+        before = gateway_of(d)["pid"]
+        d.manifest.write_text(d.manifest.read_text().replace(extra, ""))
+        r = d.cli("reload", "-f", str(d.manifest))
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: "x" not in d.status(), 20)
+        # The gateway sees the change (x gone: 404) in the same process as before.
+        wait_for(lambda: post(gw, chat("x"))[0] == 404, 10)
+        assert gateway_of(d)["pid"] == before
+        assert post(gw, chat("m"))[0] == 200
+        assert "channel failed" not in d.log() and "gateway process exited" not in d.log()
+    finally:
+        d.stop()

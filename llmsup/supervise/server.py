@@ -92,7 +92,8 @@ class Server:
     @property
     def on_demand(self) -> bool:
         models = self.daemon.loaded.manifest.models
-        return all(models[m].start == "on_demand" for m in self.launch.models if m in models)
+        present = [models[m] for m in self.launch.models if m in models]  # none: removed
+        return bool(present) and all(spec.start == "on_demand" for spec in present)
 
     # The facts of its life, for status.
     @property
