@@ -4,9 +4,9 @@
 
 Needs `wrk` and `nginx` on PATH (Debian: apt-get install wrk nginx-light). Starts
 two fake vLLM servers (FAKE_TOKEN_DELAY=0 for request latency, 0.01 for stream
-timing), the gateway in its own process as the daemon runs it (llmsup.gateway.worker:
-uvloop) and once more on asyncio's own loop (`gateway_asyncio`), and
-nginx as a plain reverse proxy (1 worker, upstream keepalive, proxy_buffering off).
+timing), the gateway in its own process as the daemon runs it (llmsup.gateway.worker,
+on asyncio's own loop) and once more on uvloop (`gateway_uvloop`), and nginx as a
+plain reverse proxy (1 worker, upstream keepalive, proxy_buffering off).
 Writes bench/results/gateway.json.
 
 - Non-streaming latency and throughput: wrk (C, one thread; a Lua script sends the
@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT))
 from tests.util import FAKES_DIR, fake_env, free_port, wait_for  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-DEPLOYED_LOOP = "uvloop"  # as llmsup.gateway.worker runs
-GATEWAYS = ("gateway", "gateway_asyncio")  # as deployed, and on asyncio's own loop
+DEPLOYED_LOOP = "asyncio"  # as llmsup.gateway.worker runs
+GATEWAYS = ("gateway", "gateway_uvloop")  # as deployed, and on uvloop
 MODEL = "bench-model"
 BODY = json.dumps({"model": MODEL, "prompt": "hello there", "max_tokens": 4})
 WRK_LUA = """
@@ -109,7 +109,7 @@ NGINX_COMMON = (
 
 def serve_gateway(port: int, fast_url: str, slow_url: str, loop: str) -> None:
     """Runs in a child process: the gateway with a fixed registry and a lag probe, on
-    `loop` (uvloop: as llmsup.gateway.worker runs it)."""
+    `loop` (asyncio: as llmsup.gateway.worker runs it; or uvloop, to compare)."""
     from prometheus_client.core import GaugeMetricFamily, Metric
     from prometheus_client.registry import Collector
 
@@ -303,9 +303,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="llmsup-bench-") as tmp_s:
         tmp = Path(tmp_s)
         try:
-            ports = {
-                k: free_port() for k in ("fast", "slow", "gateway", "gateway_asyncio", "nginx")
-            }
+            ports = {k: free_port() for k in ("fast", "slow", "gateway", "gateway_uvloop", "nginx")}
             for name, delay in (("fast", 0), ("slow", 0.01)):
                 argv = [sys.executable, "-c", FAKE_NODELAY, "serve", "org/m", "--host", "127.0.0.1"]
                 argv += ["--port", str(ports[name]), "--disable-uvicorn-access-log"]
@@ -313,12 +311,10 @@ def main() -> None:
                 env = fake_env(FAKE_LOAD_TIME=0.1, FAKE_TOKEN_DELAY=delay)
                 procs.append(start(argv, tmp / f"{name}.log", env))
             fast, slow = (f"http://127.0.0.1:{ports[k]}" for k in ("fast", "slow"))
-            # The gateway as deployed (uvloop where installed), and on asyncio's own loop.
-            gw, gw_asyncio = (
-                f"http://127.0.0.1:{ports[k]}" for k in ("gateway", "gateway_asyncio")
-            )
+            # The gateway as deployed (asyncio's own loop), and on uvloop.
+            gw, gw_asyncio = (f"http://127.0.0.1:{ports[k]}" for k in ("gateway", "gateway_uvloop"))
             gw_procs = {}
-            for name, loop in (("gateway", DEPLOYED_LOOP), ("gateway_asyncio", "asyncio")):
+            for name, loop in (("gateway", DEPLOYED_LOOP), ("gateway_uvloop", "uvloop")):
                 argv = [sys.executable, __file__, "--serve-gateway", str(ports[name]), fast, slow]
                 gw_procs[name] = start([*argv, loop], tmp / f"{name}.log")
                 procs.append(gw_procs[name])
@@ -328,7 +324,7 @@ def main() -> None:
             ngx_proc = start([nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")], tmp / "ng.log")
             procs.append(ngx_proc)
             ngx = f"http://127.0.0.1:{ports['nginx']}"
-            targets = {"direct": fast, "gateway": gw, "gateway_asyncio": gw_asyncio, "nginx": ngx}
+            targets = {"direct": fast, "gateway": gw, "gateway_uvloop": gw_asyncio, "nginx": ngx}
             for name, url in targets.items():
                 wait_for(partial(answers, url + "/v1/completions"), 20, message=f"{name} down")
 
@@ -356,7 +352,7 @@ def main() -> None:
                         res["loop_lag"][f"wrk_c{conc}"] = loop_lag(gw)
                 d, g, n = row["direct"], row["gateway"], row["nginx"]
                 row["gateway_added_p50_ms"] = g["p50_ms"] - d["p50_ms"]
-                row["gateway_asyncio_added_p50_ms"] = row["gateway_asyncio"]["p50_ms"] - d["p50_ms"]
+                row["gateway_uvloop_added_p50_ms"] = row["gateway_uvloop"]["p50_ms"] - d["p50_ms"]
                 row["gateway_added_p99_ms"] = g["p99_ms"] - d["p99_ms"]
                 row["nginx_added_p50_ms"] = n["p50_ms"] - d["p50_ms"]
                 row["nginx_added_p99_ms"] = n["p99_ms"] - d["p99_ms"]
@@ -366,10 +362,10 @@ def main() -> None:
                 row["gateway_rps_ratio_vs_nginx"] = g["rps"] / n["rps"]
                 res["nonstreaming"][f"c{conc}"] = row
 
-            urls = {"direct": slow, "gateway": gw, "gateway_asyncio": gw_asyncio}
+            urls = {"direct": slow, "gateway": gw, "gateway_uvloop": gw_asyncio}
             urls = {k: v + "/v1/completions" for k, v in (urls | {"nginx": ngx + "/slow"}).items()}
             model = {"direct": "slow", "nginx": "slow"}
-            model |= {"gateway": "slow-alias", "gateway_asyncio": "slow-alias"}
+            model |= {"gateway": "slow-alias", "gateway_uvloop": "slow-alias"}
             res["streaming"] = {"tokens": 20, "token_delay_ms": 10}
             for conc, n_runs in ((1, args.streams), (32, max(2, args.streams // 5))):
                 loop_lag(gw)

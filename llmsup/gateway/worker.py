@@ -4,7 +4,7 @@ The daemon starts it (llmsup.gateway.host) with the listening sockets already bo
 and a channel (llmsup.gateway.channel) over which it learns every server's state and
 asks the daemon to start or stop one. Relaying streams then costs the daemon's event
 loop nothing: crash and hang detection keep their timing under gateway load. It runs
-on uvloop (libuv's loop: less CPU per relayed chunk), and exits when the channel
+on asyncio's own loop (uvloop measured no better: bench/gateway.py), and exits when the channel
 closes (the daemon stopped or died), after the requests in flight had a few seconds
 to end.
 """
@@ -19,8 +19,6 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-
-import uvloop
 
 from llmsup.control import ServerView
 from llmsup.gateway import channel
@@ -119,7 +117,7 @@ async def run(channel_fd: int, listen_fds: list[int]) -> None:
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s gateway: %(message)s")
     fds = [int(a) for a in argv]
-    uvloop.run(run(fds[0], fds[1:]))
+    asyncio.run(run(fds[0], fds[1:]))
 
 
 if __name__ == "__main__":
