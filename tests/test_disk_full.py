@@ -3,41 +3,18 @@ their state directory on a small tmpfs (root only) that a filler file fills up."
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
-import subprocess
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-import pytest
 
 from tests.supervisor_util import Daemon, running
-from tests.util import free_port, wait_for
+from tests.util import free_port, small_tmpfs, wait_for
 
 SPAM = 200_000  # bytes/s of progress lines: the 4 MiB tmpfs would fill in 20 s
-
-
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str = "4m") -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "llmsup-test", str(where)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def fill(path: Path) -> None:
@@ -70,7 +47,7 @@ def warnings(d: Daemon) -> list[str]:
 def test_a_full_disk_never_hurts_a_server(tmp_path: Path) -> None:
     port = free_port()
     models = f'm: {{backend: vllm, model: org/m, port: {port}, env: {{FAKE_LOG_SPAM: "{SPAM}"}}}}\n'
-    with small_tmpfs(tmp_path / "state"), running(tmp_path, models) as d:
+    with small_tmpfs(tmp_path / "state", "4m"), running(tmp_path, models) as d:
         row = d.wait_all_ready()["m"]
         pid, log = row["pid"], Path(row["log"])
         fill(d.state / "filler")

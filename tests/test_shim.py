@@ -21,7 +21,7 @@ import pytest
 
 from llmsup.process import cgroup
 from llmsup.process.shim import Copy, create_time, exit_record, parse
-from tests.util import wait_for
+from tests.util import small_tmpfs, wait_for
 
 SHIM = [sys.executable, "-m", "llmsup.process.shim"]
 PY = sys.executable
@@ -370,25 +370,6 @@ def test_the_log_rotates_through_the_shim(tmp_path: Path) -> None:
         for line in (tmp_path / name).read_text().splitlines()
     ]
     assert kept == list(range(100 - len(kept), 100))  # the newest, in order, none missing
-
-
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str) -> Iterator[None]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "llmsup-test", str(where)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def test_a_full_disk_drops_log_output_and_never_the_server(tmp_path: Path) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
+
+import pytest
 
 T = TypeVar("T")
 
@@ -47,3 +51,24 @@ def fake_env(**extra: object) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(FAKES_DIR), env.get("PATH", "")])
     env.update({key: str(value) for key, value in extra.items()})
     return env
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[None]:
+    """A tmpfs of `size` mounted on `where` (made here) for the block: a disk that fills
+    up. Skips, saying why, without root or when the mount fails."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "llmsup-test", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
