@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -83,17 +84,21 @@ class GatewayProcess:
         self.socks = socks
         self.key = key  # the daemon's marker prefix: a next daemon stops what we leave
         self.conflicts = conflicts
-        self.proc: Any = None  # subprocess.Popen of the running gateway
+        self.proc: subprocess.Popen[bytes] | None = None  # the running gateway
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._dirty = asyncio.Event()
         self._sent: channel.Views | None = None
-        self._stopping = False
         self._watch: asyncio.Task[None] | None = None
 
     @property
+    def pid(self) -> int | None:
+        """The gateway process's pid while it runs."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.pid is not None
 
     async def start(self) -> None:
         await self._spawn()
@@ -105,7 +110,6 @@ class GatewayProcess:
 
     async def stop(self, close_sockets: bool = True) -> None:
         """Stop the gateway: no new connections, those in flight get a few seconds."""
-        self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
         if self._writer is not None:
@@ -148,6 +152,7 @@ class GatewayProcess:
         delay = RESTART_DELAYS[0]
         while True:
             began = time.monotonic()
+            assert self.proc is not None  # spawned before we are started
             code = await process.exit_status(self.proc)
             self._end_tasks()
             if time.monotonic() - began > 60:
@@ -169,8 +174,8 @@ class GatewayProcess:
         if task.cancelled() or (e := task.exception()) is None:
             return
         log.error("the gateway's channel failed (%r): restarting its process", e, exc_info=e)
-        if self.alive:
-            os.kill(self.proc.pid, signal.SIGKILL)
+        if (pid := self.pid) is not None:
+            os.kill(pid, signal.SIGKILL)
 
     def _end_tasks(self) -> None:
         for task in list(self._tasks):
@@ -340,5 +345,5 @@ class GatewayHost:
             "url": f"http://{connect_host(host)}:{port}/v1",
             "keys_required": bool(self.settings.keys),
             "listening": alive,
-            "pid": gw.proc.pid if gw is not None and alive else None,
+            "pid": gw.pid if gw is not None else None,
         }
