@@ -252,9 +252,24 @@ def _nvml_processes(nvml: Any, gpu: Gpu, handle: Any) -> tuple[list[GpuProcess],
     """Compute and graphics processes of one GPU, one entry per pid."""
     by_pid: dict[int, int | None] = {}
     note = None
+    # An nvidia-ml-py newer than the driver's NVML raises this (not an NVMLError) for an
+    # unversioned call the library lacks; the older `_v2` call may still be there.
+    mismatch = getattr(nvml, "NVMLLibraryMismatchError", ())
     for query in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
         try:
-            infos = getattr(nvml, query)(handle)
+            try:
+                infos = getattr(nvml, query)(handle)
+            except mismatch:
+                older = getattr(nvml, f"{query}_v2", None)
+                if older is None:
+                    raise
+                infos = older(handle)
+        except mismatch:
+            note = (
+                f"GPU {gpu.index} ({gpu.uuid}): processes unknown: nvidia-ml-py does not "
+                "match the driver's NVML library (install the nvidia-ml-py of the driver's version)"
+            )
+            continue
         except nvml.NVMLError as e:
             if _is(nvml, e, "NVML_ERROR_UNINITIALIZED", "NVML_ERROR_DRIVER_NOT_LOADED"):
                 raise _DriverGone(_error_name(nvml, e)) from None

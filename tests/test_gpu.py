@@ -178,6 +178,21 @@ def test_nvml_unsupported_readings_are_none(
     assert snap.notes == (f"GPU 0 ({g.uuid}): processes unknown: NVML_ERROR_NO_PERMISSION",)
 
 
+def test_nvml_library_older_than_the_package_leaves_processes_unknown_not_the_gpus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """nvidia-ml-py newer than the driver: its process listing raises NVMLLibraryMismatchError
+    (no NVMLError); the GPUs are still read, with one note saying what to do."""
+    host = make_sim(tmp_path / "gpus.json", n=1)
+    fault(host, "nvmlDeviceGetComputeRunningProcesses", "NVML_ERROR_FUNCTION_NOT_FOUND", gpu=0)
+    snap = nvml_source(monkeypatch, host).snapshot()
+    assert [g.index for g in snap.gpus] == [0]
+    assert snap.notes == (
+        f"GPU 0 ({sim_uuid(0)}): processes unknown: nvidia-ml-py does not match the driver's "
+        "NVML library (install the nvidia-ml-py of the driver's version)",
+    )
+
+
 def test_nvml_reinitialises_after_the_driver_was_reloaded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
