@@ -23,7 +23,7 @@ import aiohttp
 from llmsup import gpu, gpucheck, limits, process, running
 from llmsup.control import ServerView
 from llmsup.errors import BadRequest, DaemonError, LlmsupError, ManifestError, UnknownModel
-from llmsup.gateway.host import GatewayHost
+from llmsup.gateway.host import GatewayHost, Reload
 from llmsup.manifest import LoadedManifest, load_manifest
 from llmsup.notify import Notifier, status_line
 from llmsup.plan import Plan, plan_or_raise, untrusted_problems
@@ -356,6 +356,16 @@ class Daemon:
                 raise ManifestError(errors)
         if not StateDir.named(loaded.manifest.state_dir).same(self.state):
             raise DaemonError("state_dir cannot change on reload; run `llmsup down` first")
+        gateway = await self.gateway.prepare(loaded.manifest)  # a port it cannot have: refused
+        try:
+            return await self._apply(path, loaded, plan, gateway)
+        except BaseException:
+            self.gateway.discard(gateway)
+            raise
+
+    async def _apply(
+        self, path: Path, loaded: LoadedManifest, plan: Plan, gateway: Reload
+    ) -> dict[str, list[str]]:
         old = {u: s.launch for u, s in self.servers.items()}
         new = {la.unit: la for la in plan.launches}
         removed = [u for u in old if u not in new]
@@ -375,7 +385,7 @@ class Daemon:
         for u in [la.unit for la in plan.launches if la.unit in changed + added]:
             if not self.servers[u].on_demand:
                 self.servers[u].start()
-        await self.gateway.reload(loaded.manifest, len(plan.launches))
+        await self.gateway.reload(loaded.manifest, len(plan.launches), gateway)
         unchanged = [u for u in new if u not in changed and u not in added]
         return {"added": added, "removed": removed, "restarted": changed, "unchanged": unchanged}
 

@@ -156,3 +156,31 @@ def test_a_reload_that_removes_a_model_leaves_the_gateway_process_alone(tmp_path
         assert "channel failed" not in d.log() and "gateway process exited" not in d.log()
     finally:
         d.stop()
+
+
+def test_a_reload_onto_a_taken_gateway_port_changes_nothing(tmp_path: Path) -> None:
+    gw = free_port()
+    d = one_model(tmp_path, gw)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        d.start()
+        first = d.wait_state("m", "READY")
+        before = gateway_of(d)["pid"]
+        text = d.manifest.read_text()
+        # Also a model change: the refusal must come before any model is touched.
+        d.manifest.write_text(
+            text.replace(f"port: {gw}", f"port: {taken}").replace("org/m", "org/m2")
+        )
+        r = d.cli("reload", "-f", str(d.manifest))
+        assert r.returncode != 0
+        assert f"the gateway cannot listen on 127.0.0.1:{taken}" in r.stderr
+        assert gateway_of(d)["pid"] == before and gateway_of(d)["port"] == gw
+        assert post(gw, chat("m"))[0] == 200
+        row = d.wait_state("m", "READY")
+        assert (row["pid"], row["restarts"]) == (first["pid"], 0)
+    finally:
+        holder.close()
+        d.stop()

@@ -279,6 +279,26 @@ class Settings:
         )
 
 
+@dataclass(frozen=True)
+class Reload:
+    """What a reload does to the gateway: nothing, a restart on its sockets, or a restart
+    on `socks` (a new address, bound before the reload changed anything)."""
+
+    change: bool
+    keep_sockets: bool = False
+    socks: list[socket.socket] | None = None
+
+
+async def _bind(settings: Settings) -> list[socket.socket]:
+    try:
+        return await asyncio.to_thread(bind, settings.host, settings.port)
+    except OSError as e:
+        holder = process.port_holder(settings.port)
+        raise DaemonError(
+            f"the gateway cannot listen on {settings.host}:{settings.port}: {e} ({holder})"
+        ) from e
+
+
 class GatewayHost:
     """The daemon's gateway, if its manifest has one: its settings, port and process."""
 
@@ -294,21 +314,16 @@ class GatewayHost:
     async def start(
         self, manifest: Manifest, servers: int, socks: list[socket.socket] | None = None
     ) -> None:
-        """Bind the gateway's port (unless given the sockets of the gateway before a
-        reload) and start the gateway process on it. DaemonError: the port is taken."""
+        """Bind the gateway's port (unless given sockets already bound) and start the
+        gateway process on it. DaemonError: the port is taken."""
         self.settings = settings = Settings.of(manifest)
         if settings is None:
             return
-        config = settings.config(servers)
         if socks is None:
-            try:
-                socks = await asyncio.to_thread(bind, settings.host, settings.port)
-            except OSError as e:
-                holder = process.port_holder(settings.port)
-                raise DaemonError(
-                    f"the gateway cannot listen on {settings.host}:{settings.port}: {e} ({holder})"
-                ) from e
-        self.process = GatewayProcess(self.servers, config, socks, self.key, self.conflicts)
+            socks = await _bind(settings)
+        self.process = GatewayProcess(
+            self.servers, settings.config(servers), socks, self.key, self.conflicts
+        )
         await self.process.start()
 
     async def stop(self, keep_sockets: bool = False) -> list[socket.socket] | None:
@@ -320,14 +335,26 @@ class GatewayHost:
         await gw.stop(close_sockets=not keep_sockets)
         return gw.socks if keep_sockets else None
 
-    async def reload(self, manifest: Manifest, servers: int) -> None:
-        """After a reload: start the gateway again if its settings changed, on the
-        same sockets if its address did not."""
+    async def prepare(self, manifest: Manifest) -> Reload:
+        """Before a reload changes anything: what it will do to the gateway, with the
+        new address already bound. DaemonError (and nothing changed) when it is taken."""
         old, new = self.settings, Settings.of(manifest)
         if new == old:
-            return
-        same = old is not None and new is not None and (old.host, old.port) == (new.host, new.port)
-        await self.start(manifest, servers, await self.stop(keep_sockets=same))
+            return Reload(change=False)
+        if new is None or (old is not None and (old.host, old.port) == (new.host, new.port)):
+            return Reload(change=True, keep_sockets=new is not None)
+        return Reload(change=True, socks=await _bind(new))
+
+    async def reload(self, manifest: Manifest, servers: int, plan: Reload) -> None:
+        """Apply what `prepare` made ready: the gateway started again on its sockets."""
+        if plan.change:
+            kept = await self.stop(keep_sockets=plan.keep_sockets)
+            await self.start(manifest, servers, kept or plan.socks)
+
+    def discard(self, plan: Reload) -> None:
+        """A reload that failed after `prepare`: let go of the sockets it bound."""
+        for sock in plan.socks or ():
+            sock.close()
 
     def poke(self) -> None:
         if self.process is not None:
