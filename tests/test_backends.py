@@ -27,8 +27,7 @@ from llmsup.plan import make_plan
 from llmsup.state import State
 from llmsup.supervise import events as ev
 from llmsup.supervise import machine as m
-from llmsup.supervise.runner import Runner
-from tests.test_runner import FakeClock, FakeServer, NoJitter
+from tests.test_runner import FakeClock, FakeServer, runner_for
 from tests.util import fake_env, free_port
 
 GiB = 2**30
@@ -202,18 +201,7 @@ def test_the_runner_reads_log_lines_through_the_backend(
 ) -> None:
     async def main() -> None:
         clock, server = FakeClock(), Talking()
-        runner = Runner(
-            "unit",
-            backend,
-            lambda: m.Rules(),
-            clock=clock,
-            launcher=server,
-            prober=server,
-            gpus=server,
-            neighbours=server,
-            journal=server,
-            rand=NoJitter(),
-        )
+        runner = runner_for(server, clock, m.Rules(), backend)
         task = asyncio.create_task(runner.run(ev.Start()))
         await clock.run_until(lambda: runner.life.state == State.READY)
         server.say(LOADED)

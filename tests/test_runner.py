@@ -134,10 +134,12 @@ class FakeServer:
             self.states.append((after.state, after.detail))
 
 
-def runner_for(server: FakeServer, clock: FakeClock, rules: m.Rules) -> Runner:
+def runner_for(
+    server: FakeServer, clock: FakeClock, rules: m.Rules, backend: str = "vllm"
+) -> Runner:
     return Runner(
         "unit",
-        "vllm",
+        backend,
         lambda: rules,
         clock=clock,
         launcher=server,
