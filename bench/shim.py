@@ -13,7 +13,7 @@ measured in the same run:
 
 "shim_lean" runs the same shim with the `llmsup.process` package's own imports
 (the daemon's modules: asyncio, psutil, ...) left out, as a lazy package would:
-the difference is what `python -m llmsup.process.shim` pays for them today.
+the difference is what `python -m llmsup.shim` pays for them today.
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ from bench.stats import summary_ms  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
-SHIM = [PY, "-m", "llmsup.process.shim"]
+SHIM = [PY, "-m", "llmsup.shim"]
 # The shim with an empty `llmsup.process` package: only the shim and logfile load.
 LEAN = (
     "import runpy, sys, types; p = types.ModuleType('llmsup.process'); "
     f"p.__path__ = [{str(ROOT / 'llmsup' / 'process')!r}]; sys.modules['llmsup.process'] = p; "
-    "sys.argv[0] = 'shim'; runpy.run_module('llmsup.process.shim', run_name='__main__')"
+    "sys.argv[0] = 'shim'; runpy.run_module('llmsup.shim', run_name='__main__')"
 )
 SHIM_LEAN = [PY, "-c", LEAN]
 Launch = Callable[[Path, list[str]], "subprocess.Popen[bytes]"]

@@ -4,6 +4,7 @@ GET  /v1/status                      daemon and per-model status
 POST /v1/models/{name}/{action}      action: start | stop | restart
 POST /v1/reload   {"manifest": path} apply a manifest (400 with its problems)
 POST /v1/down                        stop every model, then the daemon
+                                     ({"keep_models": true}: the daemon alone)
 
 Errors answer with `{"error": message}` (a ManifestError adds its "problems") and
 the status its class carries (llmsup.errors), mapped in one middleware.
@@ -55,7 +56,14 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def down(request: web.Request) -> web.Response:
-    request.app[CONTROL].down()
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        body = {}
+    if isinstance(body, dict) and body.get("keep_models"):
+        request.app[CONTROL].leave()
+    else:
+        request.app[CONTROL].down()
     return web.json_response({"ok": True, "pid": os.getpid()}, status=202)
 
 

@@ -82,3 +82,8 @@ class Control(Servers, Protocol):
     def down(self) -> None:
         """Stop every model, then the daemon (this returns at once)."""
         ...
+
+    def leave(self) -> None:
+        """Exit, leaving every model running for the next daemon to adopt (this
+        returns at once)."""
+        ...

@@ -15,6 +15,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ from llmsup.manifest import LoadedManifest, load_manifest
 from llmsup.notify import Notifier, status_line
 from llmsup.plan import Plan, plan_or_raise, untrusted_problems
 from llmsup.plan import conflicts as models_conflict
-from llmsup.state import State
+from llmsup.state import State, describe_exit
 from llmsup.statedir import DaemonLock, StateDir
+from llmsup.supervise import memory
 from llmsup.supervise.server import Server
 
 Listener = Callable[[str, State, str], None]
@@ -80,6 +82,9 @@ class Daemon:
         self.any_ready = False
         self._records_failing = False  # saving tracked records fails (disk full)
         self.launch_failures: list[str] = []  # why no server could be launched (exit 1)
+        self.leaving = False  # exit without stopping the servers (`leave`)
+        # Units whose server, started by the daemon before us, exited while none ran.
+        self.died_meanwhile: dict[str, int] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -107,10 +112,45 @@ class Daemon:
 
     # -------------------------------------------------------- lifecycle
 
-    async def clean_leftovers(self) -> list[int]:
-        """Stop what a daemon that was killed left behind: the launches its records
-        name (and their litter), cgroups of ours without a record, marked processes."""
+    async def restore(self) -> dict[str, process.Record]:
+        """Take up what a daemon before us left (killed, crashed, or restarted for an
+        upgrade): the servers the manifest still wants unchanged and that are provably
+        the processes it started are returned, to be adopted; every other launch its
+        records name is stopped (changed, removed, dead, or not ours to trust), then
+        cgroups of ours without a record, and marked processes no adopted server owns."""
         records = process.load_records(self.state_dir)
+        wanted = {la.unit: la for la in self.plan.launches}
+        adopt: dict[str, process.Record] = {}
+        leftovers = []
+        for rec in records:
+            la = wanted.get(rec.unit)
+            why = alive = await asyncio.to_thread(process.verify, rec)
+            if la is not None and rec.fingerprint != la.fingerprint():
+                why = "its model changed in the manifest; replaced"
+            elif la is None:
+                why = "no longer in the manifest; stopped"
+            elif why is None and rec.unit in adopt:
+                why = "a second launch of the same model"
+            if why is None:
+                adopt[rec.unit] = rec
+                continue
+            leftovers.append(rec)
+            if alive != process.NOT_RUNNING:
+                log.info("%s: not adopting pid %d: %s", rec.unit, rec.pid, why)
+        self.died_meanwhile = {
+            rec.unit: code
+            for rec in leftovers
+            if rec.unit in wanted
+            and rec.unit not in adopt
+            and rec.fingerprint == wanted[rec.unit].fingerprint()
+            and (code := process.exit_code_of(self.state_dir, rec)) is not None
+        }
+        await self._stop_leftovers(leftovers, list(adopt.values()))
+        return adopt
+
+    async def _stop_leftovers(
+        self, records: list[process.Record], adopted: list[process.Record]
+    ) -> list[int]:
         manifest = self.loaded.manifest
 
         async def stop(rec: process.Record) -> list[int]:
@@ -121,11 +161,12 @@ class Daemon:
         pids = [pid for killed in await asyncio.gather(*map(stop, records)) for pid in killed]
         grace = manifest.defaults.stop_timeout
         if self.cgroups is not None:
-            named = {r.cgroup for r in records}
+            named = {r.cgroup for r in records + adopted}
             for cg in await asyncio.to_thread(process.cgroup.leftovers, self.cgroups, named):
                 orphan = process.Record("?", "?", -1, -1, 0.0, [], cgroup=str(cg))
                 pids += await process.stop(orphan, grace)
-        pids += await process.terminate(lambda: process.marked_with(self.key + ":"), grace)
+        prefix, keep = self.key + ":", {r.instance for r in adopted}
+        pids += await process.terminate(lambda: process.marked_with(prefix, keep=keep), grace)
         return pids
 
     async def run(self) -> None:
@@ -145,7 +186,7 @@ class Daemon:
         self.cgroups = await asyncio.to_thread(process.cgroup.prepare, self.key)
         trackers = [asyncio.create_task(process.reap_loop()), asyncio.create_task(self._track())]
         try:
-            await self.clean_leftovers()
+            adopt = await self.restore()
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, force_close=True)
             )
@@ -160,10 +201,7 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._sighup()))
             await self._init_gpus()
             monitor = asyncio.create_task(self._gpu_loop())
-            for la in self.plan.launches:
-                self.servers[la.unit] = Server(self, la)
-                if not self.servers[la.unit].on_demand:
-                    self.servers[la.unit].start()
+            self._begin(adopt)
             self.launches_begun = True
             self.gateway.poke()  # the servers it routes to, on-demand ones too
             # Ready = the control socket answers and launches are under way; a model
@@ -175,7 +213,11 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.gateway.stop()
-            await asyncio.gather(*(s.stop() for s in self.servers.values()))
+            if self.leaving:  # for a next daemon to adopt: the servers run on
+                await asyncio.gather(*(s.detach() for s in self.servers.values()))
+            else:
+                await asyncio.gather(*(s.stop() for s in self.servers.values()))
+                memory.forget(self.state_dir)  # a next `up` begins with a clean slate
             # Orphans that came back to us and that no record named.
             await process.terminate(process.strays, self.loaded.manifest.defaults.stop_timeout)
             for t in trackers:
@@ -200,6 +242,35 @@ class Daemon:
                 + "\n  ".join(self.launch_failures)
                 + "\nfix these and run `llmsup up` again"
             )
+
+    def _begin(self, adopt: dict[str, process.Record]) -> None:
+        """Every server of the plan: adopted where it runs on from the daemon before
+        us, FAILED or stopped where it was, else started (on-demand ones wait)."""
+        remembered = memory.load(self.state_dir)
+        for la in self.plan.launches:
+            server = self.servers[la.unit] = Server(self, la)
+            past = remembered.get(la.unit)
+            if past is not None and la.unit in adopt:  # running: its counters only
+                past = replace(past, state="running")
+            if past is not None and past.fingerprint == la.fingerprint():
+                if la.unit in self.died_meanwhile:
+                    why = describe_exit(self.died_meanwhile[la.unit]) + " while no daemon ran"
+                    past = replace(past, state="running", last_exit=why, total=past.total + 1)
+                    server.note(f"{why}; restarted", logging.WARNING)
+                server.resume(past)
+            if la.unit in adopt:
+                log_path = self.log_path(la.unit)
+                child = process.Child.adopt(
+                    adopt[la.unit], self.state_dir, log_path, server.runner.on_line
+                )
+                server.adopt(child)
+            elif server.state == State.STOPPED and not server.on_demand:
+                server.start()
+
+    def leave(self) -> None:
+        """Exit, leaving every server running for the next daemon to adopt."""
+        self.leaving = True
+        self.stopping.set()
 
     def _stop_by(self, sig: int) -> None:
         self.stopped_by = sig
@@ -269,7 +340,7 @@ class Daemon:
         out: dict[int, str] = {}
         for s in self.servers.values():
             if s.child is not None:
-                out.update(dict.fromkeys(s.child.pids | {s.child.proc.pid}, s.launch.unit))
+                out.update(dict.fromkeys(s.child.pids | {s.child.pid}, s.launch.unit))
         return out
 
     async def _track(self) -> None:
@@ -306,7 +377,7 @@ class Daemon:
             snap = await self.gpu_snapshot()
             if snap is not None:
                 for s in list(self.servers.values()):
-                    pids = process.tree_pids(s.child.proc.pid) | s.child.pids if s.child else set()
+                    pids = process.tree_pids(s.child.pid) | s.child.pids if s.child else set()
                     s.gpu_memory = gpu.memory_by_pids(snap, pids) if pids else {}
             await asyncio.sleep(GPU_POLL)
 

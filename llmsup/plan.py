@@ -78,11 +78,14 @@ def backend_of(loaded: LoadedManifest, name: str) -> Backend[Any]:
     return REGISTRY[loaded.manifest.models[name].backend]
 
 
-def make_plan(loaded: LoadedManifest, vllm_flags: FlagTable | None = None) -> Plan:
+def make_plan(
+    loaded: LoadedManifest, vllm_flags: FlagTable | None = None, *, one_host: bool = True
+) -> Plan:
     """`vllm_flags`: the table to check vLLM flags against; by default, that of the
-    `vllm` on this process's PATH (found once per executable, see vllm_flags)."""
+    `vllm` on this process's PATH (found once per executable, see vllm_flags).
+    `one_host=False`: for a cluster (`llmsup export`), where a model may span nodes."""
     m = loaded.manifest
-    ctx = Context(vllm_flags, os.environ.get("PATH"))
+    ctx = Context(vllm_flags, os.environ.get("PATH"), one_host=one_host)
     problems: list[Problem] = []
     servers: dict[tuple[str, Hashable], list[str]] = {}  # models that share one server
     for name, spec in m.models.items():

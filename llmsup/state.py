@@ -24,7 +24,13 @@ class State(str, enum.Enum):
         return self in (State.STARTING, State.LOADING, State.READY, State.UNHEALTHY)
 
 
+# The exit status of a server whose log shim was gone before it could say it.
+EXIT_UNKNOWN = -1000
+
+
 def describe_exit(returncode: int) -> str:
+    if returncode == EXIT_UNKNOWN:
+        return "exited (status unknown: its log shim was gone)"
     if returncode < 0:
         import signal
 

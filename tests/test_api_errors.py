@@ -69,6 +69,9 @@ class Raising:
     def down(self) -> None:
         pass
 
+    def leave(self) -> None:
+        pass
+
     def views(self) -> list[ServerView]:
         return []
 

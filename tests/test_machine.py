@@ -80,6 +80,7 @@ def timer(cmds: list[ev.Command], name: str) -> float:
 SAMPLES: dict[type, ev.Event] = {
     ev.Start: ev.Start(),
     ev.Stop: ev.Stop(),
+    ev.Adopted: ev.Adopted(7),
     ev.Restart: ev.Restart(),
     ev.PredecessorsBusy: ev.PredecessorsBusy(("a",)),
     ev.PredecessorsDone: ev.PredecessorsDone(),
@@ -699,3 +700,45 @@ def test_a_good_deep_probe_ends_its_streak_and_health_keeps_its_own() -> None:
     assert (r.state(), r.life.misses, r.life.deep_misses) == (State.READY, 0, 0)
     cmds = r(ev.Probed(True, "HTTP 200"), 90.0)
     assert ev.Probe(deep=True) not in cmds, "the next deep probe is due 60 s after the last"
+
+
+# ------------------------------------------------------------------ adoption
+
+
+def test_an_adopted_server_is_watched_and_probed_never_spawned() -> None:
+    r = Replay()
+    cmds = r(ev.Adopted(4242), 10.0)
+    assert ev.WatchExit() in cmds and ev.AwaitReady() in cmds
+    assert not any(isinstance(c, ev.Spawn | ev.Prepare | ev.CheckPredecessors) for c in cmds)
+    assert r.life.pid == 4242 and r.state() == State.STARTING
+    r(ev.PortReady(0.01), 10.2)
+    assert r.state() == State.READY and r.life.detail == "pid 4242"
+    assert "adopted pid 4242" in r.notes()[0]
+
+
+def test_an_adopted_server_keeps_its_restart_budget() -> None:
+    """The restarts of the daemon before count: a crash loop is not forgiven by a
+    daemon restart."""
+    rules = Rules(restart=Restart(max_restarts=2, window=600.0))
+    r = Replay(rules, Life(restarts=(1.0, 2.0), total=7, streak=2))
+    r(ev.Adopted(9), 3.0)
+    r(ev.PortReady(0.01), 3.1)
+    r.crash(4.0)
+    assert r.state() == State.FAILED and "gave up after 2 restarts" in r.life.reason
+    assert r.life.total == 7
+
+
+def test_an_adopted_server_that_exits_is_restarted_as_any_other() -> None:
+    r = Replay(Rules())
+    r(ev.Adopted(9), 0.0)
+    r(ev.PortReady(0.01), 0.1)
+    cmds = r.crash(5.0, code=-9)
+    assert r.state() == State.BACKOFF and r.life.last_exit == "killed by SIGKILL"
+    assert timer(cmds, "backoff") > 0
+
+
+def test_adoption_acts_only_on_a_server_with_no_life_yet() -> None:
+    for state in State:
+        if state != State.STOPPED:
+            life = life_in(state)
+            assert step(life, ev.Adopted(5), 0.0, Rules(), NoJitter()) == (life, [])

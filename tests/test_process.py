@@ -25,7 +25,6 @@ from llmsup.process import (
     ProcessTable,
     Record,
     Seen,
-    ServerLog,
     child_env,
     litter,
     load_records,
@@ -159,12 +158,14 @@ def test_a_spawn_stopped_while_it_forks_leaves_no_process(
         return started[-1]
 
     monkeypatch.setattr(subprocess, "Popen", gated_popen)  # the module llmsup.process uses
-    log = ServerLog(tmp_path / "m.log", max_bytes=1 << 20, backups=1)
+    log = process.LogSpec(tmp_path / "m.log", max_bytes=1 << 20, backups=1)
     argv = [sys.executable, "-c", "import time; time.sleep(60)"]
 
     async def body() -> None:
         task = asyncio.create_task(
-            process.spawn("m", argv, dict(os.environ), "k9", log, lambda _line: None)
+            process.spawn(
+                "m", argv, dict(os.environ), "k9", log, lambda _line: None, state_dir=tmp_path
+            )
         )
         assert await asyncio.to_thread(forking.wait, 10)
         task.cancel()
@@ -181,7 +182,6 @@ def test_a_spawn_stopped_while_it_forks_leaves_no_process(
     finally:
         for p in marked_with("k9:", ProcessTable()):
             p.kill()
-        log.close()
 
 
 def test_a_private_tmpdir_holds_vllm_sockets_even_under_long_paths(

@@ -1,4 +1,4 @@
-"""The per-server log shim (`python -m llmsup.process.shim`), run as real processes:
+"""The per-server log shim (`python -m llmsup.shim`), run as real processes:
 its output, its signals, its exit, a daemon that dies under it, its cgroup."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import psutil
 import pytest
 
 from llmsup.process import cgroup
-from llmsup.process.shim import Copy, create_time, exit_record, parse
+from llmsup.shim.main import Copy, create_time, exit_record, parse
 from tests.util import small_tmpfs, wait_for
 
-SHIM = [sys.executable, "-m", "llmsup.process.shim"]
+SHIM = [sys.executable, "-m", "llmsup.shim"]
 PY = sys.executable
 
 # Prints 0, 1, 2 ... every 10 ms (forever, or up to argv[1]); exits 1 on a failed write.
@@ -206,7 +206,7 @@ def test_the_exit_code_is_mirrored_and_recorded(tmp_path: Path) -> None:
     pid_file = read_json(tmp_path / "pid.json")
     ended = read_json(tmp_path / "exit.json")
     assert pid_file and ended
-    assert ended == {"pid": pid_file["pid"], "code": 3, "at": ended["at"]}
+    assert ended == {"format": 1, "pid": pid_file["pid"], "code": 3, "at": ended["at"]}
     assert before <= ended["at"] <= time.time()
     assert pid_file["shim"] != pid_file["pid"]
     assert log_lines(tmp_path) == ["bye"]
@@ -421,8 +421,8 @@ def test_wrong_options_exit_2(args: list[str]) -> None:
 
 
 def test_exit_records() -> None:
-    assert exit_record(12, 0, 5.0) == {"pid": 12, "code": 0, "at": 5.0}
-    assert exit_record(12, -9, 5.0) == {"pid": 12, "signal": 9, "at": 5.0}
+    assert exit_record(12, 0, 5.0) == {"format": 1, "pid": 12, "code": 0, "at": 5.0}
+    assert exit_record(12, -9, 5.0) == {"format": 1, "pid": 12, "signal": 9, "at": 5.0}
 
 
 def test_create_time_as_psutil_says() -> None:

@@ -73,11 +73,20 @@ class Http:
 
 class Context:
     """What checks know beyond the manifest: the flags of the vLLM on `path` (the
-    daemon's PATH), looked up on first use (see `vllm_flags.for_path`)."""
+    daemon's PATH), looked up on first use (see `vllm_flags.for_path`); `one_host`:
+    the servers run on this host (False: exported to a cluster, where a model may
+    span nodes)."""
 
-    def __init__(self, vllm_flags: FlagTable | None = None, path: str | None = None) -> None:
+    def __init__(
+        self,
+        vllm_flags: FlagTable | None = None,
+        path: str | None = None,
+        *,
+        one_host: bool = True,
+    ) -> None:
         self._vllm_flags = vllm_flags
         self._path = path
+        self.one_host = one_host
 
     @property
     def vllm_flags(self) -> FlagTable:

@@ -17,6 +17,12 @@ _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW", re.IGNORECASE)
 REDACTED = "***"
 
 
+def is_secret_name(name: str) -> bool:
+    """An environment variable whose name says it holds a secret (KEY, TOKEN, ...):
+    `plan` shows its value as `***`, an export puts it in a Secret."""
+    return bool(_SECRET_NAME.search(name))
+
+
 @dataclass(frozen=True)
 class SecretRef:
     """A secret given inline (already expanded from `${VAR}`) or in a file."""
@@ -59,7 +65,7 @@ class Launch:
 
     def display_env(self) -> dict[str, str]:
         """The environment llmsup adds, secrets shown as `***`."""
-        out = {k: (REDACTED if _SECRET_NAME.search(k) else v) for k, v in self.env.items()}
+        out = {k: (REDACTED if is_secret_name(k) else v) for k, v in self.env.items()}
         out.update(dict.fromkeys(self.secrets, REDACTED))
         return dict(sorted(out.items()))
 

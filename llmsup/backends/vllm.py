@@ -67,7 +67,15 @@ class VllmModel(ModelBase):
         None, ge=1, description="--tensor-parallel-size (default: the number of gpus)"
     )
     pipeline_parallel_size: int | None = Field(
-        None, ge=1, description="--pipeline-parallel-size (TP x PP = the number of gpus)"
+        None,
+        ge=1,
+        description="--pipeline-parallel-size (TP x PP = the number of gpus; default: nodes)",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="nodes the model spans, `gpus` on each (TP within a node, PP across); "
+        "above 1 only under `llmsup export kubernetes` (a LeaderWorkerSet)",
     )
     gpu_memory_utilization: float | None = Field(
         None, description="share of each GPU's memory vLLM asks for, in (0, 1] (default 0.92)"
@@ -133,14 +141,21 @@ def tensor_parallel(m: VllmModel) -> int:
     return m.tensor_parallel_size or max(1, len(m.gpus))
 
 
+def pipeline_parallel(m: VllmModel) -> int:
+    """Its own, else one stage per node."""
+    return m.pipeline_parallel_size or m.nodes
+
+
 def build(name: str, m: VllmModel, host: str) -> Launch:
     argv = ["vllm", "serve", m.model, "--host", host, "--port", str(m.port)]
     if m.served_name is not None:
         argv += ["--served-model-name", *m.served_names]
     if m.tensor_parallel_size is not None or m.gpus:
         argv += ["--tensor-parallel-size", str(tensor_parallel(m))]
+    # Across nodes, one pipeline stage per node unless it says otherwise.
+    pp = pipeline_parallel(m) if m.nodes > 1 else m.pipeline_parallel_size
     optional = {
-        "--pipeline-parallel-size": m.pipeline_parallel_size,
+        "--pipeline-parallel-size": pp,
         "--gpu-memory-utilization": m.gpu_memory_utilization,
         "--max-model-len": m.max_model_len,
         "--kv-cache-dtype": m.kv_cache_dtype,
@@ -183,25 +198,47 @@ def build(name: str, m: VllmModel, host: str) -> Launch:
 # ------------------------------------------------------------------ checks
 
 
-def check(at: Locator, name: str, m: VllmModel, flags: FlagTable) -> list[Problem]:
-    """GPUs against the parallel sizes, and every flag against `flags`."""
+def check(
+    at: Locator, name: str, m: VllmModel, flags: FlagTable, *, one_host: bool = True
+) -> list[Problem]:
+    """GPUs against the parallel sizes (and nodes, which need a cluster unless
+    `one_host` is False), and every flag against `flags`."""
     out: list[Problem] = []
     path = ("models", name)
+    tp, pp = tensor_parallel(m), pipeline_parallel(m)
     if m.gpus:
         seen: set[str] = set()
         for i, g in enumerate(m.gpus):
             if str(g) in seen:
                 out.append(at.problem((*path, "gpus", i), f"GPU {g} is listed twice"))
             seen.add(str(g))
-        tp, pp = tensor_parallel(m), m.pipeline_parallel_size or 1
-        if tp * pp != len(m.gpus):
+        if tp * pp != len(m.gpus) * m.nodes:
+            listed = f"{len(m.gpus)} GPU(s) are listed in gpus"
+            if m.nodes > 1:
+                listed += f", on each of {m.nodes} nodes ({len(m.gpus) * m.nodes} in all)"
             out.append(
                 at.problem(
                     (*path, "tensor_parallel_size"),
                     f"tensor_parallel_size x pipeline_parallel_size = {tp} x {pp} = {tp * pp}, "
-                    f"but {len(m.gpus)} GPU(s) are listed in gpus; make them equal",
+                    f"but {listed}; make them equal",
                 )
             )
+    elif tp * pp % m.nodes:
+        out.append(
+            at.problem(
+                (*path, "nodes"),
+                f"tensor_parallel_size x pipeline_parallel_size = {tp} x {pp} = {tp * pp} "
+                f"GPUs do not split evenly over {m.nodes} nodes",
+            )
+        )
+    if m.nodes > 1 and one_host:
+        out.append(
+            at.problem(
+                (*path, "nodes"),
+                "nodes > 1 runs only under `llmsup export kubernetes` (a LeaderWorkerSet "
+                "across nodes); one host cannot: set nodes: 1 to run the model here",
+            )
+        )
     values, version = flags.values, flags.version
     if m.kv_cache_dtype and m.kv_cache_dtype not in values["kv_cache_dtype"]:
         out.append(
@@ -325,7 +362,8 @@ class Vllm(Backend[VllmModel]):
         return "served_name" if spec.served_name else "model"
 
     def check(self, at: Locator, name: str, spec: VllmModel, ctx: Context) -> list[Problem]:
-        return check(at, name, spec, ctx.vllm_flags) + super().check(at, name, spec, ctx)
+        own = check(at, name, spec, ctx.vllm_flags, one_host=ctx.one_host)
+        return own + super().check(at, name, spec, ctx)
 
     def checked_against(self, ctx: Context) -> dict[str, Any]:
         flags = ctx.vllm_flags_used
@@ -347,8 +385,8 @@ class Vllm(Backend[VllmModel]):
         return [at.problem(("models", name, "trust_remote_code"), msg)]
 
     def gpu_claim(self, spec: VllmModel) -> GpuClaim:
-        """Its `gpus`, else the first TP x PP visible devices; a share of each."""
-        n = tensor_parallel(spec) * (spec.pipeline_parallel_size or 1)
+        """Its `gpus`, else the first TP x PP visible devices (per node); a share of each."""
+        n = tensor_parallel(spec) * pipeline_parallel(spec) // spec.nodes
         gpus = tuple(spec.gpus) or tuple(range(n))
         return GpuClaim(gpus, spec.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION)
 

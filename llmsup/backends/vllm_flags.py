@@ -104,6 +104,14 @@ def _load(version: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
     return flags, values
 
 
+@cache
+def release(version: str) -> str:
+    """The vLLM release a table was read from (`0.33.0`), without a local part (`+cpu`)."""
+    data = resources.files("llmsup") / "data"
+    meta = json.loads((data / f"vllm-{version}-serve-flags.json").read_text())
+    return str(meta["vllm_version"]).split("+", 1)[0]
+
+
 def table(version: str, exact: bool, why: str) -> FlagTable:
     flags, values = _load(version)
     return FlagTable(version, flags, values, exact, why)

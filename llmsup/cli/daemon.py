@@ -231,14 +231,22 @@ def _alive_pid(pid: int) -> bool:
 @click.command()
 @manifest_option
 @click.option("--timeout", default=900.0, show_default=True, help="Seconds to wait.")
-def down(manifest_file: Path | None, timeout: float) -> None:
+@click.option(
+    "--keep-models",
+    is_flag=True,
+    help="Stop the daemon alone: every model runs on, for the next `llmsup up` to adopt "
+    "(an upgrade of llmsup that reloads no model).",
+)
+def down(manifest_file: Path | None, timeout: float, keep_models: bool) -> None:
     """Stop every model and the daemon; returns when no process is left.
 
     With no daemon: stops what the state directory's records name (a killed daemon's)."""
     there = target(manifest_file)
     try:
-        data = call(there, "POST", "/v1/down")
+        data = call(there, "POST", "/v1/down", {"keep_models": True} if keep_models else None)
     except NoDaemonError as e:
+        if keep_models:
+            raise NoDaemonError(f"{e}; with no daemon there is nothing to stop") from None
         with there.state.vacant():
             stopped = leftovers.stop(there)
         if not stopped:
@@ -254,7 +262,10 @@ def down(manifest_file: Path | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive_pid(pid):
-            click.echo("llmsup: every model stopped, daemon exited")
+            if keep_models:
+                click.echo("llmsup: daemon exited; the models run on (`llmsup up` adopts them)")
+            else:
+                click.echo("llmsup: every model stopped, daemon exited")
             return
         time.sleep(0.05)
     raise DaemonError(f"the daemon (pid {pid}) is still stopping after {timeout:g}s")

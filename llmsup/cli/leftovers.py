@@ -29,6 +29,7 @@ def stop(target: Target) -> list[tuple[str, list[int]]]:
     import asyncio
 
     from llmsup import process
+    from llmsup.supervise import memory
 
     key = target.state.key + ":"
     found = [(rec, process.members(rec)) for rec in process.load_records(target.state.path)]
@@ -47,6 +48,7 @@ def stop(target: Target) -> list[tuple[str, list[int]]]:
         await process.terminate(lambda: process.marked_with(key), grace(""))
 
     asyncio.run(stop_all())
+    memory.forget(target.state.path)  # stopped for good: a next `up` starts afresh
     out = [(rec.unit, sorted(p.pid for p in procs)) for rec, procs in found]
     return out + ([("unrecorded", sorted(p.pid for p in strays))] if strays else [])
 

@@ -2,10 +2,16 @@
 
 The contract the daemon (and the CLI, for a daemon that is gone) relies on:
 
-- `spawn(...) -> Child`: start one server in a session of its own, with a
-  marker in its environment, a private TMPDIR and, where the daemon may make
-  one, a cgroup of its own (`cgroup.prepare`). Save `child.record` at once.
-- `Child.exited()`: the server process's exit status, as soon as it exits.
+- `spawn(...) -> Child`: start one server under a log shim of its own
+  (`llmsup.shim`: the output reaches its log whatever becomes of the daemon),
+  in a session of its own, with a marker in its environment, a private TMPDIR
+  and, where the daemon may make one, a cgroup of its own (`cgroup.prepare`).
+  Save `child.record` at once.
+- `verify(record)` / `Child.adopt(record, ...)`: a server a daemon before us
+  started, still running and provably the same process (pid and start time,
+  its cgroup or marker, its shim): supervised again, never restarted.
+- `Child.exited()`: the server process's exit status, as soon as it exits
+  (a pidfd, and the exit file its shim writes).
 - `track(children)`: a snapshot of the servers' trees, every few seconds; the
   records learn every process and shared-memory segment seen (save them).
 - `members(record)`: every live process of a launch, found by its cgroup, its
@@ -14,9 +20,9 @@ The contract the daemon (and the CLI, for a daemon that is gone) relies on:
 - `stop(record, grace, leader)`: SIGTERM to the members, `grace`, then
   `cgroup.kill` and SIGKILL; complete only when no member is left; then the
   cgroup, the TMPDIR and the shared memory the tree held are removed.
-- `ServerLog(path, max_bytes, backups)`: a server's log file, the output
-  `spawn` pumps into it; a write that fails drops output (counted, in
-  status), never the server's pipe.
+- `ServerLog(path, max_bytes, backups)`: a server's log file, as its shim
+  writes it; a write that fails drops output (counted, in status through the
+  shim's status file), never the server's pipe.
 - `load_records` / `save_record` / `drop_record`: the state directory's memory
   of each launch, for a daemon that was killed.
 
@@ -30,10 +36,14 @@ come back to it; `reap_loop` waits for them, never for a server itself.
 
 from llmsup.process import cgroup, litter
 from llmsup.process.child import (
+    NOT_RUNNING,
     SCRUBBED_ENV,
     TRACK_INTERVAL,
     Child,
+    LogSpec,
+    append_line,
     child_env,
+    exit_code_of,
     exit_status,
     find_executable,
     port_holder,
@@ -46,8 +56,8 @@ from llmsup.process.child import (
     strays,
     terminate,
     track,
+    verify,
 )
-from llmsup.process.logfile import ServerLog
 from llmsup.process.records import (
     Record,
     drop_record,
@@ -66,21 +76,28 @@ from llmsup.process.tracking import (
     members_in,
     tree_pids,
 )
+from llmsup.shim.logfile import ServerLog
+from llmsup.state import EXIT_UNKNOWN
 
 __all__ = [
+    "EXIT_UNKNOWN",
     "MARKER",
+    "NOT_RUNNING",
     "SCRUBBED_ENV",
     "TABLE",
     "TRACK_INTERVAL",
     "Child",
+    "LogSpec",
     "ProcessTable",
     "Record",
     "Seen",
     "ServerLog",
+    "append_line",
     "become_subreaper",
     "cgroup",
     "child_env",
     "drop_record",
+    "exit_code_of",
     "exit_status",
     "find_executable",
     "litter",
@@ -101,4 +118,5 @@ __all__ = [
     "terminate",
     "track",
     "tree_pids",
+    "verify",
 ]

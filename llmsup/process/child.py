@@ -1,102 +1,207 @@
 """Starting a server, watching it, and stopping its whole tree.
 
-Every server runs in its own session (so its process group is its pid), with
-`LLMSUP_INSTANCE=<state key>:<unit>:<random>` in its environment, a private
-TMPDIR, and (where the daemon may make one) a cgroup of its own that it joins
-before it runs its first instruction. `tracking` says how its processes are
-found again; we signal only those.
+Every server runs under a shim of its own (`llmsup.shim`), a small process that
+writes the server's output to its log and outlives the daemon: a daemon that is
+killed or restarted costs no line of output, and a next daemon adopts the server
+(`Child.adopt`). The server runs in its own session (so its process group is its
+pid), with `LLMSUP_INSTANCE=<state key>:<unit>:<random>` in its environment (not
+in the shim's: the shim is no member of the launch, and outlives the server to
+drain its output), a private TMPDIR, and (where the daemon may make one) a
+cgroup of its own that it joins before it runs its first instruction.
+`tracking` says how its processes are found again; we signal only those.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import errno
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO, Any
 
 import psutil
 
 from llmsup.process import cgroup, litter, tracking
-from llmsup.process.logfile import ServerLog
-from llmsup.process.records import Record, save_record
-from llmsup.process.tracking import MARKER, members
+from llmsup.process.records import SHIM_SUFFIXES, Record, save_record
+from llmsup.process.tracking import MARKER, SAME_START, members
+from llmsup.shim import main as shim
+from llmsup.state import EXIT_UNKNOWN
+from llmsup.statedir import StateDir
 
 # Never passed to servers: systemd's notify socket belongs to the daemon alone.
 SCRUBBED_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 TRACK_INTERVAL = 2.0  # seconds between snapshots of the servers' trees
-# The server joins its cgroup itself, between fork and exec: a shell writes its own
-# pid into cgroup.procs, then execs the server in place (same pid). See `spawn`.
-_JOIN = '{ echo $$ > "$1"; } 2>/dev/null; shift; exec "$@"'
-_SH = "/bin/sh"
+SHIM_START = 30.0  # seconds a shim may take to start its server (a loaded host)
+EXIT_FILE_WAIT = 2.0  # seconds to wait for a live shim to write the exit status
+FOLLOW_PAUSE = 0.25  # seconds between reads of an adopted server's log
+
+
+@dataclass(frozen=True)
+class ShimFiles:
+    """What a launch's shim writes beside its record (see `llmsup.shim.main`)."""
+
+    pid: Path
+    exit: Path
+    status: Path
+
+    @classmethod
+    def of(cls, state_dir: Path, instance: str) -> ShimFiles:
+        name = instance.replace(":", "_")
+        return cls(*(StateDir(state_dir).records / f"{name}{s}" for s in SHIM_SUFFIXES))
+
+    def read(self, path: Path) -> dict[str, Any] | None:
+        """One of the files, or None while it is not (wholly) there."""
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def remove(self) -> None:
+        for path in (self.pid, self.exit, self.status):
+            path.unlink(missing_ok=True)
 
 
 class Child:
-    """A running server: its process, its record, and its output pump.
+    """A running server: its record, its shim's files, and its output.
 
-    The pump reads the server's output for as long as the pipe is open, whatever
-    becomes of its log (`ServerLog.write` never raises): a server never blocks
-    on its output, nor sees EPIPE.
+    Started by this daemon (`spawn`): the output comes from the shim's stdout, a
+    copy of what the shim writes to the log. Adopted from a daemon that is gone
+    (`adopt`): the shim's copy went to that daemon; the output is read from the
+    log as it grows. Either way the lines feed `on_line` and `tail`.
 
-    The process is started in a worker thread (`spawn`): fork/exec blocks the
-    calling thread until the new program runs, and the event loop must go on
-    serving status, probes and the gateway meanwhile. Nothing else reaps it:
-    `exited` does, through `Popen.poll`. `record` grows as `track` sees the
-    tree; `pids` are the live members the last snapshot found.
+    The server is the shim's child, not ours: its exit is seen through a pidfd
+    (or, before Linux 5.3, by polling), and its status read from the exit file
+    the shim writes. `record` grows as `track` sees the tree; `pids` are the live
+    members the last snapshot found.
     """
 
     def __init__(
         self,
-        proc: subprocess.Popen[bytes],
         record: Record,
-        log: ServerLog,
+        files: ShimFiles,
         on_line: Callable[[str], None],
+        output: IO[bytes] | None = None,
+        follow: Path | None = None,
     ) -> None:
-        self.proc = proc
         self.record = record
-        self.pids: set[int] = {proc.pid}
-        self.log = log
+        self.files = files
+        self.pids: set[int] = {record.pid}
         self.tail: deque[str] = deque(maxlen=20)
+        self.code: int | None = None  # the exit status, once known
         self._on_line = on_line
-        self.pump = asyncio.create_task(self._pump())
+        self._output = output
+        self._gone = asyncio.Event()
+        self.pump = asyncio.create_task(self._pump(output) if output else self._follow(follow))
+        self._watch = asyncio.create_task(self._wait_exit())
 
-    async def _pump(self) -> None:
-        assert self.proc.stdout is not None
+    @classmethod
+    def adopt(
+        cls, record: Record, state_dir: Path, log: Path, on_line: Callable[[str], None]
+    ) -> Child:
+        """A server a daemon before us started, still running (`verify` says so)."""
+        return cls(record, ShimFiles.of(state_dir, record.instance), on_line, follow=log)
+
+    @property
+    def pid(self) -> int:
+        return self.record.pid
+
+    @property
+    def running(self) -> bool:
+        return self.code is None
+
+    def log_status(self) -> tuple[int, str]:
+        """Bytes of output the log dropped (a full disk), and the warning while it does."""
+        data = self.files.read(self.files.status) or {}
+        return int(data.get("dropped_bytes", 0)), str(data.get("warning", ""))
+
+    def _lines(self, chunk: bytes, partial: bytes) -> bytes:
+        lines = (partial + chunk).split(b"\n")
+        for raw in lines[:-1]:
+            line = raw.decode("utf-8", "replace").rstrip("\r")
+            self.tail.append(line)
+            self._on_line(line)
+        return lines[-1][-4096:]
+
+    async def _pump(self, output: IO[bytes]) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=2**20)
         transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), self.proc.stdout
+            lambda: asyncio.StreamReaderProtocol(reader), output
         )
         partial = b""
         try:
             while chunk := await reader.read(65536):
-                self.log.write(chunk)
-                lines = (partial + chunk).split(b"\n")
-                partial = lines.pop()[-4096:]
-                for raw in lines:
-                    line = raw.decode("utf-8", "replace").rstrip("\r")
-                    self.tail.append(line)
-                    self._on_line(line)
+                partial = self._lines(chunk, partial)
         finally:
             transport.close()
 
-    async def exited(self) -> int:
-        """The exit status of the server process itself.
+    async def _follow(self, path: Path | None) -> None:
+        """The log from its end at adoption, as it grows (and rotates), until the
+        server is gone and what it wrote is read."""
+        if path is None:
+            return
+        f = await asyncio.to_thread(_open_at_end, path)
+        partial = b""
+        try:
+            while True:
+                chunk = await asyncio.to_thread(f.read) if f is not None else b""
+                if chunk:
+                    partial = self._lines(chunk, partial)
+                    continue
+                if self._gone.is_set():
+                    return
+                if f is None or await asyncio.to_thread(_rotated, path, f):
+                    if f is not None:
+                        f.close()
+                    f = await asyncio.to_thread(_open, path)
+                    continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._gone.wait(), FOLLOW_PAUSE)
+        finally:
+            if f is not None:
+                f.close()
 
-        Not its output's end: an orphaned vLLM EngineCore keeps the pipe open
-        forever. A pidfd tells us of the exit at once; without pidfds (Linux <
-        5.3), poll every 50 ms.
-        """
-        return await exit_status(self.proc)
+    async def _wait_exit(self) -> None:
+        try:
+            await _until_gone(self.record.pid, self.record.create_time)
+            self.code = await self._exit_code()
+        finally:
+            self._gone.set()
+
+    async def _exit_code(self) -> int:
+        """What the shim wrote of the exit; EXIT_UNKNOWN if it was gone and could not."""
+        deadline = time.monotonic() + EXIT_FILE_WAIT
+        while True:
+            code = _exit_code(self.files, self.record)
+            if code is not None:
+                return code
+            shim_alive = _alive(self.record.shim, self.record.shim_create_time)
+            if not shim_alive or time.monotonic() >= deadline:
+                return EXIT_UNKNOWN
+            await asyncio.sleep(0.01)
+
+    async def exited(self) -> int:
+        """The exit status of the server process itself, as soon as it exits.
+
+        Not its output's end: an orphaned vLLM EngineCore keeps the pipe open."""
+        await asyncio.shield(self._watch)
+        assert self.code is not None
+        return self.code
 
     async def wait(self) -> int:
         """Until the process has exited and its output is drained."""
@@ -105,14 +210,123 @@ class Child:
         return code
 
     async def close(self) -> None:
+        """Stop reading its output (the shim goes on writing the log) and forget it."""
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.pump), 2.0)
-        if not self.pump.done():
-            self.pump.cancel()
-            await asyncio.wait({self.pump})  # its pipe closed before we return
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()  # a no-op unless the pump was cancelled before it began
-        self.log.close()
+            await asyncio.wait_for(asyncio.shield(self.pump), 2.0 if self._gone.is_set() else 0)
+        for task in (self.pump, self._watch):
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if self._output is not None:
+            self._output.close()  # a no-op unless the pump was cancelled before it began
+
+    async def detach(self) -> None:
+        """Leave the server running (the daemon exits for a successor to adopt it)."""
+        for task in (self.pump, self._watch):
+            task.cancel()
+            await asyncio.wait({task})
+        if self._output is not None:
+            self._output.close()  # the shim's copy ends (EPIPE); its log goes on
+
+
+def _open(path: Path) -> IO[bytes] | None:
+    try:
+        return open(path, "rb")
+    except OSError:
+        return None
+
+
+def _open_at_end(path: Path) -> IO[bytes] | None:
+    f = _open(path)
+    if f is not None:
+        f.seek(0, os.SEEK_END)
+    return f
+
+
+def _rotated(path: Path, f: IO[bytes]) -> bool:
+    try:
+        return path.stat().st_ino != os.fstat(f.fileno()).st_ino
+    except OSError:
+        return False
+
+
+def _alive(pid: int | None, created: float) -> bool:
+    """Whether `pid` is still the process that started at `created`."""
+    if not pid:
+        return False
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and abs(p.create_time() - created) < SAME_START
+    except psutil.Error:
+        return False
+
+
+async def _until_gone(pid: int, created: float) -> None:
+    """Return once the process `pid` that started at `created` has exited: a pidfd
+    tells us at once (opened, then checked to be that very process); without
+    pidfds (Linux < 5.3), poll every 50 ms."""
+    fd = None
+    with contextlib.suppress(AttributeError, OSError):
+        fd = os.pidfd_open(pid)
+    if fd is not None:
+        try:
+            if not _alive(pid, created):
+                return
+            gone = asyncio.get_running_loop().create_future()
+
+            def on_exit() -> None:
+                if not gone.done():
+                    gone.set_result(None)
+
+            loop = asyncio.get_running_loop()
+            loop.add_reader(fd, on_exit)
+            try:
+                await gone
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+        return
+    while _alive(pid, created):
+        await asyncio.sleep(0.05)
+
+
+NOT_RUNNING = "not running"
+
+
+def verify(record: Record) -> str | None:
+    """Why the server `record` names cannot be adopted (None: it can): it must be
+    running under its shim, the very processes the record names (pid and start
+    time), and be ours (in its cgroup, or carrying its marker). A pid the kernel
+    gave to another process is never adopted, nor signalled."""
+    if record.shim is None:
+        return "started without a log shim (by an older llmsup): its output went to the daemon"
+    if not _alive(record.pid, record.create_time):
+        return NOT_RUNNING
+    if not _alive(record.shim, record.shim_create_time):
+        return "its log shim is gone"
+    try:
+        p = psutil.Process(record.pid)
+        in_cgroup = bool(record.cgroup) and record.pid in cgroup.procs(Path(record.cgroup or ""))
+        if not in_cgroup and p.environ().get(MARKER) != record.instance:
+            return "neither in its cgroup nor marked as ours"
+        if p.ppid() != record.shim:
+            return "no longer the shim's child"
+    except (psutil.Error, OSError):
+        return NOT_RUNNING
+    return None
+
+
+def exit_code_of(state_dir: Path, record: Record) -> int | None:
+    """How a launch's server ended, as its shim wrote it (None: not written)."""
+    return _exit_code(ShimFiles.of(state_dir, record.instance), record)
+
+
+def _exit_code(files: ShimFiles, record: Record) -> int | None:
+    data = files.read(files.exit)
+    if data is None or data.get("pid") != record.pid:
+        return None
+    return -int(data["signal"]) if "signal" in data else int(data.get("code", 0))
 
 
 async def exit_status(proc: subprocess.Popen[bytes]) -> int:
@@ -175,50 +389,91 @@ def child_env(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, st
     return env
 
 
+def append_line(path: Path, text: str) -> None:
+    """One line of llmsup's own in a server's log, stamped (O_APPEND: whole lines
+    beside the shim's writes). Raises OSError."""
+    stamp = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        f.write(f"--- llmsup {stamp}: {text}\n".encode())
+
+
+@dataclass(frozen=True)
+class LogSpec:
+    """Where a server's output goes, and how the shim rotates it."""
+
+    path: Path
+    max_bytes: int
+    backups: int
+
+
+def shim_argv(
+    argv: list[str], log: LogSpec, files: ShimFiles, instance: str, cg: Path | None
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "llmsup.shim",
+        "--log",
+        str(log.path),
+        "--max-bytes",
+        str(log.max_bytes),
+        "--backups",
+        str(log.backups),
+        "--pid-file",
+        str(files.pid),
+        "--exit-file",
+        str(files.exit),
+        "--status-file",
+        str(files.status),
+        "--set-env",
+        f"{MARKER}={instance}",
+        *(["--cgroup", str(cg)] if cg is not None else []),
+        "--",
+        *argv,
+    ]
+
+
 async def spawn(
     unit: str,
     argv: list[str],
     env: dict[str, str],
     key: str,
-    log: ServerLog,
+    log: LogSpec,
     on_line: Callable[[str], None],
     *,
-    state_dir: Path | None = None,
+    state_dir: Path,
     cgroups: Path | None = None,
+    fingerprint: str = "",
 ) -> Child:
-    """Start `argv` in a new session; stdout and stderr go to `log`.
+    """Start `argv` under a shim of its own, in a new session; its stdout and
+    stderr go to `log`. Raises OSError when it cannot be started.
 
-    With `state_dir`, the server gets a private TMPDIR under it; with `cgroups`
-    (from `cgroup.prepare`), a cgroup of its own there. Python's subprocess
-    cannot start a child inside a cgroup (no clone3 CLONE_INTO_CGROUP), and
-    writing to cgroup.procs in a preexec_fn is unsafe in a threaded daemon; so
-    the child is a /bin/sh that moves itself into the cgroup and then execs the
-    server in place. Every process the server ever forks is thus inside. The
-    daemon writes the pid once more after the fork, in case the shell could not.
-    """
+    The server gets a private TMPDIR under `state_dir`; with `cgroups` (from
+    `cgroup.prepare`), a cgroup of its own there, which the shim (single-threaded,
+    unlike the daemon) moves it into between fork and exec: every process the
+    server ever forks is thus inside. The shim runs in a session of its own too
+    (a terminal's signals are not for it) and outside the cgroup (stopping the
+    tree never kills it: it drains the output, then exits as its server did)."""
     instance = f"{key}:{unit}:{uuid.uuid4().hex[:12]}"
-    tmpdir = litter.make_tmpdir(state_dir, instance) if state_dir else None
+    tmpdir = litter.make_tmpdir(state_dir, instance)
     cg = cgroup.create(cgroups, unit, instance) if cgroups else None
-    env = {**env, MARKER: instance, **(litter.tmp_env(tmpdir) if tmpdir else {})}
-    log.write(f"--- llmsup: starting {unit}: {argv[0]} (instance {instance})\n".encode())
-    run = argv
-    if cg is not None and os.path.exists(_SH):
-        run = [_SH, "-c", _JOIN, "llmsup-join", str(cg / "cgroup.procs"), *argv]
+    files = ShimFiles.of(state_dir, instance)
+    env = {**env, **litter.tmp_env(tmpdir)}
+    run = shim_argv(argv, log, files, instance, cg)
+    with contextlib.suppress(OSError):
+        append_line(log.path, f"starting {unit}: {argv[0]} (instance {instance})")
 
     def popen() -> subprocess.Popen[bytes]:
-        with tracking.OWN_LOCK:  # orphan reaping must not take this child's exit
-            proc = subprocess.Popen(
-                run,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            tracking.own(proc)
-        if cg is not None:
-            with contextlib.suppress(OSError):
-                cgroup.join(cg, proc.pid)
+        files.pid.parent.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            run,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        tracking.shim(proc.pid)
         return proc
 
     # A future, not a task: nothing (not even the loop's shutdown) cancels it while
@@ -226,52 +481,91 @@ async def spawn(
     started = asyncio.get_running_loop().run_in_executor(None, popen)
     try:
         proc = await asyncio.shield(started)
+        server = await _server_of(proc, files)
     except asyncio.CancelledError:
-        # A stop while the thread forks: the server starts all the same, and nobody
+        # A stop while the shim starts: the server starts all the same, and nobody
         # would supervise it. Stop it as soon as it exists.
-        started.add_done_callback(lambda f: _kill_unwanted(f, cg, tmpdir))
+        started.add_done_callback(lambda f: _kill_unwanted(f, files, cg, tmpdir))
         raise
     except OSError:
+        if started.done() and not started.exception():
+            started.result().stdout.close()  # type: ignore[union-attr]
+        files.remove()
         _clean(cg, tmpdir, set())
         raise
-    try:
-        created = psutil.Process(proc.pid).create_time()
-    except psutil.Error:
-        created = time.time()
+    pid, created = int(server["pid"]), float(server["create_time"])
+    if cg is not None and pid not in cgroup.procs(cg):
+        with contextlib.suppress(OSError):
+            cgroup.join(cg, pid)  # the shim could not: early, its first child not yet forked
     record = Record(
         unit,
         instance,
-        proc.pid,
-        proc.pid,
+        pid,
+        pid,
         created,
         list(argv),
         cgroup=str(cg) if cg else None,
-        tmpdir=str(tmpdir) if tmpdir else None,
-        known=((proc.pid, created),),
+        tmpdir=str(tmpdir),
+        known=((pid, created),),
+        shim=proc.pid,
+        shim_create_time=float(server.get("shim_create_time", 0.0)),
+        fingerprint=fingerprint,
     )
-    return Child(proc, record, log, on_line)
+    assert proc.stdout is not None
+    return Child(record, files, on_line, output=proc.stdout)
+
+
+async def _server_of(proc: subprocess.Popen[bytes], files: ShimFiles) -> dict[str, Any]:
+    """The pid file the shim writes once its server runs; OSError when the shim
+    could not start it (the exit file says why) or died first."""
+    deadline = time.monotonic() + SHIM_START
+    pause = 0.002
+    while True:
+        data = files.read(files.pid)
+        if data is not None and "pid" in data:
+            return data
+        if proc.poll() is not None or time.monotonic() > deadline:
+            failed = files.read(files.exit) or {}
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            why = str(failed.get("error") or f"its log shim exited ({proc.poll()})")
+            code = errno.ENOENT if failed.get("code") == shim.NOT_FOUND else errno.EACCES
+            raise OSError(code, why)
+        await asyncio.sleep(pause)
+        pause = min(0.02, pause * 1.5)
 
 
 def _kill_unwanted(
-    started: asyncio.Future[subprocess.Popen[bytes]], cg: Path | None, tmpdir: Path | None
+    started: asyncio.Future[subprocess.Popen[bytes]],
+    files: ShimFiles,
+    cg: Path | None,
+    tmpdir: Path | None,
 ) -> None:
-    """Kill and reap the server a cancelled `spawn` started all the same."""
+    """Kill the server a cancelled `spawn` started all the same."""
     if started.cancelled() or started.exception() is not None:
+        files.remove()
         _clean(cg, tmpdir, set())
         return
     proc = started.result()
-    with contextlib.suppress(OSError):
-        os.killpg(proc.pid, signal.SIGKILL)  # its group: the server, and any child it started
-    if cg is not None:
-        cgroup.kill(cg)
-    if proc.stdout is not None:
-        proc.stdout.close()
 
-    def reap() -> None:
+    def kill() -> None:
+        deadline = time.monotonic() + SHIM_START
+        while (data := files.read(files.pid)) is None and proc.poll() is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if data is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(int(data["pid"]), signal.SIGKILL)  # the server and its children
+        if cg is not None:
+            cgroup.kill(cg)
+        if proc.stdout is not None:
+            proc.stdout.close()
         proc.wait()
+        files.remove()
         _clean(cg, tmpdir, set())
 
-    threading.Thread(target=reap, daemon=True).start()
+    threading.Thread(target=kill, daemon=True).start()
 
 
 def _clean(

@@ -38,6 +38,11 @@ class Record:
     # that finds a descendant which left the group and carries no environment.
     known: tuple[tuple[int, float], ...] = ()
     shm: tuple[str, ...] = ()  # /dev/shm entries the tree was seen to map or hold open
+    # The shim that writes its output (llmsup.shim), the server's parent; None: a
+    # launch of an older llmsup, whose output went to its daemon (never adopted).
+    shim: int | None = None
+    shim_create_time: float = 0.0
+    fingerprint: str = ""  # of the launch (`Launch.fingerprint`): changed means replace
 
 
 def _from_json(data: dict[str, Any], what: str) -> Record:
@@ -61,8 +66,16 @@ def save_record(state_dir: Path, record: Record) -> None:
     tmp.replace(final)
 
 
+# Beside each record, what its shim writes (llmsup.process.child.ShimFiles).
+SHIM_SUFFIXES = (".pid", ".exit", ".status")
+
+
 def drop_record(state_dir: Path, record: Record) -> None:
-    _file(state_dir, record).unlink(missing_ok=True)
+    """Forget a launch: its record, then its shim's files."""
+    record_file = _file(state_dir, record)
+    record_file.unlink(missing_ok=True)
+    for suffix in SHIM_SUFFIXES:
+        record_file.with_suffix(suffix).unlink(missing_ok=True)
 
 
 def load_records(state_dir: Path) -> list[Record]:

@@ -149,9 +149,16 @@ def members(record: Record, table: ProcessTable = TABLE) -> list[psutil.Process]
     return [s.proc for s in members_in(record, table.scan(), in_cgroup)]
 
 
-def marked_with(prefix: str, table: ProcessTable = TABLE) -> list[psutil.Process]:
-    """Processes whose marker starts with `prefix` (a state key: all of one daemon's)."""
-    return [s.proc for s in table.scan() if s.marker is not None and s.marker.startswith(prefix)]
+def marked_with(
+    prefix: str, table: ProcessTable = TABLE, *, keep: set[str] | frozenset[str] = frozenset()
+) -> list[psutil.Process]:
+    """Processes whose marker starts with `prefix` (a state key: all of one daemon's),
+    but for the markers in `keep` (servers adopted by the daemon)."""
+    return [
+        s.proc
+        for s in table.scan()
+        if s.marker is not None and s.marker.startswith(prefix) and s.marker not in keep
+    ]
 
 
 def tree_pids(pid: int) -> set[int]:
@@ -209,6 +216,16 @@ def own(proc: subprocess.Popen[bytes]) -> None:
     _OWN[proc.pid] = proc
 
 
+# The servers' shims we started: reaped as orphans are once they exit, but no
+# stray (a shim drains its server's output after the server is gone).
+_SHIMS: set[int] = set()
+
+
+def shim(pid: int) -> None:
+    """Register a shim we started."""
+    _SHIMS.add(pid)
+
+
 def _children() -> set[int]:
     out: set[int] = set()
     try:
@@ -227,7 +244,7 @@ def _children() -> set[int]:
 def strays() -> list[int]:
     """Our children that no spawn of ours owns: orphans re-parented to us."""
     with OWN_LOCK:
-        return [pid for pid in _children() if _not_ours(pid)]
+        return [pid for pid in _children() if _not_ours(pid) and pid not in _SHIMS]
 
 
 def _not_ours(pid: int) -> bool:
@@ -254,6 +271,7 @@ def reap_orphans() -> list[int]:
                 continue
             if result is not None:
                 reaped.append(pid)
+                _SHIMS.discard(pid)
         return reaped
     finally:
         OWN_LOCK.release()

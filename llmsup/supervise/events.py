@@ -24,6 +24,14 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Adopted:
+    """A server a daemon before this one started is still running, and is ours:
+    supervise it from where it is (probe it, watch its exit), never restart it."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
 class Restart:
     """Asked for (`llmsup restart`): stop the process, if any, and start afresh with
     the earlier restarts forgotten, without resting in STOPPED."""
@@ -125,6 +133,7 @@ class Timer:
 Event = (
     Start
     | Stop
+    | Adopted
     | Restart
     | PredecessorsBusy
     | PredecessorsDone
@@ -167,6 +176,11 @@ class CheckGpu:
 @dataclass(frozen=True)
 class Spawn:
     """Start the process; report Started or LaunchFailed, then its lines and Exited."""
+
+
+@dataclass(frozen=True)
+class WatchExit:
+    """Report Exited once the (adopted) process exits; a Spawn watches its own."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +236,7 @@ Command = (
     | Prepare
     | CheckGpu
     | Spawn
+    | WatchExit
     | AwaitReady
     | RunPostStart
     | Probe

@@ -4,6 +4,7 @@ is passed in (monotonic seconds), randomness (backoff jitter) through `rand`.
 The events, the commands and `Life` are plain data in `llmsup.supervise.events`.
 
     STOPPED/FAILED --start--> STARTING --busy predecessor--> WAITING --done--> STARTING
+    STOPPED --adopted (a process a daemon before us started)--> STARTING --ready--> READY
     STARTING --GPU short--> WAITING_GPU --free--> STARTING (spawn) --answers--> LOADING
     STARTING/LOADING --ready--> READY <--probes--> UNHEALTHY
     a process that ends, or is to be ended --> STOPPING --tree gone--> BACKOFF/STOPPED/FAILED
@@ -25,6 +26,7 @@ from llmsup import manifest
 from llmsup.state import State, describe_exit
 from llmsup.supervise.events import (
     Abandon,
+    Adopted,
     Answering,
     AwaitReady,
     CancelTimer,
@@ -60,6 +62,7 @@ from llmsup.supervise.events import (
     StopTree,
     Timer,
     TreeStopped,
+    WatchExit,
 )
 
 # ------------------------------------------------------------------ rules
@@ -134,6 +137,24 @@ def _restart(life: Life, rules: Rules) -> Result:
     # No process yet: the checks and waits under way belong to the start before.
     life, cmds = _start(life, reset=True)
     return life, [note, *_cancel_all(), Abandon(), *cmds]
+
+
+def _adopted(life: Life, pid: int, now: float, rules: Rules) -> Result:
+    """Its process runs on from a daemon before us: watch it, and probe it until it
+    answers (READY at once if it was); its earlier restarts are kept."""
+    life = replace(
+        life,
+        state=State.STARTING,
+        detail=f"pid {pid} (adopted)",
+        pid=pid,
+        since=now,
+        hint="",
+        launched=True,
+        fatal=False,
+        starts=life.starts + 1,
+    )
+    note = Note(f"adopted pid {pid}, still running from a daemon before this one")
+    return life, [note, WatchExit(), SetTimer("startup", rules.startup_timeout), AwaitReady()]
 
 
 def _launch(life: Life) -> Result:
@@ -275,6 +296,7 @@ LIVE = (State.READY, State.UNHEALTHY)
 # for wins over a Restart under way, and a second Restart is taken into the first.
 TABLE: dict[type, tuple[State, ...]] = {
     Start: (State.STOPPED, State.FAILED),
+    Adopted: (State.STOPPED,),
     Stop: (State.WAITING, State.WAITING_GPU, State.BACKOFF, *RUNNING, State.STOPPING),
     Restart: tuple(State),
     PredecessorsBusy: (State.STARTING, State.WAITING, State.BACKOFF),
@@ -305,6 +327,8 @@ def step(life: Life, ev: Event, now: float, rules: Rules, rand: random.Random) -
     match ev:
         case Start(reset=reset):
             return _start(life, reset)
+        case Adopted(pid=pid):
+            return _adopted(life, pid, now, rules)
         case Stop():
             if s == State.STOPPING:  # a stop asked for wins over any restart under way
                 detail = f"pid {life.pid}" if life.pid is not None else "stopping"

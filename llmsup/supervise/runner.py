@@ -236,6 +236,8 @@ class Runner:
                 self._effect(self._check_gpu)
             case ev.Spawn():
                 self._effect(self._spawn, keep=True)
+            case ev.WatchExit():
+                self._effect(self._watch_exit)
             case ev.AwaitReady():
                 self._effect(self._await_ready)
             case ev.RunPostStart():
@@ -313,7 +315,7 @@ class Runner:
     async def _spawn(self, report: Report) -> None:
         self._wake.clear()
         try:
-            pid = await self.launcher.spawn(self._on_line)
+            pid = await self.launcher.spawn(self.on_line)
         except Refused as e:
             report(ev.LaunchFailed(str(e)))
             return
@@ -326,7 +328,7 @@ class Runner:
     async def _watch_exit(self, report: Report) -> None:
         report(ev.Exited(await self.launcher.exited()))
 
-    def _on_line(self, line: str) -> None:
+    def on_line(self, line: str) -> None:
         if hint := self.backend.exit_hint(line):
             self.post(ev.Hint(hint))
         if phase := self.backend.phase(line):

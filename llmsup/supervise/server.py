@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import os
 import random
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +20,7 @@ from llmsup.backends import Http, Launch
 from llmsup.manifest import LoadedManifest
 from llmsup.plan import Plan
 from llmsup.state import State
-from llmsup.supervise import events, machine
+from llmsup.supervise import events, machine, memory
 from llmsup.supervise.runner import MonotonicClock, Refused, Runner
 
 log = logging.getLogger("llmsup")
@@ -67,7 +67,7 @@ class Server:
         self.detail = ""
         self.started_at: float | None = None  # wall clock, for uptime
         self.child: process.Child | None = None
-        self.logfile: process.ServerLog | None = None  # the last launch's, for status
+        self._remembered: memory.Memory | None = None  # as last saved for the next daemon
         self.task: asyncio.Task[None] | None = None
         self.tail: list[str] = []
         self.api_key: str | None = None  # the key the server was started with
@@ -145,6 +145,30 @@ class Server:
 
     # -------------------------------------------------------- control
 
+    def resume(self, remembered: memory.Memory) -> None:
+        """Take up the counters (and FAILED or STOPPED) of the daemon before us."""
+        self._remembered = remembered
+        self.runner.life = remembered.life(*memory.now_pair())
+        life = self.runner.life
+        self.set_state(life.state, life.detail)
+
+    def adopt(self, child: process.Child) -> None:
+        """Supervise a server a daemon before us started, from where it is."""
+        self.child = child
+        self.started_at = child.record.create_time
+        self.set_state(State.STARTING, f"pid {child.pid} (adopted)")
+        self.task = asyncio.create_task(
+            self.runner.run(events.Adopted(child.pid)), name=f"server:{self.launch.unit}"
+        )
+
+    async def detach(self) -> None:
+        """Stop supervising, leaving the server running for the next daemon."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.wait({self.task})
+        if self.child is not None:
+            await self.child.detach()
+
     def start(self, reset: bool = False) -> None:
         """Supervise it from now on; `reset`: forget its earlier restarts and failure."""
         if self.retired:  # e.g. a `restart` that was waiting while a reload replaced us
@@ -186,7 +210,8 @@ class Server:
 
     def status(self) -> list[dict[str, Any]]:
         la = self.launch
-        pid = self.child.proc.pid if self.child and self.child.proc.returncode is None else None
+        pid = self.child.pid if self.child and self.child.running else None
+        dropped, warning = self.child.log_status() if self.child else (0, "")
         up = time.time() - self.started_at if self.started_at and self.state.running else None
         return [
             {
@@ -210,8 +235,8 @@ class Server:
                 "progress": self.progress if self.state.running else "",
                 "log": str(self.daemon.log_path(la.unit)),
                 # Output dropped from the log (a full disk): since the launch began.
-                "log_dropped_bytes": self.logfile.dropped_bytes if self.logfile else 0,
-                "log_warning": self.logfile.warning if self.logfile else "",
+                "log_dropped_bytes": dropped,
+                "log_warning": warning,
                 "tail": self.tail if self.state == State.FAILED else [],
                 "gpu_memory": (
                     {str(k): v for k, v in self.gpu_memory.items()}
@@ -220,7 +245,7 @@ class Server:
                 ),
                 "instance": self.child.record.instance if self.child else None,
                 # Its live processes (by tree and cgroup), to attribute GPU holders.
-                "pids": sorted(self.child.pids | {self.child.proc.pid}) if self.child else [],
+                "pids": sorted(self.child.pids | {self.child.pid}) if self.child else [],
             }
             for model in la.models
         ]
@@ -232,17 +257,29 @@ class Server:
             self.daemon.changed(self.launch.unit, after.state, after.progress)
         if after.state != before.state or after.detail != before.detail:
             self.set_state(after.state, after.detail)
+        self._remember(after)
+
+    def _remember(self, life: events.Life) -> None:
+        """Save what the next daemon must know, when it changes (a full disk: said,
+        and supervision goes on)."""
+        mono, wall = memory.now_pair()
+        now = memory.Memory.of(self.launch.unit, self.launch.fingerprint(), life, mono, wall)
+        last = self._remembered
+        if last is not None and replace(now, restarts=()) == replace(last, restarts=()):
+            return
+        try:
+            memory.save(self.daemon.state_dir, now)
+        except OSError as e:
+            log.warning("%s: cannot save its state for the next daemon: %s", self.launch.unit, e)
+        self._remembered = now
 
     def note(self, text: str, level: int = logging.INFO) -> None:
         """One line about this server's life (an exit, a failed probe, a stop, a
         restart and its delay) in the daemon's log and in the server's own log."""
         log.log(level, "%s: %s", self.launch.unit, text)
-        stamp = datetime.datetime.now().astimezone().isoformat(timespec="milliseconds")
         path = self.daemon.log_path(self.launch.unit)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "ab") as f:  # O_APPEND: whole lines beside the server's output
-                f.write(f"--- llmsup {stamp}: {text}\n".encode())
+            process.append_line(path, text)
         except OSError as e:
             log.warning("%s: cannot write to %s: %s", self.launch.unit, path, e)
 
@@ -299,30 +336,29 @@ class Server:
     async def spawn(self, on_line: Callable[[str], None]) -> int:
         la = self.launch
         mf = self.daemon.loaded.manifest
-        logfile = process.ServerLog(
+        logs = process.LogSpec(
             self.daemon.log_path(la.unit), mf.defaults.log.max_size, mf.defaults.log.backups
         )
-        self.logfile = logfile
         try:
             child = await process.spawn(
                 la.unit,
                 [self._exe, *la.argv[1:]],
                 self._env,
                 self.daemon.key,
-                logfile,
+                logs,
                 on_line,
                 state_dir=self.daemon.state_dir,
                 cgroups=self.daemon.cgroups,
+                fingerprint=la.fingerprint(),
             )
         except OSError as e:
-            logfile.close()
             if limits.shortage(e):
                 raise
             raise Refused(f"cannot start {self._exe}: {e}") from e
         self.child = child
         self.started_at = time.time()
         process.save_record(self.daemon.state_dir, child.record)
-        return child.proc.pid
+        return child.pid
 
     async def exited(self) -> int:
         assert self.child is not None

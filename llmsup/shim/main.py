@@ -1,6 +1,6 @@
 """A server's log writer that outlives the daemon: one small process per server.
 
-    python -m llmsup.process.shim --log PATH [options] -- ARGV...
+    python -m llmsup.shim --log PATH [options] -- ARGV...
 
 The contract:
 
@@ -24,11 +24,17 @@ The contract:
   dying daemon's signals are not for it, and the daemon stops the server, not
   the shim. The child gets the default actions for them (or SIG_IGN where the
   shim itself was started with the signal ignored, as `nohup` does).
+- `--set-env NAME=VALUE` (repeated): set in the child's environment only (the
+  daemon's marker: the shim itself must not look like a process of the server).
 - `--pid-file PATH`: as soon as the child runs, before any of its output is
-  read, JSON {"pid", "create_time", "shim"}: the child's pid, its start time in
-  seconds since the epoch as psutil's `create_time()` gives it, the shim's pid.
-- `--exit-file PATH`: as soon as the child has exited, JSON {"pid", "code" or
-  "signal", "at"}, so that a daemon that is not the shim's parent learns how the
+  read, JSON {"format", "pid", "create_time", "shim", "shim_create_time"}: the
+  child's pid, its start time in seconds since the epoch as psutil's
+  `create_time()` gives it, the shim's pid and start time.
+- `--status-file PATH`: JSON {"format", "dropped_bytes", "warning"}, written
+  when either changes: how much output the log has dropped (a full disk) and,
+  while it drops, why; for `llmsup status`, whichever daemon asks.
+- `--exit-file PATH`: as soon as the child has exited, JSON {"format", "pid",
+  "code" or "signal", "at"}, so that a daemon that is not the shim's parent learns how the
   server ended. When ARGV could not be started, {"pid": null, "code": 127 (not
   found) or 126, "at", "error"}. Both files are written atomically (a temporary
   file renamed over the path).
@@ -37,7 +43,7 @@ The contract:
   the pipe open), then exits as its child did: the same exit code, or death by
   the same signal (raised on itself with its default action, core dumps off).
 
-Standard library and `llmsup.process.logfile` only: it must start fast, stay
+Standard library and `llmsup.shim.logfile` only: it must start fast, stay
 small, and keep running whatever becomes of the daemon.
 """
 
@@ -63,7 +69,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
-from llmsup.process.logfile import ServerLog
+from llmsup.shim.logfile import ServerLog
 
 CHUNK = 65536  # bytes read from the child's pipe at a time
 COPY_BACKLOG = 2**20  # bytes kept for a reader that falls behind
@@ -77,6 +83,9 @@ _HELD = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 _POLL_EXIT = 0.05  # seconds between exit checks where there is no pidfd (Linux < 5.3)
 
 
+FORMAT = 1  # of the pid, exit and status files; a reader refuses a newer one
+
+
 @dataclass(frozen=True)
 class Options:
     argv: tuple[str, ...]
@@ -87,12 +96,14 @@ class Options:
     pid_file: Path | None = None
     cgroup: Path | None = None
     linger: float = DEFAULT_LINGER
+    env: tuple[tuple[str, str], ...] = ()  # set in the child's environment only
+    status_file: Path | None = None
 
 
 def parse(args: list[str]) -> Options:
     """The options, from the command line (exits 2 with a usage line if wrong)."""
     parser = argparse.ArgumentParser(
-        prog="python -m llmsup.process.shim",
+        prog="python -m llmsup.shim",
         usage="%(prog)s --log PATH [options] -- ARGV...",
         description="Run ARGV, writing its output to a log that outlives the daemon.",
     )
@@ -103,6 +114,10 @@ def parse(args: list[str]) -> Options:
     parser.add_argument("--pid-file", type=Path, help="where the child's pid goes")
     parser.add_argument("--cgroup", type=Path, help="a cgroup v2 directory the child joins")
     parser.add_argument("--linger", type=nonnegative_seconds, default=DEFAULT_LINGER)
+    parser.add_argument(
+        "--set-env", type=assignment, action="append", default=[], metavar="NAME=VALUE"
+    )
+    parser.add_argument("--status-file", type=Path, help="where the log's drops are told")
     if "--" not in args:
         parser.error("the command to run follows `--`: ... -- ARGV...")
     split = args.index("--")
@@ -119,7 +134,16 @@ def parse(args: list[str]) -> Options:
         ns.pid_file,
         ns.cgroup,
         ns.linger,
+        tuple(ns.set_env),
+        ns.status_file,
     )
+
+
+def assignment(text: str) -> tuple[str, str]:
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        raise ValueError(text)
+    return name, value
 
 
 def nonnegative_int(text: str) -> int:
@@ -139,7 +163,7 @@ def nonnegative_seconds(text: str) -> float:
 def exit_record(pid: int | None, returncode: int, at: float) -> dict[str, object]:
     """The exit file's content; `returncode` as subprocess gives it (-N: signal N)."""
     how = {"signal": -returncode} if returncode < 0 else {"code": returncode}
-    return {"pid": pid, **how, "at": at}
+    return {"format": FORMAT, "pid": pid, **how, "at": at}
 
 
 def create_time(proc_stat: str, boot_time: float, ticks_per_second: int) -> float:
@@ -241,6 +265,36 @@ def _save(log: ServerLog, path: Path | None, record: Mapping[str, object]) -> No
             _note(log, f"cannot write {path}: {e.strerror or e}")
 
 
+class StatusFile:
+    """The `--status-file`: its blocks taken at the start (a fixed size), then
+    rewritten in place, so that telling of a full disk needs no free block."""
+
+    SIZE = 4096
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def open(cls, path: Path, log: ServerLog) -> StatusFile | None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            _note(log, f"cannot write {path}: {e.strerror or e}")
+            return None
+        status = cls(fd)
+        if not status.write(0, ""):
+            _note(log, f"cannot write {path}: no room for it")
+        return status
+
+    def write(self, dropped: int, warning: str) -> bool:
+        data = json.dumps({"format": FORMAT, "dropped_bytes": dropped, "warning": warning})
+        raw = data.encode()[: self.SIZE - 1] + b"\n"
+        try:
+            return os.pwrite(self.fd, raw.ljust(self.SIZE, b" "), 0) == self.SIZE
+        except OSError:
+            return False
+
+
 def _ignore(_signum: int, _frame: FrameType | None) -> None:
     """Held signals land here: a handler, not SIG_IGN, so the child (exec resets
     handlers, not SIG_IGN) keeps their default actions."""
@@ -256,6 +310,7 @@ def _start(options: Options, log: ServerLog) -> subprocess.Popen[bytes]:
     """Start the child, in its cgroup if it can join it (raises OSError if it
     cannot be started at all)."""
     procs = None
+    env = {**os.environ, **dict(options.env)}
     if options.cgroup is not None:
         try:  # opened here, where an error can be told; written in the child
             procs = os.open(options.cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
@@ -264,10 +319,10 @@ def _start(options: Options, log: ServerLog) -> subprocess.Popen[bytes]:
     try:
         if procs is not None:
             try:
-                return _popen(options.argv, lambda: _join(procs))
+                return _popen(options.argv, env, lambda: _join(procs))
             except subprocess.SubprocessError:  # the write in the child failed
                 _note(log, f"cannot join the cgroup {options.cgroup}: runs outside it")
-        return _popen(options.argv, None)
+        return _popen(options.argv, env, None)
     finally:
         if procs is not None:
             os.close(procs)
@@ -278,9 +333,12 @@ def _join(procs: int) -> None:
     os.write(procs, str(os.getpid()).encode())
 
 
-def _popen(argv: tuple[str, ...], preexec: Callable[[], None] | None) -> subprocess.Popen[bytes]:
+def _popen(
+    argv: tuple[str, ...], env: dict[str, str], preexec: Callable[[], None] | None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         argv,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -301,6 +359,7 @@ def pump(
     copy: Copy,
     linger: float,
     on_exit: Callable[[int], None],
+    on_write: Callable[[], None] = lambda: None,
 ) -> int:
     """Carry the child's output to `log` and `copy` until it has exited and its
     pipe is drained (EOF, or `linger` seconds after the exit); its return code.
@@ -326,6 +385,7 @@ def pump(
             chunk = os.read(out, CHUNK)
             if chunk:
                 log.write(chunk)
+                on_write()
                 copy.write(chunk)
             else:
                 poller.unregister(out)
@@ -363,13 +423,28 @@ def run(options: Options, log: ServerLog, copy: Copy) -> int:
         _save(log, options.exit_file, record)
         return code
     if options.pid_file is not None:
-        started = {"pid": child.pid, "create_time": _started(child.pid), "shim": os.getpid()}
+        started = {
+            "format": FORMAT,
+            "pid": child.pid,
+            "create_time": _started(child.pid),
+            "shim": os.getpid(),
+            "shim_create_time": _started(os.getpid()),
+        }
         _save(log, options.pid_file, started)
 
     def exited(returncode: int) -> None:
         _save(log, options.exit_file, exit_record(child.pid, returncode, time.time()))
 
-    return pump(child, log, copy, options.linger, exited)
+    status = StatusFile.open(options.status_file, log) if options.status_file else None
+    told = (0, "")
+
+    def tell() -> None:  # only when the drops change: a full disk, or writing again
+        nonlocal told
+        now = (log.dropped_bytes, log.warning)
+        if now != told and status is not None and status.write(*now):
+            told = now
+
+    return pump(child, log, copy, options.linger, exited, tell)
 
 
 def _started(pid: int) -> float:

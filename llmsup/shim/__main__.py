@@ -1,0 +1,3 @@
+from llmsup.shim.main import main
+
+main()
