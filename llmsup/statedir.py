@@ -6,12 +6,15 @@ servers' TMPDIRs and the lock that says the daemon runs.
     STATE/daemon.lock       held (flock) by the daemon while it runs; holds its pid
     STATE/daemon.log        the output of a daemon started with `llmsup up -d`
     STATE/logs/UNIT.log     each server's stdout and stderr
-    STATE/procs/*.json      one record per launch (llmsup.process.records)
+    STATE/procs/*.json      one record per launch (llmsup.process.records), and
+                            beside it what its log shim writes (*.pid, *.exit, *.status)
+    STATE/units/UNIT.json   each server's restart counters and FAILED/STOPPED state,
+                            for the next daemon (llmsup.supervise.memory)
     STATE/tmp/ID/           each launch's private TMPDIR (llmsup.process.litter)
 
 The directory outlives the llmsup that wrote it: a newer llmsup reads what an older
-one left (and stops its servers); an older one refuses a newer format
-before it signals or writes anything. The format is said twice:
+one left (and adopts its servers, or stops those it cannot); an older one refuses a
+newer format before it signals or writes anything. The format is said twice:
 
 - `STATE/format`, `{"format": 1, "written_by": "llmsup 0.1.0"}`, written (atomically)
   by the daemon once it holds the lock: the directory's format, read before any
@@ -22,7 +25,10 @@ before it signals or writes anything. The format is said twice:
   (which is removed), never deleted for a field this llmsup cannot parse.
 
 No format file, or a record without `format` (as llmsup wrote them before formats):
-format 0, the same fields as format 1.
+format 0, the same fields as format 1. Format 2: every server runs under a log shim
+that its record names, and `units/` remembers each server's life; a record of
+format 0 or 1 names no shim (its server's output went to the daemon that is gone):
+its server is stopped and started again, never adopted.
 
 Light on imports: the CLI needs it for every command.
 """
@@ -47,7 +53,7 @@ from llmsup.yamlsrc import expand_env
 
 SOCKET_NAME = "control.sock"
 _UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the NUL
-FORMAT = 1  # of the state directory and its records: the newest this llmsup reads
+FORMAT = 2  # of the state directory and its records: the newest this llmsup reads
 WRITTEN_BY = f"llmsup {__version__}"
 
 

@@ -75,7 +75,9 @@ def test_acquire_writes_the_format_and_refuses_a_newer_one(tmp_path: Path) -> No
     newer = StateDir(tmp_path / "newer")
     newer.path.mkdir()
     newer.format_file.write_text(json.dumps(NEWER))
-    with pytest.raises(StateFormatError, match=r"llmsup 9\.0\.0 \(format 2\): upgrade llmsup"):
+    with pytest.raises(
+        StateFormatError, match=rf"llmsup 9\.0\.0 \(format {FORMAT + 1}\): upgrade llmsup"
+    ):
         newer.acquire()
     assert sorted(p.name for p in newer.path.iterdir()) == ["format"]  # no lock, nothing
 

@@ -241,7 +241,9 @@ def test_reload_restarts_only_the_changed_model(tmp_path: Path) -> None:
         }
 
 
-def test_daemon_killed_then_up_again_leaves_no_duplicate_or_orphan(tmp_path: Path) -> None:
+def test_daemon_killed_then_up_again_adopts_every_server_unchanged(tmp_path: Path) -> None:
+    """Live restore: the servers outlive a SIGKILLed daemon, and the next one adopts
+    them (same processes, READY, no restart counted), with no duplicate."""
     models = f"""\
     m: {{backend: vllm, model: org/m, port: {free_port()}, gpus: [0, 1]}}
     o: {{backend: ollama, model: "qwen2.5:0.5b", port: {free_port()}}}
@@ -249,18 +251,19 @@ def test_daemon_killed_then_up_again_leaves_no_duplicate_or_orphan(tmp_path: Pat
     d = Daemon(tmp_path, models)
     try:
         d.start()
-        d.wait_all_ready()
+        before = d.wait_all_ready()
         old = [p.pid for p in full_tree(d, "m", 5)] + [p.pid for p in tree(server_pid(d, "o"))]
         assert len(old) >= 7
         d.kill_daemon()
-        assert not gone(old), "servers outlive a SIGKILLed daemon (that is the danger)"
         d.start()
         rows = d.wait_all_ready()
-        assert gone(old)
-        assert rows["m"]["pid"] not in old
-        full_tree(d, "m", 5)
+        assert not gone(old), "a server was stopped instead of adopted"
+        assert {n: r["pid"] for n, r in rows.items()} == {n: r["pid"] for n, r in before.items()}
+        assert [r["restarts"] for r in rows.values()] == [0, 0]
+        assert sorted(p.pid for p in full_tree(d, "m", 5)) == sorted(old[:5])
         servers = [p for p in d.processes("o") if "runner" not in " ".join(p.cmdline())]
         assert len(servers) == 1
+        assert "adopted pid" in (tmp_path / "state" / "logs" / "m.log").read_text()
     finally:
         d.stop()
 

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from llmsup import __version__
-from llmsup.cli import daemon, gpus, logs, manifest, systemd
+from llmsup.cli import daemon, export, gpus, logs, manifest, systemd
 from llmsup.cli.common import MANIFEST_HELP
 from llmsup.errors import ExitCode, LlmsupError, ManifestError
 
@@ -67,6 +67,7 @@ for _command in (
     daemon.down,
     logs.logs,
     systemd.systemd,
+    export.export,
     manifest.schema,
 ):
     main.add_command(_command)
