@@ -182,7 +182,11 @@ def test_server_sigkill_stops_the_escaped_worker(tmp_path: Path, mode: str) -> N
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_daemon_sigkill_then_up_stops_the_escaped_worker(tmp_path: Path, mode: str) -> None:
+def test_daemon_sigkill_then_up_adopts_the_tree_and_down_stops_the_escaped_worker(
+    tmp_path: Path, mode: str
+) -> None:
+    """The next daemon adopts the server with its whole tree (the escapee too: it
+    is known by the record), and its `down` stops all of it."""
     with running(tmp_path, one_model(free_port()), extra_env=env_for(mode)) as d:
         server = d.wait_all_ready()["m"]["pid"]
         before, worker = tree_with_escapee(server)
@@ -192,16 +196,15 @@ def test_daemon_sigkill_then_up_stops_the_escaped_worker(tmp_path: Path, mode: s
             wait_for(lambda: record_knows(d, worker), 10)
         d.kill_daemon()
         assert sorted(alive(before)) == sorted(before)  # orphans now, all of them
-        d.start()  # stops what the killed daemon left before launching again
-        d.wait_all_ready()
+        d.start()  # adopts what the killed daemon left running
+        row = d.wait_all_ready()["m"]
+        assert row["pid"] == server and row["restarts"] == 0
+        assert sorted(alive(before)) == sorted(before)
+        wait_for(lambda: worker in d.status()["m"]["pids"], 10)  # its tree is tracked
+        assert d.cli("down", "-f", str(d.manifest)).returncode == 0
         assert alive(before) == []
         assert cg is None or not cg.exists()
         assert no_litter(tmpdir, segments)
-        # and the next daemon's `down` stops its own servers just as well
-        server2 = d.status()["m"]["pid"]
-        after, _ = tree_with_escapee(server2)
-        assert d.cli("down", "-f", str(d.manifest)).returncode == 0
-        assert alive(after) == []
 
 
 @pytest.mark.parametrize("mode", MODES)

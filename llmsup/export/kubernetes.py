@@ -190,7 +190,9 @@ def _notes(loaded: LoadedManifest, plan: Plan, options: Options, flags: FlagTabl
     if options.always_on:
         for name, spec in m.models.items():
             if spec.start == "on_demand":
-                out.append(f"{name} is on_demand: exported always on (--always-on)")
+                dropped = [f for f in ("idle_timeout", "exclusive") if getattr(spec, f)]
+                but = f", without its {' and '.join(dropped)}" if dropped else ""
+                out.append(f"{name} is on_demand: exported always on (--always-on){but}")
     if options.models_pvc is None:
         out.append(
             f"{CLAIM}.yaml claims {options.pvc_size} ReadWriteMany for the model cache: the "

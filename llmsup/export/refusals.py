@@ -162,8 +162,8 @@ def refusals(loaded: LoadedManifest, plan: Plan, *, always_on: bool) -> list[Pro
             out.append(
                 loaded.problem(
                     path or ("defaults", "restart", "policy"),
-                    "restart policy never: a Deployment always restarts its pod; "
-                    "use on-failure (or always) for this export",
+                    "never: a Deployment always restarts its pod; use on-failure (or "
+                    "always) for this export",
                 )
             )
         if m.health(name).deep_probe:
@@ -171,8 +171,8 @@ def refusals(loaded: LoadedManifest, plan: Plan, *, always_on: bool) -> list[Pro
             out.append(
                 loaded.problem(
                     path or ("defaults", "health", "deep_probe"),
-                    "deep_probe: a Kubernetes probe cannot send a completion; set it to "
-                    "false for this export (the liveness probe is the ready path's GET)",
+                    "a Kubernetes probe cannot send a completion; set it to false for "
+                    "this export (the liveness probe is the ready path's GET)",
                 )
             )
     out += _shared_gpus(loaded, plan)
@@ -189,7 +189,7 @@ def _on_demand(loaded: LoadedManifest, name: str, spec: ModelBase) -> list[Probl
         out.append(
             loaded.problem(
                 (*at, "start"),
-                "start: on_demand: a Kubernetes Deployment cannot start on a request; pass "
+                "on_demand: a Kubernetes Deployment cannot start on a request; pass "
                 "--always-on to export it always on, or leave the model out (name the "
                 "models to export)",
             )
@@ -198,16 +198,15 @@ def _on_demand(loaded: LoadedManifest, name: str, spec: ModelBase) -> list[Probl
         out.append(
             loaded.problem(
                 (*at, "idle_timeout"),
-                "idle_timeout: Kubernetes does not stop an idle model; remove it, or pass "
-                "--always-on to drop it",
+                "Kubernetes does not stop an idle model; remove it, or pass --always-on to drop it",
             )
         )
     if spec.exclusive is not None:
         out.append(
             loaded.problem(
                 (*at, "exclusive"),
-                "exclusive: Kubernetes does not swap models in and out; pass --always-on "
-                "to run each on its own GPUs, or leave the model out",
+                "Kubernetes does not swap models in and out; pass --always-on to run "
+                "each on its own GPUs, or leave the model out",
             )
         )
     return out

@@ -476,6 +476,7 @@ def main(args: list[str] | None = None) -> NoReturn:
     logging.raiseExceptions = False  # a stderr nobody reads is no reason to print tracebacks
     logger = logging.getLogger("llmsup.shim")
     logger.propagate = False
+    logger.setLevel(logging.INFO)  # the end of a full disk is told too
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("llmsup shim: %(message)s"))
     logger.addHandler(handler)
