@@ -9,7 +9,8 @@ one run, with medians of `--runs` samples each:
 - time to READY under llmsup (from `llmsup up`, and from the server's launch),
   and the readiness lag: the server's first /health 200 -> llmsup says READY;
 - SIGKILL of the API server -> EngineCore and Worker gone -> READY again;
-- SIGKILL of the daemon -> the next `up` -> READY;
+- SIGKILL of the daemon -> the next `up` adopts the server (same pid) -> READY,
+  from the kill and from the new daemon's start (target: within 1 s);
 - the gateway's added latency on real completions (direct vs via the gateway,
   interleaved; p50 and p99).
 Writes bench/results/real_vllm.json (about 8 minutes on 2 cores).
@@ -239,6 +240,7 @@ def faults(engine: vllm_cpu.Engine, tmp: Path, runs: int, n_requests: int) -> di
     api_kill: list[float] = []
     orphans_gone: list[float] = []
     daemon_kill: list[float] = []
+    adoption: list[float] = []  # the new daemon's start -> READY (the same server)
     try:
         d.start()
         _, row = ready(d)
@@ -255,14 +257,20 @@ def faults(engine: vllm_cpu.Engine, tmp: Path, runs: int, n_requests: int) -> di
             t0 = time.time()
             d.kill_daemon()
             d.start()
-            t_ready, row = ready(d, unlike=row["pid"])
+            assert d.proc is not None
+            started = psutil.Process(d.proc.pid).create_time()
+            t_ready, adopted = ready(d)
+            if adopted["pid"] != row["pid"]:
+                raise RuntimeError(f"not adopted: pid {row['pid']} -> {adopted['pid']}")
             daemon_kill.append(t_ready - t0)
+            adoption.append(t_ready - started)
     finally:
         d.stop()
     return {
         "api_server_sigkill_to_orphans_gone": summary_ms(orphans_gone),
         "api_server_sigkill_to_ready": summary_ms(api_kill),
         "daemon_sigkill_to_ready": summary_ms(daemon_kill),
+        "new_daemon_start_to_ready_adopted": summary_ms(adoption),
         "gateway": latency,
     }
 

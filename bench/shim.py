@@ -10,10 +10,6 @@ measured in the same run:
   sleeps, vs a bare Python interpreter;
 - throughput: MB/s of a server's output through the shim (log + copy to a
   reader), vs `cat FILE | tee LOG` (the same job) and `cat FILE > LOG`.
-
-"shim_lean" runs the same shim with the `llmsup.process` package's own imports
-(the daemon's modules: asyncio, psutil, ...) left out, as a lazy package would:
-the difference is what `python -m llmsup.shim` pays for them today.
 """
 
 from __future__ import annotations
@@ -41,13 +37,6 @@ from bench.stats import summary_ms  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
 SHIM = [PY, "-m", "llmsup.shim"]
-# The shim with an empty `llmsup.process` package: only the shim and logfile load.
-LEAN = (
-    "import runpy, sys, types; p = types.ModuleType('llmsup.process'); "
-    f"p.__path__ = [{str(ROOT / 'llmsup' / 'process')!r}]; sys.modules['llmsup.process'] = p; "
-    "sys.argv[0] = 'shim'; runpy.run_module('llmsup.shim', run_name='__main__')"
-)
-SHIM_LEAN = [PY, "-c", LEAN]
 Launch = Callable[[Path, list[str]], "subprocess.Popen[bytes]"]
 
 
@@ -67,7 +56,7 @@ def bare(log: Path, argv: list[str]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=f)
 
 
-LAUNCHES: dict[str, Launch] = {"bare": bare, "shim": via(SHIM), "shim_lean": via(SHIM_LEAN)}
+LAUNCHES: dict[str, Launch] = {"bare": bare, "shim": via(SHIM)}
 
 
 def first_byte(launch: Launch, work: Path) -> float:
