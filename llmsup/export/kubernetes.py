@@ -172,11 +172,11 @@ def kustomization(resources: list[str], namespace: str | None) -> Obj:
 def _notes(loaded: LoadedManifest, plan: Plan, options: Options, flags: FlagTable) -> list[str]:
     m = loaded.manifest
     out = []
-    picked = [f"{la.unit}: {len(la.gpus)}" for la in plan.launches if la.gpus]
+    picked = [f"{la.unit} {len(la.gpus)}" for la in plan.launches if la.gpus]
     if picked:
         out.append(
             "GPU indices are not exported: the scheduler picks each pod's GPUs, as many as "
-            f"gpus lists ({', '.join(picked)} x nvidia.com/gpu)"
+            f"its gpus lists (nvidia.com/gpu: {', '.join(picked)})"
         )
     for la in plan.launches:
         if not gpu_claim(loaded, la.unit).gpus:
@@ -193,6 +193,12 @@ def _notes(loaded: LoadedManifest, plan: Plan, options: Options, flags: FlagTabl
                 dropped = [f for f in ("idle_timeout", "exclusive") if getattr(spec, f)]
                 but = f", without its {' and '.join(dropped)}" if dropped else ""
                 out.append(f"{name} is on_demand: exported always on (--always-on){but}")
+    gw = m.gateway
+    if gw is not None and not (gw.api_keys or gw.api_key_file):
+        out.append(
+            "the gateway has no api_keys: whatever reaches its Service in the cluster can "
+            "use every model (add api_keys, or restrict it with a NetworkPolicy)"
+        )
     if options.models_pvc is None:
         out.append(
             f"{CLAIM}.yaml claims {options.pvc_size} ReadWriteMany for the model cache: the "

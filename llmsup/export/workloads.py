@@ -152,7 +152,7 @@ def container(s: Server, cluster: Cluster, argv: list[str], *, serves: bool) -> 
     """The server's container; `serves`: it answers HTTP (not a multi-node worker)."""
     la = s.launch
     c: Obj = {
-        "name": la.backend,
+        "name": "server" if la.backend == "command" else la.backend,
         "image": s.image,
         "command": argv,
         "env": env(la, cluster.secrets),
