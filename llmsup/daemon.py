@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from llmsup import gpu, gpucheck, limits, process, running
+from llmsup import gpu, gpucheck, limits, process, running, systemd
 from llmsup.control import ServerView
 from llmsup.errors import BadRequest, DaemonError, LlmsupError, ManifestError, UnknownModel
 from llmsup.gateway.host import GatewayHost, Reload
@@ -273,8 +273,25 @@ class Daemon:
         self.stopping.set()
 
     def _stop_by(self, sig: int) -> None:
+        """SIGINT (Ctrl-C) stops every model; so does SIGTERM, unless systemd sends
+        it to restart our unit (`systemd.on_sigterm`): then they run on."""
+        if sig == signal.SIGTERM and self.stopped_by is None and self.notifier.enabled:
+            asyncio.get_running_loop().create_task(self._stop_or_leave())
+        else:
+            self.stopping.set()
         self.stopped_by = sig
-        self.stopping.set()
+
+    async def _stop_or_leave(self) -> None:
+        keep = False
+        try:
+            verdict = await asyncio.to_thread(systemd.verdict_here, systemd.on_sigterm)
+            log.info("SIGTERM: %s", verdict.why)
+            keep = verdict.keep and not self.stopping.is_set()
+        finally:
+            if keep:
+                self.leave()
+            else:
+                self.stopping.set()
 
     def _register(self) -> None:
         """Let the CLI find us without a manifest (`llmsup status` after `up -f x.yaml`)."""

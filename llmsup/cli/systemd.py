@@ -185,3 +185,76 @@ def systemd_install(
     click.echo(
         f"      {' '.join(ctl)} status llmsup; journalctl {'--user ' if user else ''}-u llmsup"
     )
+
+
+@systemd.command("stop-post", hidden=True)
+@manifest_option
+def systemd_stop_post(manifest_file: Path | None) -> None:
+    """The unit's ExecStopPost=: once the daemon is gone, if systemd is stopping the
+    unit, stop what is left of its models (the daemon was killed while it stopped
+    them), then anything else still in the unit's cgroup; on a restart or after a
+    crash, leave them to the next daemon."""
+    from llmsup import systemd as sd
+    from llmsup.cli import leftovers
+    from llmsup.cli.common import target
+
+    verdict = sd.verdict_here(sd.after_exit)
+    click.echo(f"llmsup: {verdict.why}")
+    if verdict.keep:
+        return
+    there = target(manifest_file)
+    with there.state.vacant():
+        for unit, pids in leftovers.stop(there):
+            click.echo(
+                f"  {unit}: stopped pid {', '.join(map(str, pids))}" if pids else f"  {unit}: gone"
+            )
+    killed = _sweep_unit_cgroup()
+    if killed:
+        click.echo(
+            f"  killed what else was left in the unit's cgroup: pid {', '.join(map(str, killed))}"
+        )
+
+
+SWEEP_WAIT = 6.0  # seconds for the log shims to drain and exit (their linger is 5 s)
+
+
+def _sweep_unit_cgroup() -> list[int]:
+    """Every process left in this unit's cgroup but this command's: given
+    SWEEP_WAIT seconds to exit on its own (log shims drain their server's last
+    output), then SIGKILLed. Returns the pids killed."""
+    import signal
+    import time
+
+    from llmsup.process import cgroup
+
+    try:
+        mount = cgroup.cgroup2_mount(Path("/proc/self/mountinfo").read_text())
+        own = cgroup.own_cgroup(Path("/proc/self/cgroup").read_text())
+    except OSError:
+        return []
+    if mount is None or own is None or own == "/":
+        return []
+    here = mount / own.lstrip("/")
+    # With Delegate=yes systemd runs this in the unit's `.control` leaf.
+    base = here.parent if here.name == ".control" else here
+
+    def others() -> set[int]:
+        mine = cgroup.procs(here) if here != base else set()
+        return cgroup.procs(base) - mine - {os.getpid()}
+
+    deadline = time.monotonic() + SWEEP_WAIT
+    while others() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed: set[int] = set()
+    for _ in range(50):  # what forks meanwhile is killed too
+        left = others()
+        if not left:
+            break
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            killed.add(pid)
+        time.sleep(0.1)
+    return sorted(killed)
