@@ -466,6 +466,7 @@ class Daemon:
         await asyncio.gather(*(self.servers[u].stop() for u in removed + changed))
         for u in removed:
             del self.servers[u]
+            memory.forget(self.state_dir, u)
         for u in changed + added:
             self.servers[u] = Server(self, new[u])
         for u in new:

@@ -14,9 +14,17 @@ from typing import Any
 import yaml
 
 from llmsup.backends import REGISTRY
-from llmsup.export.names import env_name, k8s_name
+from llmsup.export.names import env_name, service_name
 from llmsup.export.secrets import GATEWAY_KEYS, SECRET, Secrets
-from llmsup.export.workloads import Cluster, Obj, labels, metadata, selector, service
+from llmsup.export.workloads import (
+    Cluster,
+    Obj,
+    labels,
+    metadata,
+    nodes_of,
+    selector,
+    service,
+)
 from llmsup.manifest import Gateway, LoadedManifest
 from llmsup.plan import Plan
 
@@ -29,9 +37,9 @@ COMMAND = ["llmsup", "up", "-f", CONFIG]  # the daemon in the foreground: here, 
 _OWN = frozenset({"host", "port", "api_keys", "api_key_file"})
 
 
-def url(unit: str, port: int, namespace: str | None) -> str:
+def url(service: str, port: int, namespace: str | None) -> str:
     """A server's Service, by its cluster DNS name."""
-    host = f"{k8s_name(unit)}.{namespace}.svc" if namespace else k8s_name(unit)
+    host = f"{service}.{namespace}.svc" if namespace else service
     return f"http://{host}:{port}"
 
 
@@ -53,11 +61,12 @@ def gateway_manifest(
     models: dict[str, Any] = {}
     for la in plan.launches:
         health = loaded.manifest.health(la.unit)
+        svc = service_name(la.unit, nodes_of(loaded.manifest.models[la.unit]))
         for model in la.models:
             spec = loaded.manifest.models[model]
             entry: dict[str, Any] = {
                 "backend": "remote",
-                "urls": [url(la.unit, la.port, namespace)],
+                "urls": [url(svc, la.port, namespace)],
             }
             if served := REGISTRY[spec.backend].served_names(spec):
                 entry["served_name"] = served

@@ -21,7 +21,16 @@ from llmsup.export import gateway, refusals
 from llmsup.export.images import LLMSUP_IMAGE, image_for, vllm_table
 from llmsup.export.names import k8s_name
 from llmsup.export.secrets import Secrets
-from llmsup.export.workloads import CACHE, CLAIM, Cluster, Obj, Server, metadata, server_objects
+from llmsup.export.workloads import (
+    CACHE,
+    CLAIM,
+    Cluster,
+    Obj,
+    Server,
+    metadata,
+    nodes_of,
+    server_objects,
+)
 from llmsup.manifest import LoadedManifest
 from llmsup.plan import Plan, gpu_claim, make_plan
 
@@ -147,7 +156,7 @@ def server(loaded: LoadedManifest, plan: Plan, unit: str, image: str) -> Server:
         health=m.health(unit),
         stop_timeout=m.stop_timeout(unit),
         gpus=len(gpu_claim(loaded, unit).gpus),
-        nodes=spec.nodes if isinstance(spec, VllmModel) else 1,
+        nodes=nodes_of(spec),
     )
 
 

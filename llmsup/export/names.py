@@ -22,6 +22,13 @@ def k8s_name(name: str) -> str:
     return out[:MAX_NAME].rstrip("-")
 
 
+def service_name(unit: str, nodes: int) -> str:
+    """A server's Service. Across nodes, LeaderWorkerSet makes a headless Service of
+    the set's own name for its pods' addresses: the leader's is `NAME-leader`."""
+    name = k8s_name(unit)
+    return name if nodes == 1 else f"{name[: MAX_NAME - 7].rstrip('-')}-leader"
+
+
 def env_name(text: str) -> str:
     """`qwen2.5-32b.VLLM_API_KEY` as an environment variable name: QWEN2_5_32B_VLLM_API_KEY."""
     return re.sub(r"[^A-Z0-9]+", "_", text.upper()).strip("_")

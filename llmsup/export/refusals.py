@@ -12,9 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from llmsup.backends.vllm import VllmModel
 from llmsup.errors import Problem
 from llmsup.export.gateway import NAME as GATEWAY
-from llmsup.export.names import k8s_name
+from llmsup.export.names import k8s_name, service_name
 from llmsup.export.workloads import CLAIM, MULTI_NODE_FLAGS
 from llmsup.fields import ModelBase
 from llmsup.manifest import LoadedManifest, Manifest
@@ -237,16 +238,19 @@ def _names(loaded: LoadedManifest, plan: Plan) -> list[Problem]:
     taken = {GATEWAY: "the gateway", CLAIM: "the model cache's claim", "kustomization": "kustomize"}
     out = []
     for la in plan.launches:
-        name = k8s_name(la.unit)
-        other = taken.setdefault(name, la.unit)
-        if other != la.unit:
-            out.append(
-                loaded.problem(
-                    ("models", la.unit),
-                    f"becomes the Kubernetes name {name!r}, as {other} does: rename one",
-                    key=True,
+        spec = loaded.manifest.models[la.unit]
+        nodes = spec.nodes if isinstance(spec, VllmModel) else 1
+        for name in dict.fromkeys((k8s_name(la.unit), service_name(la.unit, nodes))):
+            other = taken.setdefault(name, la.unit)
+            if other != la.unit:
+                out.append(
+                    loaded.problem(
+                        ("models", la.unit),
+                        f"becomes the Kubernetes name {name!r}, as {other} does: rename one",
+                        key=True,
+                    )
                 )
-            )
+                break
     return out
 
 
@@ -255,9 +259,9 @@ def _multi_node_flags(loaded: LoadedManifest, plan: Plan) -> list[Problem]:
     flags = plan.vllm_flags
     out = []
     for name, spec in loaded.manifest.models.items():
-        if getattr(spec, "nodes", 1) == 1 or flags is None:
+        if not isinstance(spec, VllmModel) or spec.nodes == 1 or flags is None:
             continue
-        for i, arg in enumerate(getattr(spec, "extra_args", [])):
+        for i, arg in enumerate(spec.extra_args):
             flag = flags.resolve(arg) or arg.split("=", 1)[0]
             if flag in MULTI_NODE_FLAGS:
                 out.append(

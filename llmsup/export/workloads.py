@@ -15,8 +15,10 @@ from typing import Any
 
 from llmsup.backends import Launch, cuda_devices
 from llmsup.backends.launch import is_secret_name
-from llmsup.export.names import k8s_name
+from llmsup.backends.vllm import VllmModel
+from llmsup.export.names import k8s_name, service_name
 from llmsup.export.secrets import Secrets
+from llmsup.fields import ModelBase
 from llmsup.manifest import Health
 
 Obj = dict[str, Any]
@@ -39,6 +41,11 @@ MULTI_NODE = (
 )  # fmt: skip
 MULTI_NODE_FLAGS = frozenset({*MULTI_NODE[::2], "--headless"})
 LWS_API = "leaderworkerset.x-k8s.io/v1"
+
+
+def nodes_of(spec: ModelBase) -> int:
+    """The nodes a model spans (vLLM's `nodes`; one for the others)."""
+    return spec.nodes if isinstance(spec, VllmModel) else 1
 
 
 @dataclass(frozen=True)
@@ -190,12 +197,12 @@ def pod(s: Server, cluster: Cluster, argv: list[str], *, serves: bool = True) ->
 def server_objects(s: Server, cluster: Cluster) -> list[Obj]:
     """A Deployment and its Service; across nodes, a LeaderWorkerSet and the leader's."""
     la = s.launch
-    name = k8s_name(la.unit)
+    name, svc = k8s_name(la.unit), service_name(la.unit, s.nodes)
     argv = [escape(a) for a in la.argv]
     if s.nodes > 1:
         return [
             leader_worker_set(s, cluster, name, argv),
-            service(name, la.port, cluster, {**selector(name), "role": "leader"}, "model"),
+            service(svc, la.port, cluster, {**selector(name), "role": "leader"}, "model"),
         ]
     deployment = {
         "apiVersion": "apps/v1",
@@ -212,7 +219,7 @@ def server_objects(s: Server, cluster: Cluster) -> list[Obj]:
             },
         },
     }
-    return [deployment, service(name, la.port, cluster, selector(name), "model")]
+    return [deployment, service(svc, la.port, cluster, selector(name), "model")]
 
 
 def leader_worker_set(s: Server, cluster: Cluster, name: str, argv: list[str]) -> Obj:
