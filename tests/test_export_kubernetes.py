@@ -400,7 +400,9 @@ def test_a_model_across_nodes_is_a_leader_worker_set(exported: dict[str, Exporte
     assert "startupProbe" in leader and "livenessProbe" in leader
     assert not {"startupProbe", "readinessProbe", "livenessProbe", "ports"} & worker.keys()
     assert leader["resources"]["limits"] == {"nvidia.com/gpu": "8"}  # gpus: on each node
-    service = objs[("Service", "llama-405b")]
+    # LeaderWorkerSet makes a headless Service of the set's name for its pods: ours is
+    # the leader's, apart.
+    service = objs[("Service", "llama-405b-leader")]
     assert service["spec"]["selector"]["role"] == "leader"
     assert lwt["leaderTemplate"]["metadata"]["labels"]["role"] == "leader"
 
@@ -416,7 +418,7 @@ def test_the_gateway_routes_to_the_services_as_remote_models(
     config = yaml.safe_load(objs[("ConfigMap", "llmsup-gateway")]["data"]["models.yaml"])
     models = config["models"]
     assert models["llama-405b"]["backend"] == "remote"
-    assert models["llama-405b"]["urls"] == ["http://llama-405b.llm.svc:8000"]
+    assert models["llama-405b"]["urls"] == ["http://llama-405b-leader.llm.svc:8000"]
     assert models["embed"]["urls"] == ["http://embed.llm.svc:11434"]
     assert models["llama-405b"]["served_name"] == ["llama-405b"]
     assert models["qwen3-8b"]["api_key"] == "${UPSTREAM_VLLM_API_KEY}"
@@ -653,6 +655,14 @@ def test_nodes_above_one_is_a_located_error_on_one_host(tmp_path: Path) -> None:
         f"{manifest}:5:12: models.big.nodes: nodes > 1 runs only under "
         "`llmsup export kubernetes`" in r.stderr
     )
+
+
+def test_nodes_is_a_vllm_field() -> None:
+    with pytest.raises(ManifestError) as e:
+        loaded_of("models:\n  a: {backend: ollama, model: x, nodes: 2}\n")
+    assert [(p.path, p.message) for p in e.value.problems] == [
+        ("models.a", "unknown key 'nodes' (did you mean 'model'?)")
+    ]
 
 
 def test_nodes_multiply_the_gpus_tensor_and_pipeline_parallel_must_fill() -> None:

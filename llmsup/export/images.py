@@ -8,7 +8,7 @@ is pinned; llmsup's own runs the gateway.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from llmsup import __version__
 from llmsup.backends.vllm_flags import FlagTable, Installed, choose, release, table, versions
@@ -45,11 +45,14 @@ def default_vllm_image(version: str) -> str:
     return f"{VLLM_REPOSITORY}:v{release(version)}"
 
 
-def image_for(images: Mapping[str, str], unit: str, backend: str, vllm_version: str) -> str | None:
-    """A server's image: its own (`--image NAME=IMG`), else its backend's, else the
-    default (none for `command` servers: they must name one)."""
-    if unit in images:
-        return images[unit]
+def image_for(
+    images: Mapping[str, str], models: Sequence[str], backend: str, vllm_version: str
+) -> str | None:
+    """The image of the server of `models`: its own (`--image MODEL=IMG`, for any of
+    them), else its backend's, else the default (none for a `command` server)."""
+    for model in models:
+        if model in images:
+            return images[model]
     if backend in images:
         return images[backend]
     if backend == "vllm":

@@ -64,7 +64,7 @@ def export(loaded: LoadedManifest, names: Sequence[str], options: Options) -> Ex
     flags = vllm_table(options.images.get("vllm"))
     checked = make_plan(chosen, flags, one_host=False)
     images = {
-        la.unit: image_for(options.images, la.unit, la.backend, flags.version)
+        la.unit: image_for(options.images, la.models, la.backend, flags.version)
         for la in checked.launches
     }
     problems = [
@@ -133,7 +133,7 @@ def render(
         files[f"{CLAIM}.yaml"] = [claim(cluster, options.pvc_size)]
     version = plan.vllm_flags.version if plan.vllm_flags else vllm_table(None).version
     for la in plan.launches:
-        image = image_for(options.images, la.unit, la.backend, version)
+        image = image_for(options.images, la.models, la.backend, version)
         assert image is not None  # refused before: a command server without one
         files[f"{k8s_name(la.unit)}.yaml"] = server_objects(
             server(loaded, plan, la.unit, image), cluster

@@ -16,7 +16,7 @@ from llmsup.backends.vllm import VllmModel
 from llmsup.errors import Problem
 from llmsup.export.gateway import NAME as GATEWAY
 from llmsup.export.names import k8s_name, service_name
-from llmsup.export.workloads import CLAIM, MULTI_NODE_FLAGS
+from llmsup.export.workloads import CLAIM, MULTI_NODE_FLAGS, nodes_of
 from llmsup.fields import ModelBase
 from llmsup.manifest import LoadedManifest, Manifest
 from llmsup.plan import Plan
@@ -238,8 +238,7 @@ def _names(loaded: LoadedManifest, plan: Plan) -> list[Problem]:
     taken = {GATEWAY: "the gateway", CLAIM: "the model cache's claim", "kustomization": "kustomize"}
     out = []
     for la in plan.launches:
-        spec = loaded.manifest.models[la.unit]
-        nodes = spec.nodes if isinstance(spec, VllmModel) else 1
+        nodes = nodes_of(loaded.manifest.models[la.unit])
         for name in dict.fromkeys((k8s_name(la.unit), service_name(la.unit, nodes))):
             other = taken.setdefault(name, la.unit)
             if other != la.unit:
