@@ -252,19 +252,21 @@ class Daemon:
             past = remembered.get(la.unit)
             if past is not None and la.unit in adopt:  # running: its counters only
                 past = replace(past, state="running")
+            stopped = False  # by `llmsup stop NAME`: it stays so
             if past is not None and past.fingerprint == la.fingerprint():
                 if la.unit in self.died_meanwhile:
                     why = describe_exit(self.died_meanwhile[la.unit]) + " while no daemon ran"
                     past = replace(past, state="running", last_exit=why, total=past.total + 1)
                     server.note(f"{why}; restarted", logging.WARNING)
                 server.resume(past)
+                stopped = past.state == "stopped"
             if la.unit in adopt:
                 log_path = self.log_path(la.unit)
                 child = process.Child.adopt(
                     adopt[la.unit], self.state_dir, log_path, server.runner.on_line
                 )
                 server.adopt(child)
-            elif server.state == State.STOPPED and not server.on_demand:
+            elif server.state == State.STOPPED and not server.on_demand and not stopped:
                 server.start()
 
     def leave(self) -> None:
