@@ -627,6 +627,7 @@ def test_the_root_manifest_is_refused_for_its_shared_gpu(tmp_path: Path) -> None
         (["--models-pvc", "cache", "--pvc-size", "1Ti"], "exclude each other"),
         (["--pvc-size", "lots"], "'lots' is no Kubernetes quantity"),
         (["--namespace", "LLM"], "'LLM' is no namespace name"),
+        (["--models-pvc", "My_Cache"], "'My_Cache' is no claim name"),
         (["--image", "vllm"], "'vllm' is not NAME=IMAGE"),
         (["--image", "nope=img:1"], "no model or image kind named nope"),
     ],
@@ -635,6 +636,17 @@ def test_bad_options_exit_2(args: list[str], message: str, tmp_path: Path) -> No
     r = run(["-f", str(ROOT / "examples/fakes.yaml"), "-o", str(tmp_path / "o"), *args])
     assert r.exit_code == 2
     assert message in r.output
+
+
+def test_an_existing_claim_is_mounted_and_none_written() -> None:
+    result = export_of("models:\n  a: {backend: vllm, model: org/a}\n", models_pvc="shared.cache")
+    assert "llmsup-models.yaml" not in result.files
+    pod = objects_of(result)[("Deployment", "a")]["spec"]["template"]["spec"]
+    assert pod["volumes"][0] == {
+        "name": "models",
+        "persistentVolumeClaim": {"claimName": "shared.cache"},
+    }
+    assert result.files["kustomization.yaml"][0]["resources"] == ["a.yaml"]
 
 
 def test_unknown_models_are_named(tmp_path: Path) -> None:

@@ -80,6 +80,11 @@ def kubernetes(
             f"{namespace!r} is no namespace name (lower-case letters, digits, '-')",
             param_hint="--namespace",
         )
+    if models_pvc is not None and not k8s_names.is_subdomain(models_pvc):
+        raise click.BadParameter(
+            f"{models_pvc!r} is no claim name (lower-case letters, digits, '-', '.')",
+            param_hint="--models-pvc",
+        )
     if pvc_size is not None and not k8s_names.is_quantity(pvc_size):
         raise click.BadParameter(
             f"{pvc_size!r} is no Kubernetes quantity (e.g. 500Gi, 2Ti)", param_hint="--pvc-size"

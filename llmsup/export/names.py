@@ -6,8 +6,9 @@ import re
 
 # A DNS-1035 label: what a Service's name must be (and every name we make is one).
 LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-# A DNS-1123 label: what a namespace's name must be.
+# A DNS-1123 label: what a namespace's name must be; dotted, what a claim's may be.
 NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+SUBDOMAIN = re.compile(rf"{NAMESPACE.pattern}(\.{NAMESPACE.pattern})*")
 # resource.Quantity: a decimal number and a binary (Ki..Ei) or decimal (n..E, e3) suffix.
 QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?")
 MAX_NAME = 63
@@ -40,6 +41,10 @@ def is_label(text: str) -> bool:
 
 def is_namespace(text: str) -> bool:
     return len(text) <= MAX_NAME and NAMESPACE.fullmatch(text) is not None
+
+
+def is_subdomain(text: str) -> bool:
+    return len(text) <= 253 and SUBDOMAIN.fullmatch(text) is not None
 
 
 def is_quantity(text: str) -> bool:
