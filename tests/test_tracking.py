@@ -22,6 +22,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -323,6 +324,16 @@ def test_members_by_snapshot_alone() -> None:
 def test_members_by_process_group_alone() -> None:
     with hidden_process() as (proc, _):
         assert found(record(pgid=proc.pid), proc.pid)  # no marker, not known, no cgroup
+
+
+def test_a_group_whose_id_went_to_another_process_is_not_the_launchs() -> None:
+    """The server's pid (its group's id) reused by a session leader that started
+    later: the kernel frees a group's id only once the group is empty, so that
+    group is someone else's, however young."""
+    with hidden_process() as (proc, created):
+        ours = record(pid=proc.pid, pgid=proc.pid, create_time=created)
+        assert found(ours, proc.pid)
+        assert not found(replace(ours, create_time=created - 3), proc.pid)
 
 
 def test_members_by_descent() -> None:

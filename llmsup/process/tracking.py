@@ -114,6 +114,7 @@ def _marker(p: psutil.Process) -> str | None:
 def members_in(record: Record, seen: list[Seen], in_cgroup: set[int]) -> list[Seen]:
     """The processes of one launch in a scan (pure). `in_cgroup`: its cgroup's pids."""
     known = dict(record.known)
+    group = record.pgid > 0 and not _group_reused(record, seen)
     found = {
         s.proc.pid: s
         for s in seen
@@ -122,7 +123,7 @@ def members_in(record: Record, seen: list[Seen], in_cgroup: set[int]) -> list[Se
         or abs(known.get(s.proc.pid, -1e9) - s.create_time) < SAME_START
         or (
             s.marker is None  # environment unreadable, but in our group and young enough
-            and record.pgid > 0
+            and group
             and s.pgid == record.pgid
             and s.create_time >= record.create_time - 1.0
         )
@@ -137,6 +138,16 @@ def members_in(record: Record, seen: list[Seen], in_cgroup: set[int]) -> list[Se
                 found[c.proc.pid] = c
                 todo.append(c.proc.pid)
     return list(found.values())
+
+
+def _group_reused(record: Record, seen: list[Seen]) -> bool:
+    """Whether the server's pid, which named its process group, now belongs to
+    another process: the kernel frees a group's id only once no process of the
+    group is left, so whatever group has that id now is someone else's."""
+    return record.pgid == record.pid and any(
+        s.proc.pid == record.pid and abs(s.create_time - record.create_time) >= SAME_START
+        for s in seen
+    )
 
 
 def cgroup_pids(record: Record) -> set[int]:
