@@ -53,7 +53,8 @@ def logs(manifest_file: Path | None, follow: bool, lines: int, name: str) -> Non
 
 def _print_log(path: Path, lines: int, follow: bool) -> None:
     with open(path, "rb") as f:
-        tail = f.read().splitlines()[-lines:] if lines > 0 else []
+        text = f.read()  # to its end, even for `-n 0`: what follows is new
+        tail = text.splitlines()[-lines:] if lines > 0 else []
         for raw in tail:
             click.echo(raw.decode("utf-8", "replace"))
         while follow:
