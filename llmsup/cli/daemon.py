@@ -189,8 +189,9 @@ def _status_without_daemon(there: Target, e: NoDaemonError, as_json: bool) -> No
     _echo(render.leftovers(rows))
     manifest = shlex.quote(str(there.manifest))
     click.echo(
-        f"stop them with `llmsup down -f {manifest}`, "
-        f"or start the daemon again (`llmsup up -f {manifest}`): it stops them first",
+        f"start the daemon again (`llmsup up -f {manifest}`): it adopts those its manifest "
+        f"still wants unchanged and stops the others; or stop them all with "
+        f"`llmsup down -f {manifest}`",
         err=True,
     )
     sys.exit(ExitCode.NO_DAEMON)
