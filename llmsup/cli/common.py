@@ -146,6 +146,11 @@ def call(target: Target, method: str, url: str, body: Any = None) -> Any:
     """One request to the daemon; its error (and a manifest's problems) as DaemonError."""
     from llmsup import client
 
+    # A newer llmsup's daemon is not ours to drive (its records, its API): refused
+    # before anything is asked of it. A format file we may not read (a member of
+    # the control group, a daemon with umask 077) is left for the daemon to judge.
+    if os.access(target.state.format_file, os.R_OK):
+        target.state.read_format()
     try:
         code, data = client.call(target.state.socket, method, url, body)
     except NoDaemonError as e:
