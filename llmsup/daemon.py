@@ -190,6 +190,9 @@ class Daemon:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, force_close=True)
             )
+            # Adopted servers are probed from now on: READY again within moments of our
+            # start, whatever the gateway and the GPUs' first reading take.
+            to_start = self._take_up(adopt)
             # Before the control socket answers: once it does, the gateway's port
             # accepts connections; and a port it cannot have stops us before any launch.
             await self.gateway.start(self.loaded.manifest, len(self.plan.launches))
@@ -201,7 +204,8 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._sighup()))
             await self._init_gpus()
             monitor = asyncio.create_task(self._gpu_loop())
-            self._begin(adopt)
+            for server in to_start:
+                server.start()
             self.launches_begun = True
             self.gateway.poke()  # the servers it routes to, on-demand ones too
             # Ready = the control socket answers and launches are under way; a model
@@ -243,10 +247,12 @@ class Daemon:
                 + "\nfix these and run `llmsup up` again"
             )
 
-    def _begin(self, adopt: dict[str, process.Record]) -> None:
+    def _take_up(self, adopt: dict[str, process.Record]) -> list[Server]:
         """Every server of the plan: adopted where it runs on from the daemon before
-        us, FAILED or stopped where it was, else started (on-demand ones wait)."""
+        us, FAILED or stopped where it was; the others are returned, to be started
+        (on-demand ones wait)."""
         remembered = memory.load(self.state_dir)
+        to_start = []
         for la in self.plan.launches:
             server = self.servers[la.unit] = Server(self, la)
             past = remembered.get(la.unit)
@@ -267,7 +273,8 @@ class Daemon:
                 )
                 server.adopt(child)
             elif server.state == State.STOPPED and not server.on_demand and not stopped:
-                server.start()
+                to_start.append(server)
+        return to_start
 
     def leave(self) -> None:
         """Exit, leaving every server running for the next daemon to adopt."""
