@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -300,6 +301,8 @@ def on_sigterm(service: Service | None, job: str | None, error: str | None = Non
         return Verdict(
             True, f"{service.name} is restarting: every model runs on, for the next daemon to adopt"
         )
+    if job == STOP:
+        return Verdict(False, f"{service.name} is stopping: stopping every model")
     if job is None:
         return Verdict(False, f"{service.name} has no job (a kill by hand?): stopping every model")
     return Verdict(False, f"{service.name} is in a {job} job: stopping every model")
@@ -323,8 +326,8 @@ def after_exit(service: Service | None, job: str | None, error: str | None = Non
     if job is None:
         return Verdict(
             True,
-            f"{service.name} has no stop job (its daemon exited or was killed): "
-            "what is left runs on, for the next daemon to adopt (`llmsup down` stops it)",
+            f"{service.name} has no stop job (its daemon exited on its own, or was killed): "
+            "any model left running is the next daemon's to adopt (`llmsup down` stops them)",
         )
     return Verdict(True, f"{service.name} is in a {job} job: its models run on")
 
@@ -349,6 +352,7 @@ def ask_job(service: Service, timeout: float = QUERY_TIMEOUT) -> str | None:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                start_new_session=True,  # a timeout kills what it forked too
             )
         except OSError as e:
             raise JobUnknown(f"{exe}: {e.strerror}") from None
@@ -356,7 +360,7 @@ def ask_job(service: Service, timeout: float = QUERY_TIMEOUT) -> str | None:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise JobUnknown(f"{exe} list-jobs did not answer in {timeout:g}s") from None
     if proc.returncode != 0:

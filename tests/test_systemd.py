@@ -24,7 +24,22 @@ import pytest
 
 from llmsup.notify import Notifier, status_line
 from llmsup.process import MARKER, cgroup
-from llmsup.systemd import Options, edited_by_hand, render, shipped, state_lines
+from llmsup.systemd import (
+    JobUnknown,
+    Options,
+    Service,
+    Verdict,
+    after_exit,
+    ask_job,
+    edited_by_hand,
+    job_of,
+    on_sigterm,
+    render,
+    service_of,
+    shipped,
+    state_lines,
+    verdict_here,
+)
 from tests import systemd_container
 from tests.supervisor_util import FAST_DEFAULTS, LLMSUP, Daemon, gone
 from tests.util import FAKES_DIR, free_port, wait_for
@@ -300,6 +315,264 @@ def test_unknown_user_name_is_refused(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+# ------------------------------------------------------------ what systemd does to the unit
+
+LLMSUP_UNIT = Service("llmsup.service", user=False)
+
+
+@pytest.mark.parametrize(
+    ("proc_cgroup", "expected"),
+    [
+        ("0::/system.slice/llmsup.service\n", LLMSUP_UNIT),  # systemd starts it here
+        ("0::/system.slice/llmsup.service/supervisor\n", LLMSUP_UNIT),  # then it moves
+        ("0::/system.slice/llmsup.service/.control\n", LLMSUP_UNIT),  # ExecStopPost=
+        (
+            "9:name=systemd:/system.slice/x.service\n1:cpu:/\n0::/system.slice/llmsup.service\n",
+            LLMSUP_UNIT,
+        ),
+        (
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/llmsup.service/supervisor",
+            Service("llmsup.service", user=True),
+        ),
+        (
+            "0::/system.slice/system-llmsup.slice/llmsup@a.service\n",
+            Service("llmsup@a.service", False),
+        ),
+        ("0::/system.slice/llmsup.service/m-0123456789ab\n", None),  # a server's cgroup
+        ("0::/user.slice/user-1000.slice/user@1000.service/init.scope\n", None),
+        ("0::/user.slice/user-1000.slice/session-3.scope\n", None),  # a login shell
+        ("0::/\n", None),
+        ("1:name=systemd:/system.slice/llmsup.service\n", None),  # no cgroup v2
+        ("", None),
+    ],
+)
+def test_the_service_a_process_runs_in(proc_cgroup: str, expected: Service | None) -> None:
+    assert service_of(proc_cgroup) == expected
+
+
+def test_the_daemons_leaf_is_one_that_still_means_its_service() -> None:
+    assert service_of(f"0::/system.slice/llmsup.service/{cgroup.DAEMON_LEAF}") == LLMSUP_UNIT
+
+
+def test_the_job_of_a_unit_in_systemctls_listing() -> None:
+    listing = (
+        "1071 llmsup.service        restart running\n"
+        "1072 llmsup-b.service      stop    waiting\n"
+        "1073 network-online.target start   waiting\n"
+    )
+    assert job_of(listing, "llmsup.service") == "restart"
+    assert job_of(listing, "llmsup-b.service") == "stop"
+    assert job_of(listing, "llmsup-c.service") is None
+    assert job_of("", "llmsup.service") is None
+    assert job_of("No jobs running.\n", "llmsup.service") is None
+
+
+@pytest.mark.parametrize(
+    ("job", "error", "on_term", "after"),
+    [
+        # (the job, what asking said) -> does SIGTERM keep the models? does ExecStopPost=?
+        ("restart", None, True, True),  # systemctl restart, try-restart
+        ("stop", None, False, False),  # systemctl stop, shutdown
+        (None, None, False, True),  # a kill by hand; after: the daemon's own exit, a crash
+        ("start", None, False, True),  # ExecStopPost= after a start that failed
+        (None, "Failed to connect to bus", False, False),  # in doubt, stop
+    ],
+)
+def test_only_a_restart_or_a_crash_keeps_the_models(
+    job: str | None, error: str | None, on_term: bool, after: bool
+) -> None:
+    assert on_sigterm(LLMSUP_UNIT, job, error).keep is on_term
+    assert after_exit(LLMSUP_UNIT, job, error).keep is after
+    assert "llmsup.service" in on_sigterm(LLMSUP_UNIT, job, error).why
+    if error is not None:
+        assert error in on_sigterm(LLMSUP_UNIT, job, error).why
+
+
+def test_outside_a_service_sigterm_stops_and_stop_post_does_nothing() -> None:
+    assert not on_sigterm(None, None).keep
+    assert after_exit(None, None).keep
+    asked = []
+
+    def decide(service: Service | None, job: str | None, error: str | None) -> Verdict:
+        asked.append((service, job, error))
+        return Verdict(False, "")
+
+    verdict_here(decide, "0::/user.slice/user-0.slice/session-1.scope\n")
+    assert asked == [(None, None, None)], "no systemctl asked"
+
+
+class FakeSystemctl:
+    """`systemctl` on PATH: prints `jobs` (or fails), and keeps the arguments it got."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self.dir = bin_dir
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        exe = bin_dir / "systemctl"
+        exe.write_text(
+            "#!/bin/sh\n"
+            'here=$(dirname "$0")\n'
+            'echo "$@" >> "$here/calls"\n'
+            'if [ -e "$here/fail" ]; then cat "$here/fail" >&2; exit 1; fi\n'
+            'if [ -e "$here/slow" ]; then sleep 10; fi\n'
+            'cat "$here/jobs"\n'
+        )
+        exe.chmod(0o755)
+        self.answer("")
+
+    def answer(self, jobs: str) -> None:
+        (self.dir / "jobs").write_text(jobs)
+
+    def calls(self) -> list[str]:
+        path = self.dir / "calls"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def path(self) -> str:
+        return f"{self.dir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def test_asking_systemctl_for_the_units_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeSystemctl(tmp_path / "bin")
+    monkeypatch.setenv("PATH", fake.path())
+    fake.answer("7 llmsup.service restart running\n")
+    assert ask_job(LLMSUP_UNIT) == "restart"
+    assert ask_job(Service("llmsup.service", user=True)) == "restart"
+    fake.answer("")
+    assert ask_job(LLMSUP_UNIT) is None
+    assert fake.calls() == [
+        "list-jobs --no-legend --no-pager --full llmsup.service",
+        "--user list-jobs --no-legend --no-pager --full llmsup.service",
+        "list-jobs --no-legend --no-pager --full llmsup.service",
+    ]
+    (fake.dir / "fail").write_text("Failed to connect to bus: No such file or directory\n")
+    with pytest.raises(JobUnknown, match="list-jobs: Failed to connect to bus"):
+        ask_job(LLMSUP_UNIT)
+    verdict = verdict_here(on_sigterm, "0::/system.slice/llmsup.service/supervisor\n")
+    assert not verdict.keep and "Failed to connect to bus" in verdict.why
+    (fake.dir / "fail").unlink()
+    (fake.dir / "slow").write_text("")
+    started = time.monotonic()
+    with pytest.raises(JobUnknown, match=r"did not answer in 0\.3s"):
+        ask_job(LLMSUP_UNIT, timeout=0.3)
+    assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def service_cgroup() -> Iterator[Path]:
+    """A cgroup named as a service's, marked delegated as systemd marks one with
+    Delegate=yes: the daemon lays its cgroups out there as under systemd."""
+    mount = cgroup.cgroup2_mount(Path("/proc/self/mountinfo").read_text())
+    if os.geteuid() != 0 or mount is None:
+        pytest.skip("a service's cgroup of our own needs root and a cgroup2 mount")
+    path = mount / f"llmsup-test-{os.getpid()}-{time.monotonic_ns()}.service"
+    try:
+        path.mkdir()
+        os.setxattr(path, "trusted.delegate", b"1")
+    except OSError as e:
+        cgroup.remove(path)
+        pytest.skip(f"cannot make a delegated cgroup under {mount}: {e.strerror}")
+    try:
+        yield path
+    finally:
+        cgroup.kill(path)
+        wait_for(lambda: cgroup.remove(path), 10)
+
+
+def in_cgroup(path: Path) -> Callable[[], None]:
+    """A preexec_fn: the child joins `path` before it runs anything."""
+    return lambda: cgroup.join(path, os.getpid())
+
+
+def test_sigterm_for_a_restart_leaves_the_models_to_the_next_daemon(
+    tmp_path: Path, service_cgroup: Path, listener: NotifyListener
+) -> None:
+    unit = service_cgroup.name
+    fake = FakeSystemctl(tmp_path / "bin")
+    models = f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n"
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "PATH": fake.path()}
+    d = Daemon(tmp_path, models, extra_env=env)
+    d.env["PATH"] = f"{fake.dir}{os.pathsep}{FAKES_DIR}{os.pathsep}{os.environ['PATH']}"
+    d.preexec = in_cgroup(service_cgroup)
+    try:
+        fake.answer(f"41 {unit} restart running\n")
+        d.start()
+        row = d.wait_all_ready()["m"]
+        server_cgroup = cgroup.own_cgroup(Path(f"/proc/{row['pid']}/cgroup").read_text())
+        assert f"/{unit}/m-" in str(server_cgroup), "the layout of a delegated unit"
+        procs = wait_for(lambda: d.processes() if len(d.processes()) >= 4 else None)
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0, d.log()
+        assert f"SIGTERM: {unit} is restarting: every model runs on" in d.log()
+        assert not [p for p in procs if not alive(p)], "every process of the model runs on"
+        assert fake.calls() == [f"list-jobs --no-legend --no-pager --full {unit}"]
+
+        fake.answer(f"42 {unit} stop running\n")
+        d.start()
+        again = d.wait_all_ready()["m"]
+        assert (again["pid"], again["restarts"]) == (row["pid"], 0), "adopted"
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(30) == 0, d.log()
+        assert f"SIGTERM: {unit} is stopping: stopping every model" in d.log()
+        assert gone([p.pid for p in procs])
+        assert d.processes() == []
+    finally:
+        d.stop()
+    assert not d.leftovers
+
+
+def test_stop_post_stops_what_a_killed_daemon_left_only_when_the_unit_stops(
+    tmp_path: Path, service_cgroup: Path, listener: NotifyListener
+) -> None:
+    unit = service_cgroup.name
+    fake = FakeSystemctl(tmp_path / "bin")
+    models = f"m: {{backend: vllm, model: org/m, port: {free_port()}}}\n"
+    d = Daemon(tmp_path, models, extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    d.env["PATH"] = f"{fake.dir}{os.pathsep}{FAKES_DIR}{os.pathsep}{os.environ['PATH']}"
+    d.preexec = in_cgroup(service_cgroup)
+    control = service_cgroup / ".control"  # where systemd runs ExecStopPost=
+
+    def stop_post() -> str:
+        control.mkdir(exist_ok=True)
+        r = subprocess.run(
+            [*LLMSUP, "systemd", "stop-post", "-f", str(d.manifest)],
+            env=d.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=in_cgroup(control),
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    try:
+        d.start()
+        d.wait_all_ready()
+        procs = wait_for(lambda: d.processes() if len(d.processes()) >= 4 else None)
+        d.kill_daemon()
+        # something else the unit's cgroup holds (in the daemon's leaf): killed at the end
+        stray = subprocess.Popen(
+            ["sleep", "300"], preexec_fn=in_cgroup(service_cgroup / cgroup.DAEMON_LEAF)
+        )
+        fake.answer(f"43 {unit} restart running\n")
+        assert f"{unit} is in a restart job: its models run on" in stop_post()
+        fake.answer("")
+        assert f"{unit} has no stop job" in stop_post()
+        assert not [p for p in procs if not alive(p)] and stray.poll() is None
+
+        fake.answer(f"44 {unit} stop running\n")
+        said = stop_post()
+        assert f"{unit} is stopping: stopping what is left of its models" in said
+        assert "  m: stopped pid " in said
+        assert f"killed what else was left in the unit's cgroup: pid {stray.pid}" in said
+        assert stray.wait(5) == -signal.SIGKILL
+        assert gone([p.pid for p in procs])
+        assert cgroup.procs(service_cgroup) == set()
+    finally:
+        d.stop()
+
+
 # ------------------------------------------------------------ the notify protocol
 
 
@@ -519,10 +792,13 @@ LimitCORE=0
 """
 
 
-def container_manifest(load_a: str) -> str:
-    """Two models on the container's own loopback; only `a`'s entry depends on `load_a`."""
+def container_manifest(load_a: str, stubborn_a: bool = False) -> str:
+    """Two models on the container's own loopback; only `a`'s entry depends on `load_a`
+    (and `stubborn_a`: it ignores SIGTERM, so stopping it takes its stop_timeout, 8s)."""
+    a_env = f'FAKE_LOAD_TIME: "{load_a}"' + (', FAKE_IGNORE_SIGTERM: "1"' if stubborn_a else "")
+    a_stop = ", stop_timeout: 8s" if stubborn_a else ""
     return f"""{FAST_DEFAULTS}models:
-  a: {{backend: vllm, model: org/a, port: 18001, gpus: [0], env: {{FAKE_LOAD_TIME: "{load_a}"}}}}
+  a: {{backend: vllm, model: org/a, port: 18001, gpus: [0], env: {{{a_env}}}{a_stop}}}
   b: {{backend: ollama, model: "qwen2.5:0.5b", port: 18002, gpus: [1]}}
 """
 
@@ -585,9 +861,25 @@ def alive(p: psutil.Process) -> bool:
         return False
 
 
-def journal(c: systemd_container.Container) -> str:
+def unit_cgroup_procs(c: systemd_container.Container) -> list[int]:
+    """Every process in llmsup.service's cgroup and below (pids inside the container)."""
+    script = (
+        "cg=$(awk '$3 == \"cgroup2\" {print $2; exit}' /proc/self/mounts)"
+        "/system.slice/llmsup.service; "
+        '[ -d "$cg" ] || exit 0; find "$cg" -name cgroup.procs -exec cat {} +'
+    )
+    return [int(pid) for pid in c.run("sh", "-c", script).stdout.split()]
+
+
+def same_processes(before: list[psutil.Process]) -> list[str]:
+    """Those of `before` that are no longer the very processes they were."""
+    return [cmdline(p) or str(p.pid) for p in before if not alive(p)]
+
+
+def journal(c: systemd_container.Container, after: str = "") -> str:
+    """llmsup.service's journal; with `after` (an earlier one), what came since."""
     r = c.run("journalctl", "--no-pager", "-o", "short-monotonic", "-u", "llmsup", check=False)
-    return r.stdout
+    return r.stdout.removeprefix(after)
 
 
 @pytest.mark.container
@@ -610,6 +902,7 @@ def test_under_a_real_systemd(container: systemd_container.Container) -> None:
     c = container
     try:
         _install_start_reload_watchdog_stop(c)
+        _killed_while_stopping_then_down(c)
     except AssertionError as e:
         raise AssertionError(f"{e}\n--- journalctl -u llmsup ---\n{journal(c)}") from None
 
@@ -684,10 +977,30 @@ def _install_start_reload_watchdog_stop(c: systemd_container.Container) -> None:
     props = show("MainPID", "NRestarts")
     assert (int(props["MainPID"]), props["NRestarts"]) == (main, "0"), "the watchdog was fed"
 
-    # a frozen daemon: the watchdog kills it with all its models; systemd starts it again
+    # systemctl restart: the daemon alone restarts (KillMode=process; it asks systemd
+    # why it got SIGTERM and leaves); the new one adopts every model, none reloads
     old = model_processes(c)
     # vllm, its tracker, EngineCore, Worker; ollama, its runner
     assert len(old) >= 6, [cmdline(p) for p in old]
+    mark = journal(c)
+    c.run("systemctl", "restart", "llmsup", timeout=150)
+    props = show("ActiveState", "MainPID", "NRestarts")
+    assert props["ActiveState"] == "active" and props["NRestarts"] == "0", props
+    assert int(props["MainPID"]) not in (0, main), "a new daemon"
+    main = int(props["MainPID"])
+    adopted = until(lambda: all_ready(c), 60, "not READY after systemctl restart")
+    assert {n: (r["pid"], r["restarts"]) for n, r in adopted.items()} == {
+        n: (r["pid"], 0) for n, r in after.items()
+    }
+    assert not same_processes(old), "every process of every model runs on"
+    assert status_inside(c)["daemon"]["pid"] == main
+    said = journal(c, after=mark)
+    assert "SIGTERM: llmsup.service is restarting" in said
+    assert "llmsup.service is in a restart job: its models run on" in said, "ExecStopPost="
+
+    # a frozen daemon: the watchdog kills it alone, systemd starts it again, and the
+    # new daemon adopts the models, which ran on meanwhile
+    mark = journal(c)
     c.run("kill", "-STOP", str(main))
 
     def restarted() -> dict[str, str] | None:
@@ -696,22 +1009,87 @@ def _install_start_reload_watchdog_stop(c: systemd_container.Container) -> None:
         return p if fresh and p["NRestarts"] == "1" else None
 
     props = until(restarted, 60, "no restart by the watchdog")
-    assert "Watchdog timeout" in journal(c)
-    survivors = [p for p in old if alive(p)]
-    assert not survivors, [cmdline(p) for p in survivors]
-    new = until(lambda: all_ready(c), 60, "not READY after restart")
+    said = journal(c, after=mark)
+    assert "Watchdog timeout" in said
+    new = until(lambda: all_ready(c), 60, "not READY after the watchdog's restart")
     assert status_inside(c)["daemon"]["pid"] == int(props["MainPID"])
-    assert {r["pid"] for r in new.values()}.isdisjoint({r["pid"] for r in after.values()})
+    assert {n: (r["pid"], r["restarts"]) for n, r in new.items()} == {
+        n: (r["pid"], 0) for n, r in after.items()
+    }
+    assert not same_processes(old)
+    assert "llmsup.service has no stop job" in said, "ExecStopPost= left them to the next daemon"
 
-    # stop: the daemon stops its models and exits 0; nothing is left
+    # stop: the daemon stops its models and exits 0; nothing is left in the cgroup
     running = model_processes(c)
     assert running
+    mark = journal(c)
     c.run("systemctl", "stop", "llmsup", timeout=330)
     props = show("ActiveState", "Result", "ExecMainStatus")
     assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
     assert gone([p.pid for p in running])
     assert model_processes(c) == []
     assert [cmd for cmd in map(cmdline, c.processes()) if str(FAKES_DIR) in cmd] == []
+    assert unit_cgroup_procs(c) == []
+    assert "SIGTERM: llmsup.service is stopping: stopping every model" in journal(c, after=mark)
+
+
+def _killed_while_stopping_then_down(c: systemd_container.Container) -> None:
+    """A daemon SIGKILLed while it stops its models (as TimeoutStopSec= would):
+    ExecStopPost= stops the rest. `llmsup down --keep-models` leaves the models to the
+    unit's next start; `llmsup down` stops everything, the unit included."""
+
+    def show(*props: str) -> dict[str, str]:
+        return c.show("llmsup.service", *props)
+
+    c.write(MANIFEST, container_manifest("0.3", stubborn_a=True))
+    c.run("systemctl", "start", "llmsup", timeout=150)
+    until(lambda: all_ready(c), 60, "models never READY")
+    running = model_processes(c)
+    main = show("MainPID")["MainPID"]
+    mark = journal(c)
+    c.run("systemctl", "stop", "--no-block", "llmsup")
+    # `a` ignores SIGTERM: the daemon waits its stop_timeout (8s) before SIGKILL
+    until(lambda: "b: stopped" in journal(c, after=mark), 30, "the daemon never began stopping")
+    assert [p for p in running if alive(p)], "a still runs"
+    c.run("kill", "-KILL", main)
+
+    def stopped() -> dict[str, str] | None:
+        p = show("ActiveState", "Result", "ExecMainStatus")
+        return p if p["ActiveState"] in ("inactive", "failed") else None
+
+    props = until(stopped, 60, "the unit never stopped")
+    assert props["ExecMainStatus"] == str(int(signal.SIGKILL)), props
+    said = journal(c, after=mark)
+    assert "llmsup.service is stopping: stopping what is left of its models" in said
+    assert "  a: stopped pid " in said, "ExecStopPost= stopped a"
+    assert gone([p.pid for p in running])
+    assert model_processes(c) == []
+    assert unit_cgroup_procs(c) == []
+
+    # `down --keep-models`: the unit stops, its models run on; its next start adopts them
+    c.write(MANIFEST, container_manifest("0.3"))
+    c.run("systemctl", "start", "llmsup", timeout=150)
+    rows = until(lambda: all_ready(c), 60, "models never READY")
+    running = model_processes(c)
+    assert running
+    cli = [sys.executable, "-m", "llmsup.cli"]
+    c.run(*cli, "down", "--keep-models", "-f", MANIFEST, timeout=120)
+    props = until(stopped, 30, "the unit never stopped after `llmsup down --keep-models`")
+    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+    assert not same_processes(running)
+    c.run("systemctl", "start", "llmsup", timeout=150)
+    adopted = until(lambda: all_ready(c), 60, "models never READY again")
+    assert {n: r["pid"] for n, r in adopted.items()} == {n: r["pid"] for n, r in rows.items()}
+
+    # `llmsup down`: every model and the daemon stop; the unit is inactive, its cgroup empty
+    mark = journal(c)
+    c.run(*cli, "down", "-f", MANIFEST, timeout=120)
+    props = until(stopped, 30, "the unit never stopped after `llmsup down`")
+    assert props == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+    assert "llmsup.service has no stop job" in journal(c, after=mark)
+    assert gone([p.pid for p in running])
+    assert model_processes(c) == []
+    assert unit_cgroup_procs(c) == []
 
 
 USER_MANIFEST = "/etc/llmsup/as-a-user.yaml"
@@ -772,6 +1150,11 @@ def _as_a_service_user(c: systemd_container.Container) -> None:
 
     row = until(ready, 60, "a never READY under User=llm")
     assert c.run("stat", "-c", "%U", f"/proc/{row['pid']}").stdout.strip() == "llm"
+    # not root: the daemon asks systemd over D-Bus whether it restarts
+    c.run("systemctl", "restart", "llmsup", timeout=150)
+    again = until(ready, 60, "a never READY after systemctl restart under User=llm")
+    assert again["pid"] == row["pid"], journal(c)
     c.run("systemctl", "stop", "llmsup", timeout=330)
     props = c.show("llmsup.service", "ActiveState", "Result")
     assert props == {"ActiveState": "inactive", "Result": "success"}
+    assert unit_cgroup_procs(c) == []
