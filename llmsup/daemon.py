@@ -213,7 +213,8 @@ class Daemon:
             self.notifier.send("READY=1")
             await self.stopping.wait()
         finally:
-            self.notifier.send("STOPPING=1", "STATUS=stopping all models")
+            doing = "leaving the models running" if self.leaving else "stopping all models"
+            self.notifier.send("STOPPING=1", f"STATUS={doing}")
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.gateway.stop()

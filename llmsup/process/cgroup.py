@@ -163,4 +163,9 @@ def leftovers(base: Path, named: set[str | None]) -> list[Path]:
         dirs = [d for d in base.iterdir() if d.is_dir()]
     except OSError:
         return []
-    return [d for d in dirs if d.name != DAEMON_LEAF and str(d) not in named]
+    # Not ours: the daemon's leaf, and systemd's own (`.control` runs ExecStopPost=).
+    return [
+        d
+        for d in dirs
+        if d.name != DAEMON_LEAF and not d.name.startswith(".") and str(d) not in named
+    ]
