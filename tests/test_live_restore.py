@@ -132,6 +132,15 @@ def restarted(d: Daemon, name: str, old: int) -> dict[str, Any] | None:
     return row if row["state"] == "READY" and row["pid"] != old else None
 
 
+def known_pids(d: Daemon) -> set[int]:
+    """The pids the records in the state directory know."""
+    out = set()
+    for path in (d.state / "procs").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            out |= {int(pid) for pid, _ in json.loads(path.read_text())["known"]}
+    return out
+
+
 def port_of(d: Daemon, name: str) -> int:
     return int(d.status()[name]["port"])
 
@@ -474,6 +483,8 @@ def test_an_upgrade_hands_the_running_models_to_the_newer_llmsup(
         assert ready_pids(d) == pids
         assert alive(trees) == sorted(trees)
 
+        # Once the newer daemon's tracking knows every process, it rewrites no record.
+        wait_for(lambda: set(trees) <= known_pids(d), 10, message="the trees are not tracked")
         records = {p.name: p.read_text() for p in (d.state / "procs").iterdir()}
         for args in (["up"], ["status"], ["down"]):
             r = d.cli(*args, "-f", str(d.manifest))
