@@ -128,6 +128,12 @@ def serve_gateway(port: int, fast_url: str, slow_url: str, loop: str) -> None:
         async def acquire(self, served_name: str, wait: float) -> Route:
             return self.table[served_name]
 
+        def failed(self, route: Route, failure: Any, error: str) -> None:
+            pass
+
+        def another(self, route: Route) -> Route | None:
+            return None
+
         def release(self, route: Route) -> None:
             pass
 

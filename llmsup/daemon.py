@@ -72,7 +72,8 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.untrusted = untrusted  # reloads refuse command backends too
         self._status_dirty = True
-        self.gateway = GatewayHost(self, self.key, self._conflict_pairs)
+        # Remote models are the gateway's: it says when one's state changes.
+        self.gateway = GatewayHost(self, self.key, self._conflict_pairs, self.changed)
         self._conflicts: tuple[Any, frozenset[tuple[str, str]]] | None = None  # per manifest
         self.gpu_source: gpu.GpuSource | None = None
         self.gpu_note = ""  # why there is no GPU information, if there is none
@@ -492,6 +493,10 @@ class Daemon:
         for s in self.servers.values():
             if model in s.launch.models or model == s.launch.unit:
                 return s
+        if any(r.name == model for r in self.plan.remotes):
+            raise BadRequest(
+                f"{model} is a remote model: its servers run, and stop, on other hosts"
+            )
         known = ", ".join(m for s in self.servers.values() for m in s.launch.models)
         raise UnknownModel(f"no model named {model!r} (known: {known})")
 
@@ -597,4 +602,5 @@ class Daemon:
             "gpu_note": self.gpu_note,
             "launch": self.launch_phase(),
             "gateway": self.gateway_info(),
+            "remotes": self.gateway.remotes(),  # models on other hosts, through the gateway
         }

@@ -137,14 +137,18 @@ class GatewayError(LlmsupError):
 
 class ModelUnavailable(GatewayError):
     """The model cannot serve (FAILED, or stopped and not on-demand): 503 with the reason,
-    and no Retry-After (retrying cannot help until an operator acts)."""
+    and no Retry-After (retrying cannot help until an operator acts), unless it may come
+    back by itself (a remote model's upstreams, probed every `retry_after` seconds)."""
 
     http_status = 503
 
-    def __init__(self, reason: str, *, stopped: bool = False) -> None:
+    def __init__(
+        self, reason: str, *, stopped: bool = False, retry_after: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.stopped = stopped  # stopped on purpose, rather than broken
+        self.retry_after = retry_after
 
 
 class ModelNotReady(GatewayError):

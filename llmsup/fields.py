@@ -8,7 +8,7 @@ backend (`llmsup.backends`) its own model class on top of `ModelBase`.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
@@ -179,6 +179,8 @@ class ModelBase(Strict):
 
     if TYPE_CHECKING:  # declared by each subclass as its Literal tag
         backend: str
+    # Fields a backend refuses when set (its check says why): not offered as allowed keys.
+    inapplicable: ClassVar[frozenset[str]] = frozenset()
 
     gpus: list[GpuId] = Field(
         default_factory=list, description="GPU indices or UUIDs (becomes CUDA_VISIBLE_DEVICES)"

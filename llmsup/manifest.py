@@ -86,8 +86,8 @@ if TYPE_CHECKING:
 else:
     AnyModel = Annotated[Union[tuple(BACKENDS.values())], Field(discriminator="backend")]  # noqa: UP007
 _NAMES = list(BACKENDS)
-ONE_OF = ", ".join(_NAMES)  # "vllm, ollama, command"
-_EITHER = f"{', '.join(_NAMES[:-1])} or {_NAMES[-1]}"  # "vllm, ollama or command"
+ONE_OF = ", ".join(_NAMES)  # "vllm, ollama, command, remote"
+_EITHER = f"{', '.join(_NAMES[:-1])} or {_NAMES[-1]}"  # "vllm, ollama, command or remote"
 
 
 def _key_not_empty(v: SecretStr) -> SecretStr:
@@ -366,7 +366,8 @@ def _translate(src: Source, err: ValidationError) -> list[Problem]:
         if kind == "extra_forbidden":
             key = str(loc[-1])
             cls = _class_at(raw_loc[:-1])
-            allowed = sorted(cls.model_fields) if cls else []
+            skip: frozenset[str] = getattr(cls, "inapplicable", frozenset())
+            allowed = sorted(set(cls.model_fields) - skip) if cls else []
             close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             if not close and allowed:

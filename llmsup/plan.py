@@ -4,7 +4,8 @@ Pure: `make_plan(loaded)` returns the launches, their order, and every problem
 (errors and warnings) located in the manifest. Nothing here touches processes.
 Each model's backend (`llmsup.backends`) builds its server and checks what is
 its own; here are the checks that span models: ports, served names, GPU shares,
-on-demand models and their swaps, the gateway.
+on-demand models and their swaps, the gateway. Remote models (served on other
+hosts, through the gateway) have no server here: they are `Plan.remotes`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmsup.backends import REGISTRY, Backend, Launch
+from llmsup.backends import REDACTED, REGISTRY, Backend, Launch, remote
 from llmsup.backends.base import Context, GpuClaim, GpuLoad
+from llmsup.backends.remote import Remote, RemoteModel
 from llmsup.backends.vllm_flags import FlagTable
 from llmsup.errors import ManifestError, Problem
-from llmsup.manifest import LoadedManifest
+from llmsup.manifest import LoadedManifest, Manifest
 
 GPU_SHARE_WARN = 0.95  # each CUDA context costs a few hundred MiB on top
 
@@ -31,6 +33,7 @@ class Plan:
     problems: tuple[Problem, ...] = field(default=())
     context: Context = field(default_factory=Context)  # what the checks knew
     swaps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # never run together
+    remotes: tuple[Remote, ...] = ()  # models on other hosts: the gateway routes to them
 
     @property
     def vllm_flags(self) -> FlagTable | None:
@@ -65,6 +68,23 @@ class Plan:
                     }
                 )
                 out[-1].update(REGISTRY[la.backend].checked_against(self.context))
+        for r in self.remotes:
+            out.append(
+                {
+                    "name": r.name,
+                    "backend": remote.NAME,
+                    "unit": r.name,
+                    "urls": list(r.urls),
+                    "served_names": list(r.served_names),
+                    "api_key": REDACTED if r.api_key is not None else None,
+                    "health": {
+                        "interval": r.interval,
+                        "timeout": r.timeout,
+                        "failures": r.failures,
+                    },
+                    "read_timeout": r.read_timeout,
+                }
+            )
         return out
 
 
@@ -76,6 +96,20 @@ def steps(la: Launch) -> list[str]:
 
 def backend_of(loaded: LoadedManifest, name: str) -> Backend[Any]:
     return REGISTRY[loaded.manifest.models[name].backend]
+
+
+def remotes_of(manifest: Manifest) -> tuple[Remote, ...]:
+    """The manifest's remote models, with their health settings resolved."""
+    out = []
+    for name, spec in manifest.models.items():
+        if isinstance(spec, RemoteModel):
+            h = manifest.health(name)
+            out.append(
+                remote.build(
+                    name, spec, interval=h.interval, timeout=h.timeout, failures=h.failures
+                )
+            )
+    return tuple(out)
 
 
 def make_plan(
@@ -90,9 +124,11 @@ def make_plan(
     servers: dict[tuple[str, Hashable], list[str]] = {}  # models that share one server
     for name, spec in m.models.items():
         backend = REGISTRY[spec.backend]
+        problems += backend.check(loaded, name, spec, ctx)
+        if not backend.runs_here:
+            continue
         key = backend.server_key(name, spec, m.host(name))
         servers.setdefault((spec.backend, key), []).append(name)
-        problems += backend.check(loaded, name, spec, ctx)
         problems += _check_on_demand(loaded, name)
     launches: list[Launch] = []
     seen: set[str] = set()  # backends with a server so far
@@ -104,11 +140,13 @@ def make_plan(
         )
         seen.add(kind)
 
+    remotes = remotes_of(m)
     problems += _check_ports(loaded, launches)
-    problems += _check_served_names(loaded, launches)
+    problems += _check_served_names(loaded, launches, remotes)
     problems += _check_gpu_shares(loaded)
     problems += _check_beside(loaded)
-    problems += _check_gateway(loaded, launches)
+    problems += _check_gateway(loaded, launches, remotes)
+    problems += _check_remotes(loaded, remotes)
     if not m.models:
         problems.append(
             loaded.problem(
@@ -124,6 +162,7 @@ def make_plan(
         tuple(problems),
         ctx,
         _swaps(loaded, launches),
+        remotes,
     )
 
 
@@ -368,31 +407,60 @@ def _check_ports(loaded: LoadedManifest, launches: list[Launch]) -> list[Problem
     return out
 
 
-def _check_served_names(loaded: LoadedManifest, launches: list[Launch]) -> list[Problem]:
+def _check_served_names(
+    loaded: LoadedManifest, launches: list[Launch], remotes: tuple[Remote, ...]
+) -> list[Problem]:
+    models = loaded.manifest.models
+    names = [
+        (model, REGISTRY[models[model].backend].served_names(models[model]))
+        for la in launches
+        for model in la.models
+    ]
+    names += [(r.name, list(r.served_names)) for r in remotes]  # the key by default
     owner: dict[str, str] = {}
     out = []
-    for la in launches:
-        for model in la.models:
-            spec = loaded.manifest.models[model]
-            backend = REGISTRY[spec.backend]
-            for served in backend.served_names(spec):
-                if served in owner and owner[served] != model:
-                    out.append(
-                        loaded.problem(
-                            ("models", model, backend.served_key(spec)),
-                            f"served name {served!r} is already served by {owner[served]}; "
-                            "requests could not tell them apart",
-                        )
+    for model, served_names in names:
+        spec = models[model]
+        for served in served_names:
+            if served in owner and owner[served] != model:
+                out.append(
+                    loaded.problem(
+                        ("models", model, REGISTRY[spec.backend].served_key(spec)),
+                        f"served name {served!r} is already served by {owner[served]}; "
+                        "requests could not tell them apart",
                     )
-                owner.setdefault(served, model)
+                )
+            owner.setdefault(served, model)
     return out
 
 
-def _check_gateway(loaded: LoadedManifest, launches: list[Launch]) -> list[Problem]:
+def _check_remotes(loaded: LoadedManifest, remotes: tuple[Remote, ...]) -> list[Problem]:
+    """Remote models are reached through the gateway, never through itself."""
+    gw = loaded.manifest.gateway
+    out = []
+    for r in remotes:
+        if gw is None:
+            msg = "a remote model is reached through the gateway: add a `gateway:` section"
+            out.append(loaded.problem(("models", r.name, "backend"), msg))
+            continue
+        for i, url in enumerate(r.urls):
+            if remote.points_at(url, gw.host, gw.port):
+                msg = (
+                    f"{url} is this manifest's own gateway ({gw.host}:{gw.port}): "
+                    "requests would go round in a loop; give another host's address"
+                )
+                out.append(loaded.problem(("models", r.name, "urls", i), msg))
+    return out
+
+
+def _check_gateway(
+    loaded: LoadedManifest, launches: list[Launch], remotes: tuple[Remote, ...] = ()
+) -> list[Problem]:
     gw = loaded.manifest.gateway
     if gw is None:
         return []
     served = {s for la in launches for s in la.served_names}
+    served |= {s for r in remotes for s in r.served_names}
     out = []
     for alias, target in gw.aliases.items():
         path = ("gateway", "aliases", alias)

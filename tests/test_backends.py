@@ -34,7 +34,7 @@ GiB = 2**30
 
 
 def test_the_manifest_takes_its_model_classes_from_the_registry() -> None:
-    assert list(REGISTRY) == ["vllm", "ollama", "command"]
+    assert list(REGISTRY) == ["vllm", "ollama", "command", "remote"]
     assert {name: b.model for name, b in REGISTRY.items()} == BACKENDS
     for name, backend in REGISTRY.items():
         assert backend.name == name
@@ -59,7 +59,7 @@ def test_a_backend_not_in_the_registry_is_named_with_those_that_are(
         parse_manifest(f"models:\n  a:\n    {entry}\n", "models.yaml", {})
     [p] = e.value.problems
     assert f"{p.line}:{p.column} {p.path}" == where
-    assert p.message == f"{message} (one of: vllm, ollama, command)"
+    assert p.message == f"{message} (one of: vllm, ollama, command, remote)"
 
 
 # A backend registered before the manifest is imported: the schema, the error
@@ -123,14 +123,14 @@ def test_a_backend_added_to_the_registry_reaches_the_schema_errors_and_plan() ->
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["unknown"] == "unknown backend 'tgi' (one of: vllm, ollama, command, echo)"
+    assert out["unknown"] == "unknown backend 'tgi' (one of: vllm, ollama, command, remote, echo)"
     assert out["typo"] == [
         "missing required key 'text'",
         "unknown key 'txt' (did you mean 'text'?)",
     ]
     assert out["argv"] == ["echo", "hi"]
     assert out["problems"] == ["m.yaml:2:37: warning: models.a.text: echo!"]
-    assert out["described"] == "model name -> its server (backend: vllm, ollama, command or echo)"
+    assert out["described"] == "model name -> its server (backend: vllm, ollama, command, remote or echo)"
 
 
 def _gpu(index: int) -> gpu.Gpu:

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from llmsup.errors import ModelNotReady, ModelUnavailable
 from llmsup.gateway import GatewayConfig, Route, create_app, serve
+from llmsup.gateway.upstream import Failure
 from tests.util import FAKES_DIR, fake_env, free_port, wait_for
 
 UPSTREAM_KEY = "upstream-key-123"
@@ -126,6 +127,12 @@ class StubRegistry:
 
     def release(self, route: Route) -> None:
         self.released.append(route.served_name)
+
+    def failed(self, route: Route, failure: Failure, error: str) -> None:
+        pass  # local servers only: nothing to count
+
+    def another(self, route: Route) -> Route | None:
+        return None
 
 
 def stub(fakes: dict[str, Fake], **extra_urls: str) -> StubRegistry:

@@ -107,7 +107,7 @@ BAD: list[tuple[str, str, str, str, str]] = [
         "models:\n  a:\n    backend: sglang\n    model: m\n",
         "3:14",
         "models.a.backend",
-        "unknown backend 'sglang' (one of: vllm, ollama, command)",
+        "unknown backend 'sglang' (one of: vllm, ollama, command, remote)",
     ),
     (
         "missing model",

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from llmsup.errors import ManifestError, ModelNotReady
 from llmsup.gateway import GatewayConfig, Route, create_app, serve
+from llmsup.gateway.upstream import Failure
 from llmsup.manifest import parse_manifest
 from llmsup.plan import make_plan, untrusted_problems
 from tests.supervisor_util import Daemon
@@ -181,6 +182,12 @@ class _Registry:
         raise ModelNotReady("starting", 5)
 
     def release(self, route: Route) -> None:
+        raise AssertionError("never acquired")
+
+    def failed(self, route: Route, failure: Failure, error: str) -> None:
+        raise AssertionError("never acquired")
+
+    def another(self, route: Route) -> Route | None:
         raise AssertionError("never acquired")
 
 

@@ -12,6 +12,7 @@ from llmsup.backends.base import Backend, Http
 from llmsup.backends.command import Command
 from llmsup.backends.launch import REDACTED, Launch, OllamaLoad, SecretRef, cuda_devices
 from llmsup.backends.ollama import Ollama
+from llmsup.backends.remote import RemoteBackend
 from llmsup.backends.vllm import Vllm
 
 __all__ = [
@@ -26,8 +27,10 @@ __all__ = [
     "get",
 ]
 
-# The order is the one users read in "one of: vllm, ollama, command".
-REGISTRY: dict[str, Backend[Any]] = {b.name: b for b in (Vllm(), Ollama(), Command())}
+# The order is the one users read in "one of: vllm, ollama, command, remote".
+REGISTRY: dict[str, Backend[Any]] = {
+    b.name: b for b in (Vllm(), Ollama(), Command(), RemoteBackend())
+}
 
 
 def get(name: str) -> Backend[Any]:

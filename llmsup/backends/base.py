@@ -110,6 +110,7 @@ class Backend(ABC, Generic[S]):
     name: str
     model: type[S]
     confined = True  # runs its own engine only (`command` runs any program)
+    runs_here = True  # False: served on other hosts, planned apart (`remote`)
 
     # ---------------------------------------------------------------- launches
 

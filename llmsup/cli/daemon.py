@@ -163,10 +163,11 @@ def status(manifest_file: Path | None, as_json: bool, name: str | None) -> None:
     except NoDaemonError as e:
         _status_without_daemon(there, e, as_json)
     rows = [r for r in data["models"] if name is None or name in (r["name"], r["unit"])]
-    if name is not None and not rows:
-        known = ", ".join(r["name"] for r in data["models"])
+    remotes = [r for r in data.get("remotes", []) if name is None or name == r["name"]]
+    if name is not None and not rows and not remotes:
+        known = ", ".join(r["name"] for r in [*data["models"], *data.get("remotes", [])])
         raise UnknownModel(f"no model named {name!r} (known: {known or 'none'})")
-    shown = {**data, "models": rows}
+    shown = {**data, "models": rows, "remotes": remotes}
     if as_json:
         click.echo(json.dumps(shown, indent=2))
         return

@@ -92,11 +92,34 @@ STATUS_HEAD = (
 )  # fmt: skip
 
 
+def upstreams(r: Mapping[str, Any]) -> list[str]:
+    """A remote model's upstreams, a line each: URL, state, for how long, latency of
+    its last probe, and its last error (with its age, once it is up again)."""
+    cells: list[tuple[str, ...]] = []
+    for u in r["upstreams"]:
+        up = u["state"] == "up" and u["latency_ms"] is not None
+        latency = f"{u['latency_ms']:.0f}ms" if up else "-"
+        error = u["error"]
+        if error and u["state"] == "up" and u["error_age_s"] is not None:
+            error = f"last error {age(u['error_age_s'])} ago: {error}"
+        cells.append((f"  {u['url']}", u["state"], age(u["for_s"]), latency, error))
+    return [line.rstrip() for line in table(cells)] if cells else []
+
+
+def _remote_cells(r: Mapping[str, Any]) -> tuple[str, ...]:
+    latencies = [u["latency_ms"] for u in r["upstreams"] if u["state"] == "up" and u["latency_ms"]]
+    health = f"{min(latencies):.0f}ms" if latencies else "-"
+    detail = r["detail"] if r["state"] == "READY" else r["reason"] or r["detail"]
+    return (r["name"], r["backend"], r["state"], "-", "-", "-", "-", health, "-", detail)
+
+
 def status(data: Mapping[str, Any]) -> list[str]:
-    """`llmsup status`: a row per model of `data["models"]`, a note when GPUs were seen
-    and are no longer, a warning when a log drops output, the gateway's address, and
-    a FAILED model's last log lines."""
+    """`llmsup status`: a row per model of `data["models"]` and `data["remotes"]` (each
+    remote model's upstreams below the table), a note when GPUs were seen and are no
+    longer, a warning when a log drops output, the gateway's address, and a FAILED
+    model's last log lines."""
     rows = data["models"]
+    remotes = data.get("remotes") or []
     cells: list[tuple[str, ...]] = [STATUS_HEAD]
     for r in rows:
         health = "-" if r["health_latency_ms"] is None else f"{r['health_latency_ms']:.0f}ms"
@@ -114,7 +137,10 @@ def status(data: Mapping[str, Any]) -> list[str]:
                 _detail(r),
             )
         )
+    cells += [_remote_cells(r) for r in remotes]
     out = table(cells)
+    for r in remotes:
+        out += [f"{r['name']}: upstreams", *upstreams(r)]
     if data.get("gpu_note") and any(r.get("gpu_memory") is not None for r in rows):
         out.append(f"note: {data['gpu_note']}")
     out += log_lines(rows)

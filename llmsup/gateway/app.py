@@ -5,6 +5,12 @@ chunk by chunk as they arrive, and large request bodies are parsed in a worker
 thread. The daemon supplies a `Registry` (which names exist, and a READY server
 for a name); the gateway only routes, authenticates, streams and counts.
 
+A remote model's request goes to one of its upstreams (the registry picks); one that
+fails before any byte reached the client (connection refused or reset, our key
+refused, 503) goes to another upstream once. Its answer's headers are held until
+its first body byte, so that an upstream that stalls after its headers gets a 504
+after the model's read_timeout rather than a stream that never moves.
+
 Errors always have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 `/health` needs no key. `/metrics` needs the key when keys are configured: it names
 every model and their states, which `/v1/models` also guards, and Prometheus can
@@ -33,7 +39,9 @@ from llmsup.errors import ApiError, ModelNotReady, ModelUnavailable
 from llmsup.gateway.config import GatewayConfig
 from llmsup.gateway.connections import Guard, busy_while_handled
 from llmsup.gateway.metrics import Metrics
+from llmsup.gateway.remote import describe
 from llmsup.gateway.routing import Registry, Route
+from llmsup.gateway.upstream import Failure
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,22 @@ _HOP_BY_HOP = frozenset(
 _NOT_UPSTREAM = _HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key"}
 _NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length", "date", "server"}
 _THREAD_PARSE_BYTES = 256 * 1024  # json.loads of more than this would stall the loop
+# Gateways a request went through on its way to a remote model: a loop of gateways
+# (A's remote model at B, B's at A) ends with 508 instead of going round for ever.
+HOPS = "X-Llmsup-Hops"
+MAX_HOPS = 8
+_ERROR_BODY_BYTES = 64 * 1024  # of an upstream's 503, for its message
+
+
+class _Unsent(Exception):
+    """A request that failed before any byte reached its client: `error` is its answer,
+    unless `failure` allows another upstream to take it (`detail` says what happened)."""
+
+    def __init__(self, error: ApiError, failure: Failure | None = None, detail: str = "") -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.failure = failure
+        self.detail = detail or error.message
 
 
 def _response(e: ApiError) -> web.Response:
@@ -224,6 +248,10 @@ class _Gateway:
                 continue
             info: dict[str, Any] = {"state": r.state, "unit": r.unit, "backend": r.backend}
             info["on_demand"] = r.on_demand
+            if r.upstreams:
+                info["upstreams"] = [
+                    {"url": u.url, "state": u.state, "error": u.error} for u in r.upstreams
+                ]
             if name != target:
                 info["alias_of"] = target
             out[name] = {
@@ -262,32 +290,26 @@ class _Gateway:
             if not isinstance(name, str) or not name:
                 raise _bad("`model` must be a non-empty string")
             served = self.config.aliases.get(name, name)
-            if not any(r.served_name == served for r in self.registry.routes()):
+            listed = next((r for r in self.registry.routes() if r.served_name == served), None)
+            if listed is None:
                 raise self.not_found(name)
             label = served
+            if listed.backend == "remote" and _hops(request) >= MAX_HOPS:
+                message = f"`{name}` went through {MAX_HOPS} gateways: their remote models loop"
+                raise ApiError(508, message, "server_error", "loop_detected")
             if served != name:  # the backend knows only its served name
                 obj["model"] = served
                 body = await _off_loop(len(body), lambda: json.dumps(obj).encode())
-            try:
-                route = await self.registry.acquire(served, self.config.start_wait)
-            except ModelNotReady as e:
-                message = f"Model `{name}` is not ready yet: {e.reason}"
-                retry = {"Retry-After": str(max(1, e.retry_after))}
-                raise ApiError(503, message, "server_error", "model_not_ready", retry) from None
-            except ModelUnavailable as e:
-                if e.stopped:  # said to an API client: no shell command to run
-                    message = f"Model `{name}` is stopped and is not accepting requests"
-                    raise ApiError(503, message, "server_error", "model_stopped") from None
-                message = f"Model `{name}` is unavailable: {e.reason}"
-                raise ApiError(503, message, "server_error", "model_unavailable") from None
+            route = await self.acquire(name, served)
             in_flight = self.m.in_flight.labels(served)
             in_flight.inc()
             try:
-                response, code = await self.forward(request, route, body, obj.get("stream") is True)
+                response, code = await self.attempts(
+                    request, route, body, obj.get("stream") is True
+                )
                 return response
             finally:
                 in_flight.dec()
-                self.registry.release(route)
         except (ApiError, web.HTTPException) as e:
             code = e.status
             raise
@@ -296,6 +318,43 @@ class _Gateway:
             raise
         finally:
             self.m.requests.labels(label, str(code)).inc()
+
+    async def acquire(self, name: str, served: str) -> Route:
+        try:
+            return await self.registry.acquire(served, self.config.start_wait)
+        except ModelNotReady as e:
+            message = f"Model `{name}` is not ready yet: {e.reason}"
+            retry = {"Retry-After": str(max(1, e.retry_after))}
+            raise ApiError(503, message, "server_error", "model_not_ready", retry) from None
+        except ModelUnavailable as e:
+            if e.stopped:  # said to an API client: no shell command to run
+                message = f"Model `{name}` is stopped and is not accepting requests"
+                raise ApiError(503, message, "server_error", "model_stopped") from None
+            message = f"Model `{name}` is unavailable: {e.reason}"
+            after = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else {}
+            raise ApiError(503, message, "server_error", "model_unavailable", after) from None
+
+    async def attempts(
+        self, request: web.Request, route: Route, body: bytes, wants_stream: bool
+    ) -> tuple[web.StreamResponse, int]:
+        """Forward on `route` (released after); a failure before any byte reached the
+        client is counted against its upstream, and tried once on another."""
+        retried = False
+        while True:
+            again = None
+            try:
+                return await self.forward(request, route, body, wants_stream)
+            except _Unsent as u:
+                if u.failure is not None:
+                    self.registry.failed(route, u.failure, u.detail)
+                    if u.failure.retried and not retried:
+                        again = self.registry.another(route)
+                if again is None:
+                    raise u.error from None
+                log.warning("gateway: %s: %s; trying %s", route.upstream, u.detail, again.upstream)
+            finally:
+                self.registry.release(route)
+            route, retried = again, True
 
     async def read_json(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
         length = request.content_length
@@ -324,40 +383,82 @@ class _Gateway:
         headers.setdefault("Content-Type", "application/json")  # checked: it is JSON
         if route.api_key:
             headers["Authorization"] = f"Bearer {route.api_key}"
+        if route.upstream:
+            headers[HOPS] = str(_hops(request) + 1)
         cfg = self.config
+        connect = route.connect_timeout or cfg.connect_timeout
         # sock_read covers the wait for headers; it is shortened to read_timeout below.
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.first_byte_timeout
+            total=None, sock_connect=connect, sock_read=cfg.first_byte_timeout
         )
-        url = URL(route.base_url).join(request.rel_url)
+        url = URL(route.base_url.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
+        where = _where(route)
         started = time.monotonic()
         try:
-            upstream = await self.session.request(
-                request.method, url, data=body, headers=headers, timeout=timeout
-            )
-        except asyncio.TimeoutError:
-            message = f"`{route.served_name}` ({route.unit}) did not answer in time"
-            raise ApiError(504, message, "server_error", "upstream_timeout") from None
-        except aiohttp.ClientError as e:
-            message = f"Cannot reach `{route.served_name}` ({route.unit}): {e}"
-            raise ApiError(502, message, "server_error", "upstream_unreachable") from None
+            try:
+                upstream = await self.session.request(
+                    request.method, url, data=body, headers=headers, timeout=timeout
+                )
+            except aiohttp.ConnectionTimeoutError:  # before the TimeoutError it also is
+                detail = f"no connection within {connect:g}s"
+                message = f"Cannot reach {where}: {detail}"
+                error = ApiError(502, message, "server_error", "upstream_unreachable")
+                raise _Unsent(error, Failure.REFUSED, detail) from None
+            except asyncio.TimeoutError:
+                message = f"{where} did not answer in time"
+                error = ApiError(504, message, "server_error", "upstream_timeout")
+                raise _Unsent(error, Failure.TIMEOUT, "did not answer in time") from None
+            except aiohttp.ClientError as e:
+                message = f"Cannot reach {where}: {describe(e) if route.upstream else e}"
+                error = ApiError(502, message, "server_error", "upstream_unreachable")
+                raise _Unsent(error, _failure(e), describe(e)) from None
+        except _Unsent as u:
+            if route.upstream and u.failure is not None:
+                self.m.upstream_errors.labels(route.unit, route.upstream, u.failure.value).inc()
+            raise
         self.m.latency.labels(route.served_name).observe(time.monotonic() - started)
         try:
-            return await self.relay(request, upstream, wants_stream)
+            if route.upstream:
+                self.m.upstream_requests.labels(route.unit, route.upstream, upstream.status).inc()
+                await self._refused(route, upstream)
+            return await self.relay(request, route, upstream, wants_stream)
         finally:
             if upstream.content.is_eof():
                 upstream.release()  # back to the pool, kept alive
             else:
                 upstream.close()  # unfinished: the backend sees the connection close
 
+    async def _refused(self, route: Route, upstream: aiohttp.ClientResponse) -> None:
+        """A remote model's upstream that refused our key (401) or is not ready (503):
+        _Unsent, for another upstream to take the request."""
+        if upstream.status == 401:
+            message = (
+                f"Upstream {route.upstream} of `{route.served_name}` refused our key (401): "
+                f"check api_key of model {route.unit}"
+            )
+            error = ApiError(502, message, "server_error", "upstream_unauthorized")
+            raise _Unsent(error, Failure.KEY, "refused our key (401): check api_key")
+        if upstream.status == 503:
+            said = await _error_message(upstream, route.read_timeout or self.config.read_timeout)
+            message = f"Upstream {route.upstream} of `{route.served_name}` is unavailable: {said}"
+            after = upstream.headers.get("Retry-After")
+            extra = {"Retry-After": after} if after else {}
+            error = ApiError(503, message, "server_error", "upstream_unavailable", extra)
+            raise _Unsent(error, Failure.UNAVAILABLE, f"answered 503: {said}")
+
     async def relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, wants_stream: bool
+        self,
+        request: web.Request,
+        route: Route,
+        upstream: aiohttp.ClientResponse,
+        wants_stream: bool,
     ) -> tuple[web.StreamResponse, int]:
         headers = CIMultiDict(
             (k, v) for k, v in upstream.headers.items() if k.lower() not in _NOT_DOWNSTREAM
         )
+        read_timeout = route.read_timeout or self.config.read_timeout
         if upstream.connection is not None and upstream.connection.protocol is not None:
-            upstream.connection.protocol.read_timeout = self.config.read_timeout
+            upstream.connection.protocol.read_timeout = read_timeout
         ctype = upstream.headers.get("Content-Type", "")
         streaming = ctype.startswith("text/event-stream") or upstream.content_length is None
         if not (streaming or wants_stream):
@@ -366,22 +467,33 @@ class _Gateway:
             try:
                 body = await upstream.read()
             except asyncio.TimeoutError:  # aiohttp's ServerTimeoutError too
-                message = f"Upstream stopped sending mid-response for {self.config.read_timeout:g}s"
+                self._mid_response(route)
+                message = f"Upstream stopped sending mid-response for {read_timeout:g}s"
                 raise ApiError(504, message, "server_error", "upstream_timeout") from None
             except aiohttp.ClientError as e:
+                self._mid_response(route)
                 message = f"Upstream failed mid-response: {e!r}"
                 raise ApiError(502, message, "server_error", "upstream_failed") from None
             return web.Response(status=upstream.status, body=body, headers=headers), upstream.status
+        first = await self._first_chunk(route, upstream, read_timeout) if route.upstream else b""
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"  # an nginx in front must not buffer either
         resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await resp.prepare(request)
         tail = b"\n\n"  # the end of what was relayed: is an event left half-written?
+        chunk = first
         while True:
+            if chunk:
+                tail = (tail + chunk)[-2:]
+                try:
+                    await resp.write(chunk)
+                except ConnectionError:  # the client went away
+                    return resp, 499
             try:
                 chunk = await upstream.content.readany()  # what has arrived; no waiting for more
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 log.warning("gateway: upstream failed mid-stream: %r", e)
+                self._mid_response(route)
                 await self._error_event(resp, ctype, tail, e)
                 # Headers are sent: cutting the connection (no [DONE], no last chunk) is
                 # what tells any client that the answer is incomplete.
@@ -390,11 +502,33 @@ class _Gateway:
                 return resp, 502
             if not chunk:
                 return resp, upstream.status
-            tail = (tail + chunk)[-2:]
-            try:
-                await resp.write(chunk)
-            except ConnectionError:  # the client went away
-                return resp, 499
+
+    async def _first_chunk(
+        self, route: Route, upstream: aiohttp.ClientResponse, read_timeout: float
+    ) -> bytes:
+        """A remote model's first body bytes, before any header goes to the client: an
+        upstream that stalls after its headers is a 504, one that fails another upstream's
+        turn."""
+        try:
+            # Its own deadline: the connection's read timer runs from the last bytes
+            # received, with the (longer) timeout set before the headers came.
+            return await asyncio.wait_for(upstream.content.readany(), read_timeout)
+        except asyncio.TimeoutError:
+            detail = f"sent its headers, then nothing for {read_timeout:g}s"
+            message = f"Upstream {route.upstream} of `{route.served_name}` {detail} (read_timeout)"
+            error = ApiError(504, message, "server_error", "upstream_timeout")
+            self.m.upstream_errors.labels(route.unit, route.upstream, Failure.TIMEOUT.value).inc()
+            raise _Unsent(error, Failure.TIMEOUT, detail) from None
+        except aiohttp.ClientError as e:
+            detail = f"failed before its first byte: {describe(e)}"
+            message = f"Upstream {route.upstream} of `{route.served_name}` {detail}"
+            error = ApiError(502, message, "server_error", "upstream_failed")
+            self.m.upstream_errors.labels(route.unit, route.upstream, Failure.RESET.value).inc()
+            raise _Unsent(error, Failure.RESET, detail) from None
+
+    def _mid_response(self, route: Route) -> None:
+        if route.upstream:
+            self.m.upstream_errors.labels(route.unit, route.upstream, "mid_response").inc()
 
     @staticmethod
     async def _error_event(
@@ -408,6 +542,46 @@ class _Gateway:
         event = b"data: " + json.dumps(err.body()).encode() + b"\n\n"
         with contextlib.suppress(ConnectionError):
             await resp.write(event if tail.endswith(b"\n\n") else b"\n\n" + event)
+
+
+def _hops(request: web.Request) -> int:
+    try:
+        return max(0, int(request.headers.get(HOPS, "0")))
+    except ValueError:
+        return 0
+
+
+def _where(route: Route) -> str:
+    if route.upstream:
+        return f"upstream {route.upstream} of `{route.served_name}`"
+    return f"`{route.served_name}` ({route.unit})"
+
+
+def _failure(e: aiohttp.ClientError) -> Failure | None:
+    """How a request failed before its answer began: refused (no connection), reset
+    (the connection closed), or otherwise (None: not retried)."""
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return Failure.REFUSED
+    if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        return Failure.RESET
+    return None
+
+
+async def _error_message(upstream: aiohttp.ClientResponse, timeout: float) -> str:
+    """The message of an upstream's error answer (OpenAI's shape, or its text)."""
+    try:
+        raw = await asyncio.wait_for(upstream.content.read(_ERROR_BODY_BYTES), min(timeout, 10))
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        return f"(its answer could not be read: {describe(e)})"
+    try:
+        error = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
+    return raw.decode("utf-8", "replace")[:300] or f"HTTP {upstream.status}"
 
 
 def _unauthorized() -> ApiError:

@@ -6,7 +6,8 @@ holds the socket (it never listens anywhere); it carries the daemon's own datacl
 (`ServerView`, `GatewayConfig`) as they are.
 
 Daemon -> gateway: `Config`, then `Views` whenever a server changes (and `Done` after
-each request, preceded by the views it produced). Gateway -> daemon: `Start`, `Stop`.
+each request, preceded by the views it produced). Gateway -> daemon: `Start`, `Stop`,
+and `Upstreams` whenever a remote model's upstreams change (for `llmsup status`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from llmsup.control import ServerView
 from llmsup.gateway.config import GatewayConfig
+from llmsup.gateway.upstream import RemoteReport
 
 _LENGTH = struct.Struct("!I")
 
@@ -52,7 +54,12 @@ class Stop:
     detail: str
 
 
-Message = Config | Views | Done | Start | Stop
+@dataclass(frozen=True)
+class Upstreams:
+    remotes: tuple[RemoteReport, ...]  # every remote model, as the gateway's probes found it
+
+
+Message = Config | Views | Done | Start | Stop | Upstreams
 
 
 def send(writer: asyncio.StreamWriter, message: Message) -> None:

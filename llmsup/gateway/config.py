@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.registry import Collector
 
+from llmsup.backends.remote import Remote
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -25,3 +27,4 @@ class GatewayConfig:
     header_timeout: float = 60.0  # from a request's first byte to the end of its headers
     body_timeout: float = 60.0  # to read a whole request body
     keepalive_timeout: float = 75.0  # an idle connection between two requests
+    remotes: Sequence[Remote] = ()  # models on other hosts, their keys read

@@ -9,6 +9,10 @@ requests to start or stop a server are carried out. Relaying thousands of chunks
 second then never delays the daemon's own loop. A gateway process that dies is
 started again (with backoff) on the same sockets: connections wait in the backlog
 meanwhile, and the port is never free for another program to take.
+
+Remote models (served on other hosts) are the gateway's alone: it probes their
+upstreams and tells the daemon what it finds (`channel.Upstreams`), which `status`
+shows (`GatewayHost.remotes`).
 """
 
 from __future__ import annotations
@@ -28,11 +32,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmsup import limits, process
+from llmsup.backends.remote import NAME as REMOTE
+from llmsup.backends.remote import Remote
 from llmsup.control import Servers
 from llmsup.errors import DaemonError
 from llmsup.gateway import channel
 from llmsup.gateway.config import GatewayConfig
+from llmsup.gateway.upstream import RemoteReport
 from llmsup.manifest import gateway_file_keys
+from llmsup.plan import remotes_of
+from llmsup.state import State
 from llmsup.supervise.server import connect_host
 
 if TYPE_CHECKING:
@@ -44,6 +53,7 @@ BACKLOG = 1024
 REFRESH = 1.0  # s: latency and GPU memory (for /metrics) reach the gateway this often
 SHUTDOWN = 8.0  # s: the gateway's in-flight requests get 5 s to end, then it exits
 RESTART_DELAYS = (0.5, 30.0)  # first and longest wait before starting a dead gateway again
+Listener = Callable[[str, State, str], None]  # a remote model's name, state, detail
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -78,12 +88,15 @@ class GatewayProcess:
         socks: list[socket.socket],
         key: str,
         conflicts: Callable[[], frozenset[tuple[str, str]]],
+        on_remote: Listener | None = None,
     ) -> None:
         self.servers = servers
         self.config = config
         self.socks = socks
         self.key = key  # the daemon's marker prefix: a next daemon stops what we leave
         self.conflicts = conflicts
+        self.on_remote = on_remote
+        self.reports: dict[str, RemoteReport] = {}  # what the running gateway last said
         self.proc: subprocess.Popen[bytes] | None = None  # the running gateway
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -114,6 +127,12 @@ class GatewayProcess:
             self._watch.cancel()
         if self._writer is not None:
             self._writer.close()  # its end of the channel: it stops listening, then exits
+        if close_sockets:
+            # Ours at once: once the gateway closes its own, the port refuses new
+            # connections (a client tries another host) instead of queueing them
+            # unanswered in the backlog until the gateway has exited.
+            for sock in self.socks:
+                sock.close()
         if self.proc is not None:
             try:
                 await asyncio.wait_for(process.exit_status(self.proc), SHUTDOWN)
@@ -123,9 +142,6 @@ class GatewayProcess:
                     os.kill(self.proc.pid, signal.SIGKILL)
                 await process.exit_status(self.proc)
         self._end_tasks()
-        if close_sockets:
-            for sock in self.socks:
-                sock.close()
 
     # ------------------------------------------------------------ process
 
@@ -143,6 +159,7 @@ class GatewayProcess:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         self._writer = writer
+        self.reports = {}  # a new gateway probes afresh
         channel.send(writer, channel.Config(self.config))
         self._publish(force=True)
         self._track(self._requests(reader, writer))
@@ -211,6 +228,15 @@ class GatewayProcess:
                 case channel.Stop(request=n, unit=unit, detail=detail):
                     # Stops take seconds: the channel goes on meanwhile.
                     self._track(self._stop_server(writer, n, unit, detail))
+                case channel.Upstreams(remotes=reports):
+                    self._heard(reports)
+
+    def _heard(self, reports: tuple[RemoteReport, ...]) -> None:
+        before, self.reports = self.reports, {r.name: r for r in reports}
+        for r in reports:
+            last = before.get(r.name)
+            if self.on_remote is not None and (last is None or last.state != r.state):
+                self.on_remote(r.name, r.state, r.detail)
 
     async def _stop_server(
         self, writer: asyncio.StreamWriter, n: int, unit: str, detail: str
@@ -241,9 +267,11 @@ class Settings:
     header_timeout: float
     body_timeout: float
     keepalive_timeout: float
+    remotes: tuple[Remote, ...] = ()  # their keys read
 
     @classmethod
     def of(cls, manifest: Manifest) -> Settings | None:
+        """DaemonError: a remote model's api_key_file cannot be read."""
         gw = manifest.gateway
         if gw is None:
             return None
@@ -254,6 +282,7 @@ class Settings:
             *(gw.host, gw.port, tuple(keys), tuple(gw.aliases.items()), gw.max_body),
             *(gw.start_wait, gw.max_connections, gw.header_timeout, gw.body_timeout),
             gw.keepalive_timeout,
+            tuple(_read_key(r) for r in remotes_of(manifest)),
         )
 
     def config(self, servers: int) -> GatewayConfig:
@@ -276,7 +305,19 @@ class Settings:
             header_timeout=self.header_timeout,
             body_timeout=self.body_timeout,
             keepalive_timeout=self.keepalive_timeout,
+            remotes=self.remotes,
         )
+
+
+def _read_key(r: Remote) -> Remote:
+    try:
+        return r.resolved()
+    except OSError as e:
+        file = r.api_key.file if r.api_key is not None else None
+        raise DaemonError(
+            f"models.{r.name}.api_key_file: cannot read {file}: {e} (a file with the key, "
+            "readable by the daemon)"
+        ) from e
 
 
 @dataclass(frozen=True)
@@ -303,11 +344,16 @@ class GatewayHost:
     """The daemon's gateway, if its manifest has one: its settings, port and process."""
 
     def __init__(
-        self, servers: Servers, key: str, conflicts: Callable[[], frozenset[tuple[str, str]]]
+        self,
+        servers: Servers,
+        key: str,
+        conflicts: Callable[[], frozenset[tuple[str, str]]],
+        on_remote: Listener | None = None,
     ) -> None:
         self.servers = servers
         self.key = key
         self.conflicts = conflicts
+        self.on_remote = on_remote  # told when a remote model's state changes
         self.settings: Settings | None = None
         self.process: GatewayProcess | None = None
 
@@ -322,7 +368,7 @@ class GatewayHost:
         if socks is None:
             socks = await _bind(settings)
         self.process = GatewayProcess(
-            self.servers, settings.config(servers), socks, self.key, self.conflicts
+            self.servers, settings.config(servers), socks, self.key, self.conflicts, self.on_remote
         )
         await self.process.start()
 
@@ -360,6 +406,19 @@ class GatewayHost:
         if self.process is not None:
             self.process.poke()
 
+    def remotes(self) -> list[dict[str, Any]]:
+        """Each remote model and its upstreams, as the gateway last found them (status)."""
+        if self.settings is None:
+            return []
+        gw = self.process
+        alive = gw is not None and gw.alive
+        now = time.time()
+        rows = []
+        for r in self.settings.remotes:
+            seen = gw.reports.get(r.name) if gw is not None and alive else None
+            rows.append(_remote_row(r, seen, alive, now))
+        return rows
+
     def info(self) -> dict[str, Any] | None:
         """Where the gateway listens, and whether it asks for a key."""
         if self.settings is None:
@@ -374,3 +433,37 @@ class GatewayHost:
             "listening": alive,
             "pid": gw.pid if gw is not None else None,
         }
+
+
+def _remote_row(r: Remote, seen: RemoteReport | None, alive: bool, now: float) -> dict[str, Any]:
+    """A remote model's status row: its state and each upstream's, with the last error."""
+    upstreams: list[dict[str, Any]]
+    if seen is None:
+        state = State.STARTING
+        detail = "waiting for the first probes" if alive else "the gateway process is not running"
+        unknown = {"state": "unknown", "error": "", "for_s": None, "error_age_s": None}
+        upstreams = [{"url": url, **unknown, "latency_ms": None} for url in r.urls]
+        reason = ""
+    else:
+        state, detail, reason = seen.state, seen.detail, seen.reason
+        upstreams = [
+            {
+                "url": u.url,
+                "state": u.state,
+                "error": u.error,
+                "for_s": max(0.0, now - u.since),
+                "error_age_s": None if u.error_at is None else max(0.0, now - u.error_at),
+                "latency_ms": None if u.latency is None else u.latency * 1000,
+            }
+            for u in seen.upstreams
+        ]
+    return {
+        "name": r.name,
+        "unit": r.name,
+        "backend": REMOTE,
+        "state": state.value,
+        "detail": detail,
+        "reason": reason,
+        "served_names": list(r.served_names),
+        "upstreams": upstreams,
+    }

@@ -3,6 +3,8 @@
 `Registry` is what the gateway's app asks; `Routing` implements it over the
 daemon's `Servers` (llmsup.control), and owns the gateway's counts: requests in
 flight per server, when each was last used, and which are being drained for a swap.
+Remote models (served on other hosts) it hands to `Remotes` (llmsup.gateway.remote),
+which picks one of their upstreams per request.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Protocol
 
 from llmsup.control import Servers, ServerView
 from llmsup.errors import ModelNotReady, ModelUnavailable
+from llmsup.gateway.upstream import Failure, UpstreamReport
 from llmsup.state import State
 
 
@@ -29,6 +32,12 @@ class Route:
     state: str  # "READY", "STARTING", "LOADING", "BACKOFF", "FAILED", "STOPPED", ...
     reason: str  # why FAILED / what it is doing
     on_demand: bool
+    # A remote model's: the upstream this request goes to (its base_url; "" in a listing),
+    # every upstream's state, how long its answer may pause and its connect may take.
+    upstream: str = ""
+    upstreams: tuple[UpstreamReport, ...] = ()
+    read_timeout: float | None = None  # None: the gateway's own
+    connect_timeout: float | None = None
 
 
 class Registry(Protocol):
@@ -50,6 +59,33 @@ class Registry(Protocol):
         """The request that acquired `route` is over (called exactly once per acquire)."""
         ...
 
+    def failed(self, route: Route, failure: Failure, error: str) -> None:
+        """The request on `route` failed before any byte reached its client: counted
+        against the route's upstream (a remote model's; a no-op for a local server)."""
+        ...
+
+    def another(self, route: Route) -> Route | None:
+        """Another upstream of `route`'s remote model, acquired (release it too), for a
+        request that failed on `route` before any byte reached its client; None when
+        there is none up, or `route` is a local server's."""
+        ...
+
+
+class Remotes(Protocol):
+    """The remote models `Routing` routes to (llmsup.gateway.remote.RemoteModels)."""
+
+    def serves(self, served_name: str) -> bool: ...
+
+    def routes(self) -> list[Route]: ...
+
+    async def acquire(self, served_name: str, wait: float) -> Route: ...
+
+    def release(self, route: Route) -> None: ...
+
+    def failed(self, route: Route, failure: Failure, error: str) -> None: ...
+
+    def another(self, route: Route) -> Route | None: ...
+
 
 RETRY_AFTER = 5  # seconds a client is told to wait for a model that is starting
 DRAIN_LIMIT = 60.0  # how long a swap waits for the requests of the model it stops
@@ -60,8 +96,9 @@ class Routing:
     """The gateway's routing policy: it owns the requests in flight per server, when
     each was last used and which are being swapped out (drained)."""
 
-    def __init__(self, control: Servers) -> None:
+    def __init__(self, control: Servers, remotes: Remotes | None = None) -> None:
         self.control = control
+        self.remotes = remotes
         self._swap = asyncio.Lock()
         self.in_flight: dict[str, int] = {}  # unit -> requests being served
         self.last_used: dict[str, float] = {}  # unit -> when READY or last used (monotonic)
@@ -90,9 +127,12 @@ class Routing:
 
     def routes(self) -> list[Route]:
         views = self.control.views()
-        return [self._route(s, name) for s in views for name in s.launch.served_names]
+        local = [self._route(s, name) for s in views for name in s.launch.served_names]
+        return local + self.remotes.routes() if self.remotes is not None else local
 
     async def acquire(self, served_name: str, wait: float) -> Route:
+        if self.remotes is not None and self.remotes.serves(served_name):
+            return await self.remotes.acquire(served_name, wait)
         s = self._server(served_name)
         unit = s.launch.unit
         deadline = time.monotonic() + wait
@@ -133,7 +173,19 @@ class Routing:
         self.last_used[unit] = time.monotonic()
         return self._route(s, served_name)
 
+    def failed(self, route: Route, failure: Failure, error: str) -> None:
+        if route.upstream and self.remotes is not None:
+            self.remotes.failed(route, failure, error)
+
+    def another(self, route: Route) -> Route | None:
+        if route.upstream and self.remotes is not None:
+            return self.remotes.another(route)
+        return None
+
     def release(self, route: Route) -> None:
+        if route.upstream and self.remotes is not None:
+            self.remotes.release(route)
+            return
         left = self.in_flight.get(route.unit, 0) - 1
         if left > 0:
             self.in_flight[route.unit] = left

@@ -24,6 +24,7 @@ from llmsup.control import ServerView
 from llmsup.gateway import channel
 from llmsup.gateway.app import create_app, serve
 from llmsup.gateway.metrics import ModelCollector
+from llmsup.gateway.remote import RemoteModels
 from llmsup.gateway.routing import Routing
 
 log = logging.getLogger("llmsup.gateway")
@@ -96,20 +97,26 @@ async def run(channel_fd: int, listen_fds: list[int]) -> None:
         return  # the daemon went away before it configured us
     servers = RemoteServers(writer)
     servers.update(views)
-    routing = Routing(servers)
-    config = replace(first.config, extra_collector=ModelCollector(servers))
+    remotes = RemoteModels(
+        first.config.remotes, lambda reports: channel.send(writer, channel.Upstreams(reports))
+    )
+    routing = Routing(servers, remotes)
+    config = replace(first.config, extra_collector=ModelCollector(servers, remotes))
     listening = await serve(
         create_app(routing, config), socks=[socket.socket(fileno=fd) for fd in listen_fds]
     )
-    idle = asyncio.create_task(routing.idle_loop())
     follow = asyncio.create_task(servers.follow(reader))
+    tasks = {follow, asyncio.create_task(routing.idle_loop())}
+    if remotes.models:
+        tasks.add(asyncio.create_task(remotes.run()))
     try:
-        done, _ = await asyncio.wait({idle, follow}, return_when=asyncio.FIRST_COMPLETED)
-        if idle in done and follow not in done:
-            idle.result()  # it failed: exit non-zero, and the daemon starts a fresh gateway
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if follow not in done:
+            for task in done:
+                task.result()  # it failed: exit non-zero, and the daemon starts a fresh gateway
     finally:
-        idle.cancel()
-        follow.cancel()
+        for task in tasks:
+            task.cancel()
         await listening.cleanup()
         writer.close()
 
