@@ -21,6 +21,7 @@ from llmsup.backends.base import Context, GpuClaim, GpuLoad
 from llmsup.backends.remote import Remote, RemoteModel
 from llmsup.backends.vllm_flags import FlagTable
 from llmsup.errors import ManifestError, Problem
+from llmsup.fields import ModelBase
 from llmsup.manifest import LoadedManifest, Manifest
 
 GPU_SHARE_WARN = 0.95  # each CUDA context costs a few hundred MiB on top
@@ -96,6 +97,13 @@ def steps(la: Launch) -> list[str]:
 
 def backend_of(loaded: LoadedManifest, name: str) -> Backend[Any]:
     return REGISTRY[loaded.manifest.models[name].backend]
+
+
+def served_names_of(name: str, spec: ModelBase) -> list[str]:
+    """The names clients ask for to reach a model (a remote model's key by default)."""
+    if isinstance(spec, RemoteModel):
+        return remote.served_names(name, spec)
+    return REGISTRY[spec.backend].served_names(spec)
 
 
 def remotes_of(manifest: Manifest) -> tuple[Remote, ...]:

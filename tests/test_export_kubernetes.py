@@ -422,7 +422,7 @@ def test_the_gateway_routes_to_the_services_as_remote_models(
     assert models["embed"]["urls"] == ["http://embed.llm.svc:11434"]
     assert models["llama-405b"]["served_name"] == ["llama-405b"]
     assert models["qwen3-8b"]["api_key"] == "${UPSTREAM_VLLM_API_KEY}"
-    assert models["embed"]["health"]["path"] == "/"
+    assert models["embed"]["health"] == {"interval": 10.0, "timeout": 5.0, "failures": 3}
     assert config["gateway"]["aliases"] == {"gpt-4o": "llama-405b"}
     assert config["gateway"]["host"] == "0.0.0.0"
     deployment = objs[("Deployment", "llmsup-gateway")]

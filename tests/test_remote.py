@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import subprocess
 import threading
 import time
@@ -25,14 +26,17 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmsup.backends.remote import Remote
-from llmsup.cli import render
+from llmsup.cli import main, render
 from llmsup.client import call
 from llmsup.control import ServerView
 from llmsup.errors import ManifestError
+from llmsup.export import kubernetes
 from llmsup.gateway import GatewayConfig, create_app, serve
 from llmsup.gateway.metrics import ModelCollector
 from llmsup.gateway.remote import RemoteModels
@@ -54,6 +58,7 @@ from llmsup.manifest import parse_manifest
 from llmsup.plan import make_plan
 from llmsup.state import State
 from tests.supervisor_util import Daemon
+from tests.test_export_kubernetes import CASES, ROOT, run
 from tests.util import free_port, wait_for
 
 # ------------------------------------------------------------ an upstream's health
@@ -270,6 +275,70 @@ def test_remote_models_take_part_in_the_checks_across_models() -> None:
         "2:16 models.q.backend: a remote model is reached through the gateway: add a "
         "`gateway:` section"
     ]
+
+
+# ------------------------------------------------------------ the Kubernetes export
+
+
+@pytest.mark.parametrize("case", ["models", "kubernetes", "cpu-real-model"])
+def test_the_exported_gateway_s_manifest_passes_llmsup_check(case: str, tmp_path: Path) -> None:
+    manifest, args = CASES[case]
+    out = tmp_path / "out"
+    r = run(["-f", str(ROOT / manifest), "-o", str(out), *args])
+    assert r.exit_code == 0, r.output
+    [config] = [
+        o
+        for o in yaml.safe_load_all((out / "llmsup-gateway.yaml").read_text())
+        if o["kind"] == "ConfigMap"
+    ]
+    text = config["data"]["models.yaml"]
+    # As in the gateway's pod: its keys file mounted, the upstreams' keys in its environment.
+    keys = tmp_path / "gateway-api-keys"
+    keys.write_text("a-gateway-key\n")
+    text = text.replace("/etc/llmsup-keys/gateway-api-keys", str(keys))
+    gateway = tmp_path / "models.yaml"
+    gateway.write_text(text)
+    env = {var: "a-key" for var in re.findall(r"\$\{(UPSTREAM_[A-Z0-9_]+)\}", text)}
+    checked = CliRunner().invoke(main, ["check", "-f", str(gateway)], env=env)
+    assert checked.exit_code == 0, checked.output
+    assert " in 0 servers and " in checked.output and " remote" in checked.output
+    plan = make_plan(parse_manifest(text, str(gateway), env))
+    assert plan.launches == () and len(plan.remotes) >= 1
+
+
+def test_a_remote_model_is_exported_as_it_is_with_its_key_in_the_secret() -> None:
+    loaded = parse_manifest(
+        "gateway: {port: 9000}\nmodels:\n"
+        "  local: {backend: vllm, model: org/local, api_key: k1}\n"
+        "  far: {backend: remote, urls: ['http://gpu-b:9000'], api_key: k2, read_timeout: 1m}\n",
+        "m.yaml",
+        {},
+    )
+    result = kubernetes.export(loaded, [], kubernetes.Options())
+    objs = {
+        (o["kind"], o["metadata"]["name"]): o
+        for objs in result.files.values()
+        for o in objs
+        if o["kind"] != "Kustomization"
+    }
+    assert ("Deployment", "far") not in objs  # it runs elsewhere
+    config = yaml.safe_load(objs[("ConfigMap", "llmsup-gateway")]["data"]["models.yaml"])
+    assert config["models"]["far"] == {
+        "backend": "remote",
+        "urls": ["http://gpu-b:9000"],
+        "served_name": ["far"],
+        "api_key": "${UPSTREAM_API_KEY}",
+        "health": {"interval": 10.0, "timeout": 5.0, "failures": 3},
+        "read_timeout": 60.0,
+    }
+    gateway = objs[("Deployment", "llmsup-gateway")]["spec"]["template"]["spec"]
+    env = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in gateway["containers"][0]["env"]
+    }
+    assert env == {"UPSTREAM_VLLM_API_KEY": "VLLM_API_KEY", "UPSTREAM_API_KEY": "API_KEY"}
+    command = result.secret_command
+    assert command is not None and "--from-literal=API_KEY='<API_KEY of far>'" in command
+    assert "k2" not in json.dumps(list(objs.values()))
 
 
 # ------------------------------------------------------------ status
@@ -875,19 +944,36 @@ def test_failover_when_a_daemon_stops_503_when_all_are_down_and_recovery(hosts: 
         while not stop.is_set():
             results.append(request(a, SHORT)[0])
 
+    streamed: list[bytes] = []
+
+    def stream() -> None:  # 2 s long: B's gateway lets it end before it exits
+        body = {**SHORT, "max_tokens": 100, "stream": True}
+        req = urllib.request.Request(
+            a.url + "/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {A_KEY}"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            streamed.append(r.read().rstrip().rsplit(b"\n", 1)[-1])
+
     workers = [threading.Thread(target=load) for _ in range(4)]
+    streams = [threading.Thread(target=stream) for _ in range(2)]  # one each to B and C
     for w in workers:
         w.start()
     try:
         wait_for(lambda: len(results) >= 20, 20)
+        for t in streams:
+            t.start()
+        time.sleep(0.3)
         b.daemon.stop()  # `llmsup down` on B, under load
         n = len(results)
         wait_for(lambda: len(results) >= n + 20, 20)
     finally:
         stop.set()
-        for w in workers:
-            w.join(30)
+        for t in workers + streams:
+            t.join(30)
     assert set(results) == {200}, sorted(set(results))  # nothing lost
+    assert streamed == [b"data: [DONE]"] * 2  # nor cut
     wait_for(lambda: upstream_states(a)[b.url] == (DOWN, "connection refused"), 5)
     assert remote_row(a)["state"] == "READY"  # by C
 

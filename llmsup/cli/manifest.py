@@ -31,9 +31,10 @@ def check(manifest_file: Path | None, untrusted: bool) -> None:
         click.echo(f"note: vLLM flags: {plan.vllm_flags.why}", err=True)
     n = len(loaded.manifest.models)
     warnings = len(plan.problems) + len(absent)
+    remote = f" and {len(plan.remotes)} remote" if plan.remotes else ""
     click.echo(
         f"{loaded.path}: OK, {n} model{'s' if n != 1 else ''} in {len(plan.launches)} "
-        f"server{'s' if len(plan.launches) != 1 else ''}"
+        f"server{'s' if len(plan.launches) != 1 else ''}{remote}"
         + (f", {warnings} warning{'s' if warnings != 1 else ''}" if warnings else "")
     )
 

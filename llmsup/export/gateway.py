@@ -2,8 +2,9 @@
 routing to the models' Services, with a ClusterIP Service of its own.
 
 Its manifest, in a ConfigMap, names each model as `backend: remote` (its Service's
-URL, served names, the key the server asks for, its probe): that backend is what
-the gateway needs to run without the servers beside it.
+URL, served names, the key the server asks for, how often to probe it): that backend
+is what the gateway needs to run without the servers beside it. A remote model of
+the exported manifest stays one, at its own URLs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import yaml
 
 from llmsup.backends import REGISTRY
 from llmsup.export.names import env_name, service_name
-from llmsup.export.secrets import GATEWAY_KEYS, SECRET, Secrets
+from llmsup.export.secrets import GATEWAY_KEYS, REMOTE_KEY, SECRET, Secrets
 from llmsup.export.workloads import (
     Cluster,
     Obj,
@@ -73,12 +74,18 @@ def gateway_manifest(
             if la.auth_env is not None:
                 entry["api_key"] = f"${{{upstream_env(secrets.key(la.unit, la.auth_env))}}}"
             entry["health"] = {
-                "path": la.ready_path,
                 "interval": health.interval,
                 "timeout": health.timeout,
                 "failures": health.failures,
             }
             models[model] = entry
+    for r in plan.remotes:
+        entry = {"backend": "remote", "urls": list(r.urls), "served_name": list(r.served_names)}
+        if r.api_key is not None:
+            entry["api_key"] = f"${{{upstream_env(secrets.key(r.name, REMOTE_KEY))}}}"
+        entry["health"] = {"interval": r.interval, "timeout": r.timeout, "failures": r.failures}
+        entry["read_timeout"] = r.read_timeout
+        models[r.name] = entry
     return {"version": 1, "state_dir": STATE_DIR, "gateway": own, "models": models}
 
 
@@ -100,14 +107,13 @@ def gateway_objects(loaded: LoadedManifest, plan: Plan, image: str, cluster: Clu
         "data": {"models.yaml": text},
     }
     env: list[Obj] = []
-    for la in plan.launches:
-        if la.auth_env is not None:
-            key = secrets.key(la.unit, la.auth_env)
-            var = upstream_env(key)
-            if all(e["name"] != var for e in env):
-                env.append(
-                    {"name": var, "valueFrom": {"secretKeyRef": {"name": SECRET, "key": key}}}
-                )
+    keyed = [(la.unit, la.auth_env) for la in plan.launches if la.auth_env is not None]
+    keyed += [(r.name, REMOTE_KEY) for r in plan.remotes if r.api_key is not None]
+    for unit, secret_var in keyed:
+        key = secrets.key(unit, secret_var)
+        var = upstream_env(key)
+        if all(e["name"] != var for e in env):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": SECRET, "key": key}}})
     mounts: list[Obj] = [
         {"name": "config", "mountPath": CONFIG.rsplit("/", 1)[0], "readOnly": True},
         {"name": "state", "mountPath": STATE_DIR},

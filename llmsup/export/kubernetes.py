@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from llmsup.backends import REGISTRY
 from llmsup.backends.vllm import VllmModel
 from llmsup.backends.vllm_flags import FlagTable
 from llmsup.errors import ManifestError, Problem, UnknownModel
@@ -32,7 +31,7 @@ from llmsup.export.workloads import (
     server_objects,
 )
 from llmsup.manifest import LoadedManifest
-from llmsup.plan import Plan, gpu_claim, make_plan
+from llmsup.plan import Plan, gpu_claim, make_plan, served_names_of
 
 DEFAULT_PVC_SIZE = "500Gi"
 KUSTOMIZATION = "kustomization.yaml"
@@ -97,7 +96,7 @@ def select(loaded: LoadedManifest, names: Sequence[str]) -> tuple[LoadedManifest
     notes = []
     gw = m.gateway
     if gw is not None:
-        served = {s for spec in models.values() for s in REGISTRY[spec.backend].served_names(spec)}
+        served = {s for n, spec in models.items() for s in served_names_of(n, spec)}
         kept = {a: t for a, t in gw.aliases.items() if t in served}
         if kept != gw.aliases:
             for alias in gw.aliases.keys() - kept.keys():
@@ -126,7 +125,7 @@ def render(
     loaded: LoadedManifest, plan: Plan, options: Options
 ) -> tuple[dict[str, list[Obj]], Secrets]:
     """File name -> objects, for the pods' `plan` of `loaded`; and the Secret's keys."""
-    secrets = Secrets(plan.launches, loaded.manifest.gateway)
+    secrets = Secrets(plan.launches, loaded.manifest.gateway, plan.remotes)
     cluster = Cluster(options.namespace, options.models_pvc or CLAIM, secrets)
     files: dict[str, list[Obj]] = {}
     if options.models_pvc is None:

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from llmsup.backends.remote import RemoteModel
 from llmsup.backends.vllm import VllmModel
 from llmsup.errors import Problem
 from llmsup.export.gateway import NAME as GATEWAY
@@ -94,6 +95,11 @@ FIELDS: dict[str, tuple[How, str]] = {
     "command.port": ("maps", "containerPort, Service"),
     "command.health_path": ("maps", "the probes' path"),
     "command.served_name": ("maps", "the gateway's routes"),
+    "remote.urls": ("maps", "the gateway's manifest"),
+    "remote.served_name": ("maps", "the gateway's manifest"),
+    "remote.api_key": ("maps", "the Secret, the gateway's environment"),
+    "remote.api_key_file": ("maps", "the Secret, the gateway's environment"),
+    "remote.read_timeout": ("maps", "the gateway's manifest"),
 }
 
 
@@ -156,6 +162,8 @@ def refusals(loaded: LoadedManifest, plan: Plan, *, always_on: bool) -> list[Pro
     out: list[Problem] = []
     for name, spec in m.models.items():
         at = ("models", name)
+        if isinstance(spec, RemoteModel):  # the gateway's, as it is: none of these apply
+            continue
         if not always_on:
             out += _on_demand(loaded, name, spec)
         if m.restart(name).policy == "never":

@@ -1,9 +1,10 @@
 """The one Secret every secret of an export goes to, which the user creates.
 
 Each secret a server gets (`api_key`, `api_key_file`, an `env` variable whose name
-says secret) and the gateway's keys become a key of that Secret, read through
-`secretKeyRef`. Equal secrets share a key: values are compared here, never kept in
-anything written; `command()` prints `kubectl create secret` with placeholders.
+says secret), the gateway's keys and the key of each remote model (as `API_KEY` of
+that model) become a key of that Secret, read through `secretKeyRef`. Equal secrets
+share a key: values are compared here, never kept in anything written; `command()`
+prints `kubectl create secret` with placeholders.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from dataclasses import dataclass
 
 from llmsup.backends import Launch, SecretRef
 from llmsup.backends.launch import is_secret_name
+from llmsup.backends.remote import Remote
 from llmsup.manifest import Gateway
 
 SECRET = "llmsup-secrets"
 GATEWAY_KEYS = "gateway-api-keys"
+REMOTE_KEY = "API_KEY"  # a remote model's key: the variable it is kept under
 
 
 @dataclass(frozen=True)
@@ -38,15 +41,21 @@ def secret_env(la: Launch) -> list[str]:
 class Secrets:
     """Secret keys by (server, variable); the gateway's keys under GATEWAY_KEYS."""
 
-    def __init__(self, launches: Sequence[Launch], gateway: Gateway | None) -> None:
+    def __init__(
+        self, launches: Sequence[Launch], gateway: Gateway | None, remotes: Sequence[Remote] = ()
+    ) -> None:
         # (variable, what it is) -> the servers that get it; what it is: a file, or a
         # value (compared only, to share a key between equal secrets).
         groups: dict[tuple[str, tuple[str, str]], list[str]] = {}
-        for la in launches:
-            for var in secret_env(la):
-                ref = la.secrets.get(var) or SecretRef(value=la.env[var])
-                ident = ("file", ref.file) if ref.file is not None else ("value", ref.value or "")
-                groups.setdefault((var, ident), []).append(la.unit)
+        refs = [
+            (la.unit, var, la.secrets.get(var) or SecretRef(value=la.env[var]))
+            for la in launches
+            for var in secret_env(la)
+        ]
+        refs += [(r.name, REMOTE_KEY, r.api_key) for r in remotes if r.api_key is not None]
+        for unit, var, ref in refs:
+            ident = ("file", ref.file) if ref.file is not None else ("value", ref.value or "")
+            groups.setdefault((var, ident), []).append(unit)
         per_var: dict[str, int] = {}
         for var, _ in groups:
             per_var[var] = per_var.get(var, 0) + 1

@@ -125,8 +125,10 @@ class GatewayProcess:
         """Stop the gateway: no new connections, those in flight get a few seconds."""
         if self._watch is not None:
             self._watch.cancel()
-        if self._writer is not None:
-            self._writer.close()  # its end of the channel: it stops listening, then exits
+        # The channel's tasks first, then its end (the gateway stops listening, then
+        # exits): a publisher left writing to the closed channel would fail, and a
+        # failed channel task kills the gateway with its requests in flight.
+        self._end_tasks()
         if close_sockets:
             # Ours at once: once the gateway closes its own, the port refuses new
             # connections (a client tries another host) instead of queueing them
@@ -141,7 +143,6 @@ class GatewayProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.proc.pid, signal.SIGKILL)
                 await process.exit_status(self.proc)
-        self._end_tasks()
 
     # ------------------------------------------------------------ process
 
