@@ -123,9 +123,11 @@ class Daemon:
         wanted = {la.unit: la for la in self.plan.launches}
         adopt: dict[str, process.Record] = {}
         leftovers = []
-        for rec in records:
+        # One thread for all: a hop per record cost more than the checks (100 records).
+        verdicts = await asyncio.to_thread(lambda: [process.verify(r) for r in records])
+        for rec, alive in zip(records, verdicts, strict=True):
             la = wanted.get(rec.unit)
-            why = alive = await asyncio.to_thread(process.verify, rec)
+            why = alive
             if la is not None and rec.fingerprint != la.fingerprint():
                 why = "its model changed in the manifest; replaced"
             elif la is None:

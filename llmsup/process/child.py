@@ -612,6 +612,8 @@ async def terminate(
     Returns the pids that had to be SIGKILLed. Completes only when none remain.
     """
     procs = await asyncio.to_thread(find)
+    if not procs and leader is None:
+        return []  # a second look costs a scan of the process table (a restore's)
     _signal(procs, signal.SIGTERM)
     _signal(procs, signal.SIGCONT)
     if leader is not None:
