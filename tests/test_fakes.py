@@ -482,6 +482,27 @@ def test_ollama_sigkill_orphans_runners(spawn: Spawn, tmp_path: Path) -> None:
     assert json.loads(request(again.port, "GET", "/api/ps")[1]) == {"models": []}
 
 
+def test_tick_numbers_one_line_per_interval_from_the_server_alone(
+    spawn: Spawn, tmp_path: Path
+) -> None:
+    """FAKE_TICK: `tick 0`, `tick 1`, ... from the API server only (vLLM at TP=2, and
+    Ollama with a runner loaded), so that a line lost on its way shows as a gap."""
+    vllm = start_vllm(spawn, "-tp", "2", FAKE_TICK="0.02")
+    ollama = start_ollama(spawn, tmp_path / "models", FAKE_TICK="0.02")
+    assert request(ollama.port, "POST", "/api/pull", {"model": "m"})[0] == 200
+    assert request(ollama.port, "POST", "/api/generate", {"model": "m"})[0] == 200
+    wait_ready(vllm)
+    for fake in (vllm, ollama):
+
+        def ticks(fake: Fake = fake) -> list[int]:
+            lines = fake.log().splitlines()
+            return [int(x.split()[1]) for x in lines if x.startswith("tick ")]
+
+        wait_for(lambda: len(ticks()) >= 20, message="fewer than 20 ticks")
+        seen = ticks()
+        assert seen == list(range(len(seen)))
+
+
 # ---------------------------------------------------------------------------
 # A simulated GPU host (LLMSUP_FAKE_NVML), read as llmsup reads NVML
 

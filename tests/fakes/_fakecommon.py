@@ -28,6 +28,9 @@ Fault injection (environment, read once at start; seconds as floats):
     FAKE_LOG_SPAM=N         vLLM: N bytes/s of progress lines on stdout from start,
                             written raw as a progress bar does: a write that
                             fails (EPIPE) is fatal, exit 1.
+    FAKE_TICK=T             vLLM and Ollama servers: `tick N` on stdout every T s,
+                            N = 0, 1, 2, ... from start: a line missing from a log
+                            shows as a gap in the sequence.
     LLMSUP_FAKE_NVML=PATH   a simulated GPU host to take memory on (_fakegpu.py).
     FAKE_GPU_RELEASE_DELAY=T  simulated memory of a dead process is freed T s
                             after it is first seen dead (default 0).
@@ -114,6 +117,7 @@ class FakeConfig:
         self.pull_fail = env_flag("FAKE_PULL_FAIL")
         self.control_file = os.environ.get("FAKE_CONTROL_FILE") or None
         self.log_spam: float = env_float("FAKE_LOG_SPAM", 0.0) or 0.0
+        self.tick: float = env_float("FAKE_TICK", 0.0) or 0.0
 
 
 # ---------------------------------------------------------------------------
@@ -159,6 +163,18 @@ def spam_output(rate: float) -> None:
             time.sleep(max(0.0, 0.1 - (time.monotonic() - tick)))
 
     threading.Thread(target=run, name="fake-log-spam", daemon=True).start()
+
+
+def tick_output(interval: float) -> None:
+    """FAKE_TICK: `tick N` on stdout every `interval` s, in a thread (whole lines,
+    never raising: a line that cannot be written is lost, and its number with it)."""
+
+    def run() -> None:
+        for n in itertools.count():
+            log_raw(sys.stdout, f"tick {n}")
+            time.sleep(interval)
+
+    threading.Thread(target=run, name="fake-tick", daemon=True).start()
 
 
 # ---------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from _fakecommon import (
     python_executable,
     set_process_name,
     start_serving,
+    tick_output,
     tokens,
     watch_control_file,
 )
@@ -346,6 +347,8 @@ class OllamaServer:
             f"OLLAMA_MODELS:{self.store.directory}]",
         )
         slog("INFO", "images.go:1", "total blobs: 0")
+        if cfg.tick:
+            tick_output(cfg.tick)
         try:
             self.httpd = make_server(self.host, self.port, GoHandler, self)
             start_serving(self.httpd)

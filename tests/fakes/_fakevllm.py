@@ -47,6 +47,7 @@ from _fakecommon import (
     sleep_forever_child,
     spam_output,
     start_serving,
+    tick_output,
     vllm_log,
     watch_control_file,
 )
@@ -535,6 +536,8 @@ class ApiServer:
         self.log(f"non-default args: {self.non_default_args()}", source="utils.py:1")
         if cfg.log_spam:
             spam_output(cfg.log_spam)
+        if cfg.tick:
+            tick_output(cfg.tick)
         try:
             self.httpd = make_server(self.host, self.port, Handler, self.app)
         except OSError as e:
