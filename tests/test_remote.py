@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
+import os
 import re
+import shutil
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,6 +427,7 @@ class Upstream:
     port: int = 0
     seen: int = 0
     left: asyncio.Event | None = None  # set when a client of a stream went away
+    healthy: bool = True  # False: /v1/models answers 500
 
     @property
     def url(self) -> str:
@@ -430,6 +435,8 @@ class Upstream:
 
     async def start(self) -> None:
         async def models(request: web.Request) -> web.Response:
+            if not self.healthy:
+                return web.json_response({"error": "broken"}, status=500)
             return web.json_response({"object": "list", "data": [{"id": "qwen"}]})
 
         async def chat(request: web.Request) -> web.StreamResponse:
@@ -602,6 +609,36 @@ def test_a_refused_or_reset_request_is_tried_once_on_another_upstream() -> None:
         finally:
             for u in (resets, resets2, good):
                 await u.stop()
+
+    asyncio.run(body())
+
+
+def test_a_request_waiting_on_an_upstream_found_down_goes_to_another() -> None:
+    done = asyncio.Event()
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        await done.wait()  # as a host that vanished: no answer, no reset
+        return web.json_response({"id": "silent"})
+
+    async def body() -> None:
+        silent_up, good = Upstream("silent", silent), Upstream("good")
+        await silent_up.start()
+        await good.start()
+        try:
+            r = remote([silent_up.url, good.url], interval=0.2, failures=1)
+            async with gateway_of(r) as (client, remotes):
+                began = time.monotonic()
+                asked = asyncio.create_task(post(client))
+                await until(lambda: silent_up.seen == 1)  # it went there first
+                silent_up.healthy = False  # its next probe finds it down
+                status, out = await asked
+                assert (status, out["id"]) == (200, "good")
+                assert time.monotonic() - began < 3  # a probe interval, not 15 minutes
+                assert states(remotes)[silent_up.url] == (DOWN, "GET /v1/models answered 500")
+        finally:
+            done.set()
+            await silent_up.stop()
+            await good.stop()
 
     asyncio.run(body())
 
@@ -933,6 +970,98 @@ def test_an_upstream_refusing_the_key_is_marked_down_and_the_other_serves(hosts:
         c.rewrite(original)
         assert c.cli("reload").returncode == 0
     wait_for(lambda: upstream_states(a)[c.url][0] == UP, 10)
+
+
+@dataclass
+class Namespace:
+    """A network namespace joined to this one by a veth pair: `ip` is its end."""
+
+    name: str
+    ip: str
+    inner: str  # its end of the pair
+
+    def run(self, *argv: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.name, *argv], check=True, timeout=10)
+
+    def enter(self) -> None:
+        """In a child before exec: join the namespace (Python 3.11 has no os.setns)."""
+        fd = os.open(f"/var/run/netns/{self.name}", os.O_RDONLY)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), "setns")
+        os.close(fd)
+
+
+@pytest.fixture
+def netns() -> Iterator[Namespace]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2's `ip`")
+    n = os.getpid() % 100_000
+    ns = Namespace(f"llmsup-rt-{n}", f"10.251.{n % 250}.2", f"lr{n}n")
+    outer = f"lr{n}h"
+    steps = [
+        ["ip", "netns", "add", ns.name],
+        ["ip", "link", "add", outer, "type", "veth", "peer", "name", ns.inner],
+        ["ip", "link", "set", ns.inner, "netns", ns.name],
+        ["ip", "addr", "add", f"10.251.{n % 250}.1/30", "dev", outer],
+        ["ip", "link", "set", outer, "up"],
+    ]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True, timeout=10)
+        ns.run("ip", "addr", "add", f"{ns.ip}/30", "dev", ns.inner)
+        ns.run("ip", "link", "set", ns.inner, "up")
+        ns.run("ip", "link", "set", "lo", "up")
+    except (subprocess.SubprocessError, OSError) as e:
+        subprocess.run(["ip", "link", "del", outer], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, timeout=10)
+        pytest.skip(f"cannot make a network namespace here: {e}")
+    try:
+        yield ns
+    finally:
+        subprocess.run(["ip", "link", "del", outer], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, timeout=10)
+
+
+def test_an_upstream_in_another_network_namespace_that_vanishes_is_routed_around(
+    hosts: Hosts, netns: Namespace, tmp_path: Path
+) -> None:
+    """B2 runs in a network namespace of its own, reached over a veth pair; its link
+    then goes down: no refusal, no reset, packets just vanish, as with a host that
+    dies or a cable pulled. Requests are served by C meanwhile, and B2 comes back."""
+    far = upstream_host(tmp_path, "b2")
+    far.daemon.manifest.write_text(
+        far.daemon.manifest.read_text().replace("gateway: {", "gateway: {host: 0.0.0.0, ", 1)
+    )
+    far.daemon.preexec = netns.enter
+    far_url = f"http://{netns.ip}:{far.port}"
+    near = gateway_host(tmp_path, [Host(far.daemon, far.port, far.control), hosts.c])
+    near.rewrite(near.daemon.manifest.read_text().replace(f"http://127.0.0.1:{far.port}", far_url))
+    try:
+        far.daemon.start()
+        far.daemon.wait_state("qwen", "READY")
+        near.daemon.start()
+        wait_for(lambda: upstream_states(near).get(far_url, ("",))[0] == UP, 10)
+        for _ in range(4):
+            assert request(near, SHORT)[0] == 200
+        assert upstream_metric(near, "llmsup_upstream_requests_total").get(far_url, 0) >= 1
+
+        netns.run("ip", "link", "set", netns.inner, "down")  # gone without a word
+        began = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda _: request(near, SHORT)[0], range(8)))
+        took = time.monotonic() - began
+        assert codes == [200] * 8
+        assert took < 10, took  # seconds of probes, not minutes of timeouts
+        # Found by a request that could not connect, or by a probe that got no answer.
+        found = {"no connection within 1s", "no answer to GET /v1/models within 1s"}
+        assert upstream_states(near)[far_url] in {(DOWN, e) for e in found}
+
+        netns.run("ip", "link", "set", netns.inner, "up")
+        wait_for(lambda: upstream_states(near)[far_url][0] == UP, 10)
+    finally:
+        near.daemon.stop()
+        far.daemon.stop()
 
 
 def test_failover_when_a_daemon_stops_503_when_all_are_down_and_recovery(hosts: Hosts) -> None:

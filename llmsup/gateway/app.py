@@ -7,7 +7,8 @@ for a name); the gateway only routes, authenticates, streams and counts.
 
 A remote model's request goes to one of its upstreams (the registry picks); one that
 fails before any byte reached the client (connection refused or reset, our key
-refused, 503) goes to another upstream once. Its answer's headers are held until
+refused, 503, its upstream found down by the probes meanwhile) goes to another
+upstream once. Its answer's headers are held until
 its first body byte, so that an upstream that stalls after its headers gets a 504
 after the model's read_timeout rather than a stream that never moves.
 
@@ -26,8 +27,8 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -59,6 +60,10 @@ _THREAD_PARSE_BYTES = 256 * 1024  # json.loads of more than this would stall the
 HOPS = "X-Llmsup-Hops"
 MAX_HOPS = 8
 _ERROR_BODY_BYTES = 64 * 1024  # of an upstream's 503, for its message
+
+
+class _Gone(Exception):
+    """The upstream a request waits on was found down by the probes."""
 
 
 class _Unsent(Exception):
@@ -392,26 +397,12 @@ class _Gateway:
             total=None, sock_connect=connect, sock_read=cfg.first_byte_timeout
         )
         url = URL(route.base_url.rstrip("/") + request.rel_url.raw_path_qs, encoded=True)
-        where = _where(route)
         started = time.monotonic()
+        send = self.session.request(
+            request.method, url, data=body, headers=headers, timeout=timeout
+        )
         try:
-            try:
-                upstream = await self.session.request(
-                    request.method, url, data=body, headers=headers, timeout=timeout
-                )
-            except aiohttp.ConnectionTimeoutError:  # before the TimeoutError it also is
-                detail = f"no connection within {connect:g}s"
-                message = f"Cannot reach {where}: {detail}"
-                error = ApiError(502, message, "server_error", "upstream_unreachable")
-                raise _Unsent(error, Failure.REFUSED, detail) from None
-            except asyncio.TimeoutError:
-                message = f"{where} did not answer in time"
-                error = ApiError(504, message, "server_error", "upstream_timeout")
-                raise _Unsent(error, Failure.TIMEOUT, "did not answer in time") from None
-            except aiohttp.ClientError as e:
-                message = f"Cannot reach {where}: {describe(e) if route.upstream else e}"
-                error = ApiError(502, message, "server_error", "upstream_unreachable")
-                raise _Unsent(error, _failure(e), describe(e)) from None
+            upstream = await self._answer(route, send, connect)
         except _Unsent as u:
             if route.upstream and u.failure is not None:
                 self.m.upstream_errors.labels(route.unit, route.upstream, u.failure.value).inc()
@@ -427,6 +418,32 @@ class _Gateway:
                 upstream.release()  # back to the pool, kept alive
             else:
                 upstream.close()  # unfinished: the backend sees the connection close
+
+    @staticmethod
+    async def _answer(
+        route: Route, send: Coroutine[Any, Any, aiohttp.ClientResponse], connect: float
+    ) -> aiohttp.ClientResponse:
+        """The upstream's answer (its headers), or _Unsent saying how it failed."""
+        where = _where(route)
+        try:
+            return await _awaiting(send, route.gone)
+        except _Gone:
+            detail = "found down by its probes while the request waited for its answer"
+            error = ApiError(502, f"{where} was {detail}", "server_error", "upstream_unreachable")
+            raise _Unsent(error, Failure.GONE, detail) from None
+        except aiohttp.ConnectionTimeoutError:  # before the TimeoutError it also is
+            detail = f"no connection within {connect:g}s"
+            message = f"Cannot reach {where}: {detail}"
+            error = ApiError(502, message, "server_error", "upstream_unreachable")
+            raise _Unsent(error, Failure.REFUSED, detail) from None
+        except asyncio.TimeoutError:
+            message = f"{where} did not answer in time"
+            error = ApiError(504, message, "server_error", "upstream_timeout")
+            raise _Unsent(error, Failure.TIMEOUT, "did not answer in time") from None
+        except aiohttp.ClientError as e:
+            message = f"Cannot reach {where}: {describe(e) if route.upstream else e}"
+            error = ApiError(502, message, "server_error", "upstream_unreachable")
+            raise _Unsent(error, _failure(e), describe(e)) from None
 
     async def _refused(self, route: Route, upstream: aiohttp.ClientResponse) -> None:
         """A remote model's upstream that refused our key (401) or is not ready (503):
@@ -512,7 +529,12 @@ class _Gateway:
         try:
             # Its own deadline: the connection's read timer runs from the last bytes
             # received, with the (longer) timeout set before the headers came.
-            return await asyncio.wait_for(upstream.content.readany(), read_timeout)
+            return await _awaiting(upstream.content.readany(), route.gone, read_timeout)
+        except _Gone:
+            detail = "found down by its probes before its first byte"
+            message = f"Upstream {route.upstream} of `{route.served_name}` was {detail}"
+            error = ApiError(502, message, "server_error", "upstream_failed")
+            raise _Unsent(error, Failure.GONE, detail) from None
         except asyncio.TimeoutError:
             detail = f"sent its headers, then nothing for {read_timeout:g}s"
             message = f"Upstream {route.upstream} of `{route.served_name}` {detail} (read_timeout)"
@@ -542,6 +564,29 @@ class _Gateway:
         event = b"data: " + json.dumps(err.body()).encode() + b"\n\n"
         with contextlib.suppress(ConnectionError):
             await resp.write(event if tail.endswith(b"\n\n") else b"\n\n" + event)
+
+
+T = TypeVar("T")
+
+
+async def _awaiting(
+    work: Coroutine[Any, Any, T], gone: asyncio.Event | None, timeout: float | None = None
+) -> T:
+    """`work`'s result, unless `timeout` passes first (asyncio.TimeoutError) or `gone`
+    is set (_Gone): `work` is then cancelled."""
+    if gone is None:
+        return await asyncio.wait_for(work, timeout)
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(gone.wait())
+    try:
+        await asyncio.wait({task, waiter}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()  # gone, timed out, or we are cancelled (the client left)
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise _Gone() if gone.is_set() else asyncio.TimeoutError()
 
 
 def _hops(request: web.Request) -> int:

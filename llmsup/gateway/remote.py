@@ -31,6 +31,7 @@ from llmsup.backends.remote import NAME, Remote
 from llmsup.errors import ModelNotReady, ModelUnavailable
 from llmsup.gateway.routing import Route
 from llmsup.gateway.upstream import (
+    DOWN,
     UP,
     Candidate,
     Failure,
@@ -75,6 +76,7 @@ class _Upstream:
         self.last_pick = 0
         self.latency: float | None = None  # of its last probe that answered
         self.probe_failures = 0
+        self.gone = asyncio.Event()  # set while DOWN: the requests it holds let go
 
     def report(self) -> UpstreamReport:
         h = self.health
@@ -124,8 +126,9 @@ class RemoteModels:
     def serves(self, served_name: str) -> bool:
         return served_name in self.by_served
 
-    def _route(self, m: _Model, served_name: str, upstream: str = "") -> Route:
+    def _route(self, m: _Model, served_name: str, u: _Upstream | None = None) -> Route:
         report = m.report()
+        upstream = u.url if u is not None else ""
         return Route(
             served_name=served_name,
             unit=m.name,
@@ -139,6 +142,7 @@ class RemoteModels:
             upstreams=report.upstreams,
             read_timeout=m.spec.read_timeout,
             connect_timeout=m.spec.timeout,
+            gone=u.gone if u is not None else None,
         )
 
     def routes(self) -> list[Route]:
@@ -180,7 +184,7 @@ class RemoteModels:
         u = m.upstreams[index]
         u.in_flight += 1
         u.last_pick = next(self._picks)
-        return self._route(m, served_name, u.url)
+        return self._route(m, served_name, u)
 
     def release(self, route: Route) -> None:
         m = self.models.get(route.unit)
@@ -191,7 +195,7 @@ class RemoteModels:
     def failed(self, route: Route, failure: Failure, error: str) -> None:
         m = self.models.get(route.unit)
         u = m.upstream(route.upstream) if m is not None else None
-        if m is None or u is None:
+        if m is None or u is None or not failure.counted:
             return
         log.warning("%s: upstream %s: %s", m.name, u.url, error)
         self._set(m, u, failed(u.health, failure, error, m.spec.failures, self._clock()))
@@ -209,6 +213,10 @@ class RemoteModels:
         if health.state != u.health.state:
             why = f": {health.error}" if health.state != UP else ""
             log.info("%s: upstream %s is %s%s", m.name, u.url, health.state, why)
+            if health.state == DOWN:
+                u.gone.set()
+            elif u.gone.is_set():
+                u.gone = asyncio.Event()  # for the requests routed to it from now on
         u.health = health
         self._routes = None
         m.changed.set()  # wakes every waiter; the next wait waits afresh

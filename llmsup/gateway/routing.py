@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from llmsup.control import Servers, ServerView
@@ -38,6 +38,9 @@ class Route:
     upstreams: tuple[UpstreamReport, ...] = ()
     read_timeout: float | None = None  # None: the gateway's own
     connect_timeout: float | None = None
+    # Set once probes find `upstream` down: a request still waiting for its answer then
+    # goes to another upstream instead of waiting out the timeouts of a vanished host.
+    gone: asyncio.Event | None = field(default=None, compare=False)
 
 
 class Registry(Protocol):

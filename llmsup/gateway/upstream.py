@@ -61,6 +61,12 @@ class Failure(enum.Enum):
     KEY = "key"  # it answered 401: our api_key is not its key
     UNAVAILABLE = "unavailable"  # it answered 503 (an llmsup upstream whose model is not ready)
     TIMEOUT = "timeout"  # no answer (or no first byte) in time
+    GONE = "gone"  # probes found it down while the request waited for its answer
+
+    @property
+    def counted(self) -> bool:
+        """It says something of the upstream that its probes did not already."""
+        return self is not Failure.GONE
 
     @property
     def certain(self) -> bool:

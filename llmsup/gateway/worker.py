@@ -2,8 +2,10 @@
 
 The daemon starts it (llmsup.gateway.host) with the listening sockets already bound
 and a channel (llmsup.gateway.channel) over which it learns every server's state and
-asks the daemon to start or stop one. Relaying streams then costs the daemon's event
-loop nothing: crash and hang detection keep their timing under gateway load. It runs
+asks the daemon to start or stop one; it probes the upstreams of remote models
+itself (llmsup.gateway.remote) and tells the daemon what it finds. Relaying streams
+then costs the daemon's event loop nothing: crash and hang detection keep their
+timing under gateway load. It runs
 on asyncio's own loop (uvloop measured no better: bench/gateway.py), and exits when the channel
 closes (the daemon stopped or died), after the requests in flight had a few seconds
 to end.
