@@ -1,6 +1,6 @@
 """Remote models: what one more gateway costs, and what a stopped upstream loses.
 
-    .venv/bin/python bench/multihost.py [--requests 1000] [--streams 8] [--seconds 4]
+    .venv/bin/python bench/multihost.py [--requests 1000] [--streams 8] [--quick 4] [--seconds 4]
 
 Three llmsup daemons on this machine, as in tests/test_remote.py: B and C each
 supervise two fake vLLM servers behind their gateway, `fast` (no delay per token)
@@ -13,7 +13,8 @@ models over B and C (probed every 300 ms).
   at a time over kept-alive connections: p50/p99 of each path, and the
   difference, in the same run.
 - Failover: `--streams` clients stream completions of `slow` (0.2 to 6 s each)
-  through A without pause while B is stopped: first with `llmsup down` (its
+  through A without pause, and `--quick` clients send 1-token completions of
+  `fast` one after another, while B is stopped: first with `llmsup down` (its
   gateway gives the streams in flight 5 s), then, once B is back, by SIGKILL of
   its daemon and gateway (a host that dies). Each request is counted as answered
   whole, cut after its first bytes (it was streaming from B), or failed before
@@ -74,7 +75,8 @@ def upstream_host(tmp: Path, name: str) -> Host:
     for model, delay in (("fast", "0"), ("slow", "0.01")):
         models += (
             f"{model}: {{backend: vllm, model: org/{model}, served_name: {model}, "
-            f"port: {free_port()}, gpu_memory_utilization: 0.4, env: {{FAKE_TOKEN_DELAY: '{delay}'}}}}\n"
+            f"port: {free_port()}, gpu_memory_utilization: 0.4, "
+            f"env: {{FAKE_TOKEN_DELAY: '{delay}'}}}}\n"
         )
     d = Daemon(tmp / name, models)
     d.manifest.write_text(
@@ -171,8 +173,11 @@ class Outcome:
 
 
 async def stream_once(session: aiohttp.ClientSession, a: Host, tokens: int) -> Outcome:
+    """A stream of `slow` (`tokens` > 0), or a 1-token answer of `fast` (0)."""
     began, got = time.monotonic(), False
-    body = {"model": "slow", "prompt": "hi", "max_tokens": tokens, "stream": True}
+    body: dict[str, Any] = {"model": "slow", "prompt": "hi", "max_tokens": tokens, "stream": True}
+    if tokens == 0:
+        body = {"model": "fast", "prompt": "hi", "max_tokens": 1}
     try:
         async with session.post(
             f"{a.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {A_KEY}"}
@@ -180,6 +185,9 @@ async def stream_once(session: aiohttp.ClientSession, a: Host, tokens: int) -> O
             if r.status != 200:
                 text = (await r.read()).decode(errors="replace")[:200]
                 return Outcome(began, time.monotonic(), "lost", f"{r.status}: {text}")
+            if tokens == 0:
+                await r.read()
+                return Outcome(began, time.monotonic(), "whole")
             async for line in r.content:
                 got = True
                 if line.startswith(b"data: [DONE]"):
@@ -191,19 +199,26 @@ async def stream_once(session: aiohttp.ClientSession, a: Host, tokens: int) -> O
     return Outcome(began, time.monotonic(), "cut" if got else "lost", "ended without [DONE]")
 
 
-async def under_load(a: Host, streams: int, seconds: float, fault: Any) -> dict[str, Any]:
-    """`streams` clients stream through A; `fault()` (blocking) runs once they are
-    under way, and the load goes on `seconds` after it returned."""
+async def under_load(
+    a: Host, streams: int, quick: int, seconds: float, fault: Any
+) -> dict[str, Any]:
+    """`streams` clients stream through A, `quick` ones send short requests;
+    `fault()` (blocking) runs once they are under way, and the load goes on
+    `seconds` after it returned."""
     rng = random.Random(1)
     outcomes: list[Outcome] = []
+    shorts: list[Outcome] = []
     stop = asyncio.Event()
 
-    async def client(session: aiohttp.ClientSession) -> None:
+    async def client(session: aiohttp.ClientSession, short: bool) -> None:
         while not stop.is_set():
-            outcomes.append(await stream_once(session, a, rng.randint(20, 600)))
+            if short:
+                shorts.append(await stream_once(session, a, 0))
+            else:
+                outcomes.append(await stream_once(session, a, rng.randint(20, 600)))
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        tasks = [asyncio.create_task(client(session)) for _ in range(streams)]
+        tasks = [asyncio.create_task(client(session, i >= streams)) for i in range(streams + quick)]
         await asyncio.sleep(2.0)
         began = time.monotonic()
         await asyncio.to_thread(fault)
@@ -212,13 +227,18 @@ async def under_load(a: Host, streams: int, seconds: float, fault: Any) -> dict[
         stop.set()
         await asyncio.gather(*tasks)
     counts = Counter(o.how for o in outcomes)
+    short = Counter(o.how for o in shorts)
     return {
-        "requests": len(outcomes),
-        "whole": counts["whole"],
-        "cut_after_first_bytes": counts["cut"],
-        "lost_before_first_byte": counts["lost"],
+        "streams": {
+            "requests": len(outcomes),
+            "whole": counts["whole"],
+            "cut_after_first_bytes": counts["cut"],
+            "lost_before_first_byte": counts["lost"],
+        },
+        "short_requests": {"requests": len(shorts), "answered": short["whole"]},
+        "lost_before_first_byte": counts["lost"] + short["lost"],
         "fault_took_s": round(fault_s, 2),
-        "lost_details": [o.detail for o in outcomes if o.how == "lost"][:10],
+        "lost_details": [o.detail for o in outcomes + shorts if o.how == "lost"][:10],
         "cut_details": sorted({o.detail[:120] for o in outcomes if o.how == "cut"})[:5],
     }
 
@@ -255,6 +275,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="per path and kind")
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams")
+    parser.add_argument("--quick", type=int, default=4, help="clients of short requests")
     parser.add_argument("--seconds", type=float, default=4.0, help="load after each fault")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="llmsup-multihost-"))
@@ -276,12 +297,12 @@ def main() -> None:
         result["latency"] = asyncio.run(latency(a, b, c, args.requests))
         print("failover: llmsup down ...", flush=True)
         result["failover_down"] = asyncio.run(
-            under_load(a, args.streams, args.seconds, b.daemon.stop)
+            under_load(a, args.streams, args.quick, args.seconds, b.daemon.stop)
         )
         result["recovery_s"] = round(back(a, b), 3)
         print("failover: SIGKILL ...", flush=True)
         result["failover_kill"] = asyncio.run(
-            under_load(a, args.streams, args.seconds, lambda: kill_host(b))
+            under_load(a, args.streams, args.quick, args.seconds, lambda: kill_host(b))
         )
     finally:
         for h in (a, b, c):
