@@ -39,9 +39,10 @@ from llmsup.backends.remote import Remote
 from llmsup.cli import main, render
 from llmsup.client import call
 from llmsup.control import ServerView
-from llmsup.errors import ManifestError
+from llmsup.errors import DaemonError, ManifestError
 from llmsup.export import kubernetes
 from llmsup.gateway import GatewayConfig, create_app, serve
+from llmsup.gateway.host import Settings
 from llmsup.gateway.metrics import ModelCollector
 from llmsup.gateway.remote import RemoteModels
 from llmsup.gateway.routing import Routing
@@ -279,6 +280,41 @@ def test_remote_models_take_part_in_the_checks_across_models() -> None:
         "2:16 models.q.backend: a remote model is reached through the gateway: add a "
         "`gateway:` section"
     ]
+
+
+def test_plan_shows_where_a_remote_model_is_routed() -> None:
+    plan = plan_of(
+        GATEWAY + "models:\n  c: {backend: remote, urls: ['http://gpu-b:9000'], api_key: k}\n"
+    )
+    assert render.plan(plan.to_json(), None) == [
+        "# 1. c (remote): no process here; the gateway routes to",
+        "#   http://gpu-b:9000",
+        "#   as c, with its api_key, each probed with GET /v1/models every 10s\n",
+    ]
+
+
+def test_a_reload_that_changes_a_remote_model_or_its_key_restarts_the_gateway(
+    tmp_path: Path,
+) -> None:
+    key = tmp_path / "key"
+    key.write_text("k1\n")
+    text = (
+        GATEWAY + f"models:\n  c: {{backend: remote, urls: ['http://b:1'], api_key_file: {key}}}\n"
+    )
+
+    def settings(text: str) -> Settings | None:
+        return Settings.of(parse_manifest(text, "m.yaml", {}).manifest)
+
+    before = settings(text)
+    assert before is not None and before.remotes[0].key == "k1"  # read when it starts
+    assert settings(text) == before  # nothing changed: the gateway is left alone
+    assert settings(text.replace("b:1", "c:1")) != before
+    key.write_text("k2\n")
+    assert settings(text) != before
+    loaded = parse_manifest(text, "m.yaml", {})
+    key.unlink()
+    with pytest.raises(DaemonError, match=r"^models\.c\.api_key_file: cannot read "):
+        Settings.of(loaded.manifest)
 
 
 # ------------------------------------------------------------ the Kubernetes export

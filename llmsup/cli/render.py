@@ -192,6 +192,16 @@ def plan(entries: Sequence[Mapping[str, Any]], vllm_flags: tuple[str, str] | Non
         out.append(f"# vLLM flags checked against {vllm_flags[0]}'s: {vllm_flags[1]}\n")
     shown: set[str] = set()
     for i, e in enumerate(entries, 1):
+        if e["backend"] == "remote":
+            h = e["health"]
+            key = ", with its api_key" if e["api_key"] else ""
+            out.append(f"# {i}. {e['name']} (remote): no process here; the gateway routes to")
+            out += [f"#   {url}" for url in e["urls"]]
+            out.append(
+                f"#   as {', '.join(e['served_names'])}{key}, each probed with GET /v1/models "
+                f"every {h['interval']:g}s\n"
+            )
+            continue
         if e["unit"] in shown:
             out.append(f"# {i}. {e['name']} ({e['backend']}): served by {e['unit']}'s server\n")
             continue
