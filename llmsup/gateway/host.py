@@ -97,6 +97,7 @@ class GatewayProcess:
         self.conflicts = conflicts
         self.on_remote = on_remote
         self.reports: dict[str, RemoteReport] = {}  # what the running gateway last said
+        self._stopping = False
         self.proc: subprocess.Popen[bytes] | None = None  # the running gateway
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -125,10 +126,9 @@ class GatewayProcess:
         """Stop the gateway: no new connections, those in flight get a few seconds."""
         if self._watch is not None:
             self._watch.cancel()
-        # The channel's tasks first, then its end (the gateway stops listening, then
-        # exits): a publisher left writing to the closed channel would fail, and a
-        # failed channel task kills the gateway with its requests in flight.
-        self._end_tasks()
+        self._stopping = True  # the channel's tasks now fail for the closed channel
+        if self._writer is not None:
+            self._writer.close()  # its end of the channel: it stops listening, then exits
         if close_sockets:
             # Ours at once: once the gateway closes its own, the port refuses new
             # connections (a client tries another host) instead of queueing them
@@ -143,6 +143,7 @@ class GatewayProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.proc.pid, signal.SIGKILL)
                 await process.exit_status(self.proc)
+        self._end_tasks()
 
     # ------------------------------------------------------------ process
 
@@ -190,6 +191,8 @@ class GatewayProcess:
         """A channel task that failed leaves the gateway deaf or blind: start it afresh."""
         self._tasks.discard(task)
         if task.cancelled() or (e := task.exception()) is None:
+            return
+        if self._stopping:  # the channel we closed: the gateway ends its requests and exits
             return
         log.error("the gateway's channel failed (%r): restarting its process", e, exc_info=e)
         if (pid := self.pid) is not None:
