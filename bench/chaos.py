@@ -9,17 +9,35 @@ Faults come one at a time or overlapping: SIGKILL of a server, of an
 EngineCore, of a TP worker or of an Ollama runner; SIGSTOP; /health answering
 500; a hung server (some also ignoring SIGTERM); a stalled generation; a
 foreign process taking a model's port while it restarts; the daemon SIGKILLed
-and started again; reloads that change a model (some while that model is
-being stopped). A steady trickle of chat completions goes through the gateway
-all along.
+and started again; an upgrade; reloads that change a model (some while that
+model is being stopped). A steady trickle of chat completions goes through the
+gateway all along.
+
+The daemon's deaths are live restores: every server that was READY and untouched
+when the daemon died must be adopted by the next one, the same process (pid and
+start time) READY again; a model restarted by it counts in "model restarts
+caused by daemon deaths" (expected: 0). A daemon kill may first SIGSTOP or hang a
+model or two (the daemon may be stopping them at the kill): those are replaced,
+after every process of their old instance is gone. An upgrade is `llmsup down
+--keep-models`, then `up --foreground` of tests/fakes/newer_llmsup.py (this code,
+one state format ahead). The first upgrade moves the state directory a format
+ahead, which this llmsup then refuses; so from then on every daemon start and
+every CLI call of the run goes through the newer runner, and a later upgrade is
+newer -> newer (the hand-over an upgrade within one format makes).
+
+Every server prints `tick N` every 20 ms (FAKE_TICK); after the run, each log's
+ticks are read per instance (a restarted server begins again at 0): a gap in a
+sequence is output lost on its way to the log, across a daemon death or not.
 
 After each fault (and every few faults, with nothing in flight) it checks that
 models recover (READY, or FAILED where the policy says so), that no process of
 a dead instance is left, and samples the daemon's fds and RSS. What is left is
 judged by the kernel's process tree, sessions, groups and cgroups as the tests'
 `Lineage` remembers them, not by llmsup's marker; two vLLM models run workers
-whose helper leaves the session with an empty environment (FAKE_WORKER_ESCAPE). Writes
-bench/results/chaos.json, prints a summary, and exits 1 if a check failed.
+whose helper leaves the session with an empty environment (FAKE_WORKER_ESCAPE). A
+server's log shim (no marker, outside its session) counts as the server's while it
+is the parent of a live server process. Writes bench/results/chaos.json, prints a
+summary, and exits 1 if a check failed.
 """
 
 from __future__ import annotations
@@ -32,6 +50,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -56,8 +75,8 @@ sys.path.insert(0, str(ROOT))
 
 from llmsup.client import call  # noqa: E402
 from llmsup.process import state_key  # noqa: E402
-from tests.supervisor_util import Daemon  # noqa: E402
-from tests.util import free_port, wait_for  # noqa: E402
+from tests.supervisor_util import LLMSUP, Daemon  # noqa: E402
+from tests.util import FAKES_DIR, free_port, wait_for  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 T = TypeVar("T")
@@ -69,6 +88,8 @@ IDLE_TIMEOUT = 6.0  # of the on-demand model
 FD_TOLERANCE = 5  # open fds: last third's median may exceed the first's by this
 FD_FILE_TOLERANCE = 2  # the same for fds other than sockets (logs, pipes, pidfds)
 RSS_TOLERANCE_MIB = 8.0  # RSS: the same, in MiB
+TICK = 0.02  # seconds between the `tick N` lines of every server (FAKE_TICK)
+NEWER = [sys.executable, str(FAKES_DIR / "newer_llmsup.py")]  # one state format ahead
 
 DEFAULTS = """\
 defaults:
@@ -158,7 +179,11 @@ class Model:
         return len(self.gpus) if self.backend == "vllm" else 1
 
     def yaml(self, tmp: Path) -> str:
-        env = {"FAKE_CONTROL_FILE": str(self.control), "CHAOS_GEN": str(self.gen)}
+        env = {
+            "FAKE_CONTROL_FILE": str(self.control),
+            "CHAOS_GEN": str(self.gen),
+            "FAKE_TICK": f"{TICK:g}",
+        }
         if self.escape:
             env["FAKE_WORKER_ESCAPE"] = "1"
         if self.backend == "ollama":
@@ -391,6 +416,10 @@ class Chaos:
         self.orphans: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []
         self.daemon_kills: list[dict[str, Any]] = []
+        self.upgrades: list[dict[str, Any]] = []
+        self.runner = LLMSUP  # NEWER from the first upgrade on
+        self.left_after_down: list[dict[str, Any]] = []
+        self.adopted: set[str] = set()  # instances that lived across a daemon death
         self.reloads: list[dict[str, Any]] = []
         self.port_grabs: Counter[str] = Counter()
         self.grabber = Grabber(tmp)
@@ -425,8 +454,37 @@ class Chaos:
     def row(self, name: str) -> dict[str, Any]:
         return self.status()[name]
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.d.cli(*args, "-f", str(self.d.manifest), timeout=60)
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """The CLI of the llmsup now in use (`Daemon.cli` runs this one's alone)."""
+        argv = [*self.runner, *args, "-f", str(self.d.manifest)]
+        with subprocess.Popen(
+            argv, env=self.d.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as proc:
+            self.d.lineage.anchor(proc.pid)
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+    def start_daemon(self) -> None:
+        """`up --foreground` of the llmsup now in use, once its control socket answers."""
+        d = self.d
+        with open(d.output, "ab") as out:
+            d.proc = subprocess.Popen(
+                [*self.runner, "up", "--foreground", "-f", str(d.manifest)],
+                env=d.env,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        d.lineage.anchor(d.proc.pid)
+        proc = d.proc
+        wait_for(lambda: d.answers() or proc.poll() is not None, 30)
+        if not d.answers():
+            raise RuntimeError(f"the daemon exited with {proc.poll()}: {d.log()[-3000:]}")
 
     def daemon_pid(self) -> int:
         assert self.d.proc is not None
@@ -450,11 +508,18 @@ class Chaos:
 
     def unattributed(self) -> list[psutil.Process]:
         """Live processes that came from a daemon but belong to no server and are not
-        a daemon or a CLI this run started (their parent is this process)."""
-        out = []
-        for p, s in self.d.lineage.live():
+        a daemon or a CLI this run started (their parent is this process), nor the
+        log shim of a live server (its parent)."""
+        live = self.d.lineage.live()
+        shims = set()
+        for p, s in live:
             with contextlib.suppress(psutil.Error):
-                if s.server is None and p.ppid() != os.getpid():
+                if s.server is not None:
+                    shims.add(p.ppid())
+        out = []
+        for p, s in live:
+            with contextlib.suppress(psutil.Error):
+                if s.server is None and p.ppid() != os.getpid() and p.pid not in shims:
                     out.append(p)
         return out
 
@@ -937,70 +1002,128 @@ class Chaos:
     # -- the daemon itself
 
     def kill_daemon(self, f: Fault) -> None:
-        """SIGKILL the daemon (sometimes with a server stopped or hung, which it may
-        be stopping at that moment) and start it again: it must stop every process
-        of the old instances before it launches anything."""
-        hurt = []
+        """SIGKILL the daemon (sometimes with a model or two SIGSTOPped or hung first,
+        which it may be stopping at the kill) and start it again: see `next_daemon`."""
+        hurt: dict[str, str] = {}
         ready = self.idle_ready()
         for m in self.rng.sample(ready, min(len(ready), self.rng.choice([0, 0, 1, 2]))):
             if self.rng.random() < 0.5:
                 os.kill(self.row(m.name)["pid"], signal.SIGSTOP)
-                hurt.append(f"{m.name} SIGSTOP")
+                hurt[m.name] = "SIGSTOP"
             else:
                 m.set_control(hang=True, ignore_sigterm=True)
-                hurt.append(f"{m.name} hung, ignores SIGTERM")
+                hurt[m.name] = "hung, ignores SIGTERM"
         if hurt:
             time.sleep(self.rng.uniform(0.5, 3.0))  # the daemon may be stopping them
+        f.detail = f"pid {self.daemon_pid()}" + "".join(f", {n} {h}" for n, h in hurt.items())
+        self.next_daemon(f, hurt, self.d.kill_daemon, self.daemon_kills)
+
+    def upgrade(self, f: Fault) -> None:
+        """`llmsup down --keep-models`, then the newer llmsup's `up` (see the module's
+        docstring): see `next_daemon`."""
+        f.detail = f"{'newer' if self.runner is NEWER else 'this'} llmsup -> newer"
+
+        def leave() -> None:
+            r = self.cli("down", "--keep-models")
+            if r.returncode != 0 or "run on" not in r.stdout:
+                self.problem(f"#{f.index} down --keep-models: {r.returncode} {r.stdout}{r.stderr}")
+            assert self.d.proc is not None
+            try:
+                self.d.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.problem(f"#{f.index}: the daemon did not exit after down --keep-models")
+                self.d.kill_daemon()
+            self.runner = NEWER
+
+        self.next_daemon(f, {}, leave, self.upgrades)
+
+    def server_of(self, row: dict[str, Any]) -> tuple[Any, ...]:
+        """What must not change when a daemon adopts a model's server."""
+        created = None
+        with contextlib.suppress(psutil.Error, TypeError, ValueError):
+            created = psutil.Process(row["pid"]).create_time()
+        return (row["pid"], created, row["instance"], row["restarts"])
+
+    def next_daemon(
+        self, f: Fault, hurt: dict[str, str], end: Callable[[], None], log: list[dict[str, Any]]
+    ) -> None:
+        """The daemon ends (`end`) and the next one starts. Every model that was READY
+        and not in `hurt` must be the same server after (adopted: pid, start time,
+        instance and restart count); the others may be replaced, but only once every
+        process of their old instance is gone; every model must settle."""
+        rows = self.status()
+        untouched = {
+            n: self.server_of(r) for n, r in rows.items() if r["state"] == "READY" and n not in hurt
+        }
         before = self.marked()
         old_instances = {mark for _, mark in before}
         old_pid = self.daemon_pid()
-        f.detail = f"pid {old_pid}, {len(before)} processes" + "".join(f", {h}" for h in hurt)
         f.t0 = time.monotonic()
         window = self.trickle.daemon_down(f.t0)
-        self.d.kill_daemon()
+        end()
         survivors = [p for p, _ in before if alive(p.pid)]
-        overlap: list[str] = []
         launched_early: list[str] = []
         done = threading.Event()
 
-        def watch() -> None:  # was anything launched while old processes were left?
+        def watch() -> None:  # a new server of a model while its old one is left?
             while not done.is_set():
                 procs = self.marked()
                 old = {self.unit_of(m) for _, m in procs if m in old_instances}
                 new = {self.unit_of(m) for _, m in procs if m not in old_instances}
-                if old and new:
-                    launched_early.append(f"new {sorted(new)} while old {sorted(old)}")
-                    overlap.extend(sorted(old & new))
+                if both := sorted(old & new):
+                    launched_early.append(f"new and old servers of {both}")
                 time.sleep(0.01)
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        self.d.start()
+        self.start_daemon()
         answered = time.monotonic()
         window[1] = answered
         for m in self.models.values():
             m.set_control()
 
         def settled() -> bool:
-            rows = self.status()
-            return all(self.settled_state(n, r) for n, r in rows.items())
+            return all(self.settled_state(n, r) for n, r in self.status().items())
 
         ok = poll(settled, READY_BOUND * 2)
         done.set()
         watcher.join()
-        left = [p.pid for p, _ in before if alive(p.pid, p.create_time())]
+        after = self.status()
+        current = {r["instance"] for r in after.values() if r["instance"]}
+        restarted = sorted(
+            n
+            for n, server in untouched.items()
+            if n not in after or self.server_of(after[n]) != server
+        )
+        left = [
+            p.pid for p, mark in before if mark not in current and alive(p.pid, p.create_time())
+        ]
         info = {
             "fault": f.index,
             "old_daemon_pid": old_pid,
+            "runner": "newer" if self.runner is NEWER else "this",
             "processes_before": len(before),
-            "also": hurt,
+            "also": [f"{n} {h}" for n, h in hurt.items()],
             "survived_the_daemon": len(survivors),
             "answer_s": round(answered - f.t0, 3),
             "all_settled_s": round(time.monotonic() - f.t0, 3) if ok else None,
+            "ready_untouched": len(untouched),
+            "adopted": len(untouched) - len(restarted),
+            "model_restarts_caused": restarted,
+            "hurt_replaced": sorted(
+                n for n in hurt if n in after and after[n]["instance"] != rows[n]["instance"]
+            ),
             "old_processes_left": left,
             "launched_while_old_left": launched_early[:5],
         }
-        self.daemon_kills.append(info)
+        log.append(info)
+        self.adopted |= {untouched[n][2] for n in untouched if n not in restarted}
+        if restarted:
+            detail = {
+                n: (untouched[n], self.server_of(after[n]) if n in after else None)
+                for n in restarted
+            }
+            self.problem(f"#{f.index} {f.kind}: models not adopted (restarted): {detail}")
         if left:
             self.problem(f"#{f.index}: old processes left after the daemon restart: {left}")
         if launched_early:
@@ -1010,7 +1133,7 @@ class Chaos:
         else:
             f.outcome = "not recovered"
             self.problem(f"#{f.index}: not all models back after a daemon restart: {self.status()}")
-        self.scan_orphans(f"#{f.index} daemon_kill")
+        self.scan_orphans(f"#{f.index} {f.kind}")
 
     def settled_state(self, name: str, r: dict[str, Any]) -> bool:
         if r["state"] == "READY":
@@ -1107,10 +1230,12 @@ class Chaos:
     def schedule(self, n: int) -> tuple[dict[int, str], dict[int, str]]:
         """Faults at fixed places (by fraction of the run), and checks (before them).
 
-        The daemon kills come in the first third, so that one daemon process serves
-        the rest and its fds and RSS can be compared over time; reloads all along."""
+        The daemon kills and upgrades come in the first third, so that one daemon
+        process serves the rest and its fds and RSS can be compared over time; reloads
+        all along."""
         faults: dict[int, str] = {}
         places = [(x, "daemon_kill") for x in (0.1, 0.2, 0.3)[: max(1, n // 100)]]
+        places += [(x, "upgrade") for x in (0.12, 0.22)[: max(1, n // 150)]]
         places += [(x, "reload") for x in (0.05, 0.25, 0.45, 0.65, 0.85)]
         places += [(x, "reload_mid_stop") for x in (0.15, 0.35, 0.55, 0.75, 0.95)]
         places += [(0.4, "reload_add"), (0.7, "reload_remove")]
@@ -1147,7 +1272,7 @@ class Chaos:
 
     def run(self) -> None:
         n, args = self.args.faults, self.args
-        self.d.start()
+        self.start_daemon()
         self.sample(-1)
         if not poll(lambda: all(self.settled_state(k, r) for k, r in self.status().items()), 60):
             raise SystemExit(f"the fleet never came up: {self.status()}")
@@ -1172,10 +1297,11 @@ class Chaos:
             if checks.get(i) == "idle_check" and self.wait_slot(limit, deadline, od_free):
                 self.launch(Fault(i, "idle_check", od.name))
             kind = plan.get(i)
-            if kind == "daemon_kill":
+            if kind in ("daemon_kill", "upgrade"):
                 self.drain()
-                f = Fault(i, "daemon_kill", "daemon")
-                self.run_inline(f, functools.partial(self.kill_daemon, f))
+                f = Fault(i, kind, "daemon")
+                body = self.kill_daemon if kind == "daemon_kill" else self.upgrade
+                self.run_inline(f, functools.partial(body, f))
                 continue
             if kind in ("reload_add", "reload_remove"):
                 if self.wait_slot(limit, deadline, lambda: True):
@@ -1205,9 +1331,62 @@ class Chaos:
         for m in self.models.values():
             m.set_control()
         self.grabber.close()
-        self.d.stop()
+        down = False  # `down` of the llmsup in use (this one's is refused after an upgrade)
+        if self.d.proc is not None and self.d.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                down = self.cli("down", timeout=120).returncode == 0
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.d.proc.wait(30)
+        if down:  # the last of a stop may still be exiting
+            poll(lambda: not self.d.lineage.live(), 5)
+        self.d.stop()  # kills, and lists, whatever is left
+        if down and self.d.leftovers:
+            self.left_after_down = self.d.leftovers
+            self.problem(f"the final `llmsup down` left processes: {self.d.leftovers}")
 
     # -- the report
+
+    def check_ticks(self) -> dict[str, Any]:
+        """Every server log's `tick N` sequences (see `tick_runs`): lines lost, per
+        instance, and in the instances that lived across a daemon death."""
+        units = [*self.models, self.extra.name]
+        runs: dict[str, list[Ticks]] = {}
+        odd: dict[str, list[str]] = {}
+        for unit in units:
+            runs[unit], odd_lines = tick_runs(log_lines(self.d.state / "logs" / f"{unit}.log"))
+            if odd_lines:
+                odd[unit] = odd_lines[:5]
+        every = [r for rs in runs.values() for r in rs]
+        across = [r for r in every if r.instance in self.adopted]
+        gaps = [
+            {"unit": u, "instance": r.instance, "lost": r.lost, "gaps": r.gaps[:5]}
+            for u, rs in runs.items()
+            for r in rs
+            if r.lost
+        ]
+        out = {
+            "tick_interval_s": TICK,
+            "server_processes": len(every),
+            "ticks_read": sum(r.count for r in every),
+            "lost_lines": sum(r.lost for r in every),
+            "across_daemon_deaths": {
+                "instances": len(across),
+                "of_adopted": len(self.adopted),
+                "ticks_read": sum(r.count for r in across),
+                "lost_lines": sum(r.lost for r in across),
+            },
+            "gaps": gaps[:20],
+            "lines_fitting_no_sequence": odd,
+        }
+        if gaps:
+            self.problem(f"{out['lost_lines']} log lines lost: {gaps[:5]}")
+        if odd:
+            self.problem(f"tick lines that continue no sequence: {odd}")
+        if len(across) < len(self.adopted):
+            self.problem(
+                f"{len(self.adopted) - len(across)} adopted instances have no ticks in their log"
+            )
+        return out
 
     def leak_check(self) -> dict[str, Any]:
         """fds and RSS of the last daemon process: first third vs last third of its samples."""
@@ -1259,6 +1438,7 @@ class Chaos:
             elif k.startswith("error "):
                 statuses[k.split()[1]] += v
         leak = self.leak_check()
+        ticks = self.check_ticks()
         for key in ("fds", "fds_not_sockets", "rss_mib"):
             if isinstance(leak.get(key), dict) and leak[key]["grew"]:
                 self.problem(f"daemon {key} grew: {leak[key]}")
@@ -1293,9 +1473,22 @@ class Chaos:
             ],
             "by_kind": by_kind,
             "port_grabs": dict(self.port_grabs),
+            "daemon_deaths": {
+                "daemon_kills": len(self.daemon_kills),
+                "upgrades": len(self.upgrades),
+                "ready_untouched_at_the_deaths": sum(
+                    k["ready_untouched"] for k in self.daemon_kills + self.upgrades
+                ),
+                "model_restarts_caused": sum(
+                    len(k["model_restarts_caused"]) for k in self.daemon_kills + self.upgrades
+                ),
+            },
+            "log_lines": ticks,
             "daemon_kills": self.daemon_kills,
+            "upgrades": self.upgrades,
             "reloads": self.reloads,
             "orphans": {"found": len(self.orphans), "details": self.orphans},
+            "left_after_the_final_down": self.left_after_down,
             "gateway": {
                 "requests": sum(g.values()),
                 "ok": g.get("ok", 0),
@@ -1325,6 +1518,65 @@ class Chaos:
             "notes": self.notes,
             "problems": self.problems,
         }
+
+
+# ------------------------------------------------------------- log lines
+
+STARTING = re.compile(r"^--- llmsup \S+: starting \S+: .*\(instance (\S+)\)$")
+TICK_LINE = re.compile(r"^tick (\d+)$")
+
+
+@dataclass
+class Ticks:
+    """One server process's `tick N` lines in its log: N = 0, 1, 2, ..."""
+
+    instance: str  # from the daemon's `starting` line before it ("?": none)
+    last: int = 0
+    count: int = 1
+    lost: int = 0
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # (last seen, next seen)
+
+
+def tick_runs(lines: list[str]) -> tuple[list[Ticks], list[str]]:
+    """The tick sequences of one unit's log (pure): a `tick 0` begins one (a new
+    server process), any other tick continues the sequence it follows; where none
+    ends just before it, it continues the latest sequence below it, and the numbers
+    between are lines lost. The last lines of a stopped server may follow the
+    `starting` line of the next, so a few recent sequences are looked at, not one.
+    Returns the sequences and the lines that fit none."""
+    runs: list[Ticks] = []
+    odd: list[str] = []
+    label = "?"
+    for line in lines:
+        if m := STARTING.match(line):
+            label = m[1]
+            continue
+        if (m := TICK_LINE.match(line)) is None:
+            continue
+        n = int(m[1])
+        if n == 0:
+            runs.append(Ticks(label))
+            label = "?"
+            continue
+        recent = runs[-3:]
+        run = next((r for r in reversed(recent) if r.last == n - 1), None)
+        if run is None:
+            run = next((r for r in reversed(recent) if r.last < n), None)
+            if run is None:
+                odd.append(line)
+                continue
+            run.gaps.append((run.last, n))
+            run.lost += n - run.last - 1
+        run.last = n
+        run.count += 1
+    return runs, odd
+
+
+def log_lines(path: Path) -> list[str]:
+    """A server log and its rotated backups (`NAME.log.N`, oldest first), as lines."""
+    backups = [p for p in path.parent.glob(path.name + ".*") if p.suffix[1:].isdigit()]
+    files = [*sorted(backups, key=lambda p: -int(p.suffix[1:])), path]
+    return [x for f in files if f.exists() for x in f.read_text(errors="replace").splitlines()]
 
 
 def llmsup_version() -> str:
@@ -1377,12 +1629,29 @@ def summary(res: dict[str, Any]) -> str:
                 f"daemon {key}: first third {x['first_third_median']} -> last third "
                 f"{x['last_third_median']} (growth {x['growth']}, tolerance {x['tolerance']})"
             )
-    for k in res["daemon_kills"]:
-        lines.append(
-            f"daemon kill #{k['fault']}: {k['survived_the_daemon']} processes survived it, "
-            f"answer {k['answer_s']}s, settled {k['all_settled_s']}s, "
-            f"old left {len(k['old_processes_left'])}"
-        )
+    deaths = res["daemon_deaths"]
+    lines.append(
+        f"daemon deaths: {deaths['daemon_kills']} kills, {deaths['upgrades']} upgrades; "
+        f"model restarts caused by them: {deaths['model_restarts_caused']} "
+        f"(of {deaths['ready_untouched_at_the_deaths']} READY untouched servers)"
+    )
+    for what, key in (("kill", "daemon_kills"), ("upgrade", "upgrades")):
+        for k in res[key]:
+            lines.append(
+                f"  {what} #{k['fault']} ({k['runner']} llmsup after): "
+                f"{k['adopted']}/{k['ready_untouched']} adopted, "
+                f"{k['survived_the_daemon']} processes survived, "
+                f"answer {k['answer_s']}s, settled {k['all_settled_s']}s, "
+                f"old left {len(k['old_processes_left'])}"
+                + (f", hurt {k['also']} replaced {k['hurt_replaced']}" if k["also"] else "")
+            )
+    ll = res["log_lines"]
+    lines.append(
+        f"log lines: {ll['ticks_read']} ticks of {ll['server_processes']} server processes, "
+        f"{ll['lost_lines']} lost; across daemon deaths: "
+        f"{ll['across_daemon_deaths']['instances']} instances, "
+        f"{ll['across_daemon_deaths']['lost_lines']} lost"
+    )
     for note in res["notes"]:
         lines.append(f"note: {note}")
     lines.append(f"problems: {len(res['problems'])}")
