@@ -130,7 +130,10 @@ def test_a_backend_added_to_the_registry_reaches_the_schema_errors_and_plan() ->
     ]
     assert out["argv"] == ["echo", "hi"]
     assert out["problems"] == ["m.yaml:2:37: warning: models.a.text: echo!"]
-    assert out["described"] == "model name -> its server (backend: vllm, ollama, command, remote or echo)"
+    assert (
+        out["described"]
+        == "model name -> its server (backend: vllm, ollama, command, remote or echo)"
+    )
 
 
 def _gpu(index: int) -> gpu.Gpu:
