@@ -82,6 +82,7 @@ def _response(e: ApiError) -> web.Response:
 
 
 _GATEWAY: web.AppKey[_Gateway] = web.AppKey("llmsup_gateway")
+STOP_GRACE = 5.0  # seconds the requests in flight get when the gateway stops
 
 
 def create_app(
@@ -109,18 +110,28 @@ def create_app(
 class Listening:
     """The gateway, listening: `addresses`, and `cleanup()` to stop it."""
 
-    def __init__(self, runner: web.AppRunner, servers: list[asyncio.Server]) -> None:
+    def __init__(self, runner: web.AppRunner, servers: list[asyncio.Server], gw: _Gateway) -> None:
         self.runner = runner
         self.servers = servers
+        self.gw = gw
 
     @property
     def addresses(self) -> list[Any]:
         return [sock.getsockname() for server in self.servers for sock in server.sockets]
 
-    async def cleanup(self) -> None:
+    async def cleanup(self, grace: float = STOP_GRACE) -> None:
+        """No new connection; the requests in flight get `grace` seconds, then each
+        stream still relaying ends with an error event (at its next chunk), and the
+        rest are closed."""
         for server in self.servers:
             server.close()  # no new connections
-        await self.runner.cleanup()  # the open ones: finish, then close
+        deadline = time.monotonic() + grace
+        while self.gw.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.gw.active:
+            self.gw.stopping = True
+            await asyncio.sleep(0.2)  # a relaying stream writes its error event
+        await self.runner.cleanup()  # what is left (idle streams): closed
 
 
 async def serve(
@@ -158,7 +169,7 @@ async def serve(
     except BaseException:
         await runner.cleanup()
         raise
-    return Listening(runner, servers)
+    return Listening(runner, servers, gw)
 
 
 def _bearer(headers: CIMultiDictProxy[str]) -> str | None:
@@ -179,6 +190,8 @@ class _Gateway:
         self.m = Metrics(config.extra_collector)
         self.session = upstream
         self.created = int(time.time())
+        self.active = 0  # proxied requests in flight
+        self.stopping = False  # streams still relaying end with an error event
 
     async def client_session(self, app: web.Application) -> AsyncIterator[None]:
         if self.session is not None:  # injected: its owner closes it
@@ -308,6 +321,7 @@ class _Gateway:
             route = await self.acquire(name, served)
             in_flight = self.m.in_flight.labels(served)
             in_flight.inc()
+            self.active += 1
             try:
                 response, code = await self.attempts(
                     request, route, body, obj.get("stream") is True
@@ -315,6 +329,7 @@ class _Gateway:
                 return response
             finally:
                 in_flight.dec()
+                self.active -= 1
         except (ApiError, web.HTTPException) as e:
             code = e.status
             raise
@@ -511,7 +526,10 @@ class _Gateway:
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 log.warning("gateway: upstream failed mid-stream: %r", e)
                 self._mid_response(route)
-                await self._error_event(resp, ctype, tail, e)
+                err = ApiError(
+                    502, f"Upstream failed mid-stream: {e!r}", "server_error", "upstream_failed"
+                )
+                await self._error_event(resp, ctype, tail, err)
                 # Headers are sent: cutting the connection (no [DONE], no last chunk) is
                 # what tells any client that the answer is incomplete.
                 if request.transport is not None:
@@ -519,6 +537,12 @@ class _Gateway:
                 return resp, 502
             if not chunk:
                 return resp, upstream.status
+            if self.stopping:  # its grace is over (the daemon stopped, died or restarts)
+                err = ApiError(503, STOPPING, "server_error", "gateway_stopping")
+                await self._error_event(resp, ctype, tail, err)
+                if request.transport is not None:
+                    request.transport.close()
+                return resp, 503
 
     async def _first_chunk(
         self, route: Route, upstream: aiohttp.ClientResponse, read_timeout: float
@@ -554,13 +578,12 @@ class _Gateway:
 
     @staticmethod
     async def _error_event(
-        resp: web.StreamResponse, ctype: str, tail: bytes, e: BaseException
+        resp: web.StreamResponse, ctype: str, tail: bytes, err: ApiError
     ) -> None:
         """An SSE stream gets a last event in OpenAI's error shape (as vLLM sends
         for a failure mid-stream), which OpenAI's client libraries raise as an error."""
         if not ctype.startswith("text/event-stream"):
             return
-        err = ApiError(502, f"Upstream failed mid-stream: {e!r}", "server_error", "upstream_failed")
         event = b"data: " + json.dumps(err.body()).encode() + b"\n\n"
         with contextlib.suppress(ConnectionError):
             await resp.write(event if tail.endswith(b"\n\n") else b"\n\n" + event)
@@ -587,6 +610,9 @@ async def _awaiting(
     if task.done() and not task.cancelled():
         return task.result()
     raise _Gone() if gone.is_set() else asyncio.TimeoutError()
+
+
+STOPPING = "The gateway is stopping (its llmsup daemon stopped or restarts): retry the request"
 
 
 def _hops(request: web.Request) -> int:
