@@ -113,7 +113,9 @@ def serve_gateway(port: int, fast_url: str, slow_url: str, loop: str) -> None:
     from prometheus_client.core import GaugeMetricFamily, Metric
     from prometheus_client.registry import Collector
 
-    from llmsup.gateway import GatewayConfig, Route, create_app, serve
+    from llmsup.gateway.app import create_app, serve
+    from llmsup.gateway.config import GatewayConfig
+    from llmsup.gateway.routing import Route
 
     class Fixed:
         def __init__(self) -> None:

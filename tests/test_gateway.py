@@ -33,7 +33,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from llmsup.errors import ModelNotReady, ModelUnavailable
-from llmsup.gateway import GatewayConfig, Route, create_app, serve
+from llmsup.gateway.app import create_app, serve
+from llmsup.gateway.config import GatewayConfig
+from llmsup.gateway.routing import Route
 from llmsup.gateway.upstream import Failure
 from tests.util import FAKES_DIR, fake_env, free_port, wait_for
 

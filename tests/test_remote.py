@@ -41,7 +41,8 @@ from llmsup.client import call
 from llmsup.control import ServerView
 from llmsup.errors import DaemonError, ManifestError
 from llmsup.export import kubernetes
-from llmsup.gateway import GatewayConfig, create_app, serve
+from llmsup.gateway.app import create_app, serve
+from llmsup.gateway.config import GatewayConfig
 from llmsup.gateway.host import Settings
 from llmsup.gateway.metrics import ModelCollector
 from llmsup.gateway.remote import RemoteModels

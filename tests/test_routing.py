@@ -14,7 +14,7 @@ import pytest
 from llmsup.backends import Launch
 from llmsup.control import ServerView
 from llmsup.errors import ModelNotReady, ModelUnavailable
-from llmsup.gateway import Routing
+from llmsup.gateway.routing import Routing
 from llmsup.state import State
 
 

@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmsup.errors import ManifestError, ModelNotReady
-from llmsup.gateway import GatewayConfig, Route, create_app, serve
+from llmsup.gateway.app import create_app, serve
+from llmsup.gateway.config import GatewayConfig
+from llmsup.gateway.routing import Route
 from llmsup.gateway.upstream import Failure
 from llmsup.manifest import parse_manifest
 from llmsup.plan import make_plan, untrusted_problems

@@ -12,21 +12,6 @@
     worker       the gateway process: `Servers` seen through the channel
 
 It runs in a process of its own (host starts worker) and knows the daemon only as
-`llmsup.control.Servers`, the gateway's part of the `Control` protocol.
+`llmsup.control.Servers`, the gateway's part of the `Control` protocol. Nothing is
+imported here: the daemon needs `host` alone, not the application's aiohttp.web.
 """
-
-from llmsup.gateway.app import Listening, create_app, serve
-from llmsup.gateway.config import GatewayConfig
-from llmsup.gateway.metrics import ModelCollector
-from llmsup.gateway.routing import Registry, Route, Routing
-
-__all__ = [
-    "GatewayConfig",
-    "Listening",
-    "ModelCollector",
-    "Registry",
-    "Route",
-    "Routing",
-    "create_app",
-    "serve",
-]
