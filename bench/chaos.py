@@ -17,13 +17,15 @@ The daemon's deaths are live restores: every server that was READY and untouched
 when the daemon died must be adopted by the next one, the same process (pid and
 start time) READY again; a model restarted by it counts in "model restarts
 caused by daemon deaths" (expected: 0). A daemon kill may first SIGSTOP or hang a
-model or two (the daemon may be stopping them at the kill): those are replaced,
-after every process of their old instance is gone. An upgrade is `llmsup down
---keep-models`, then `up --foreground` of tests/fakes/newer_llmsup.py (this code,
-one state format ahead). The first upgrade moves the state directory a format
-ahead, which this llmsup then refuses; so from then on every daemon start and
-every CLI call of the run goes through the newer runner, and a later upgrade is
-newer -> newer (the hand-over an upgrade within one format makes).
+model or two (the daemon may be stopping them at the kill): the next daemon
+adopts them too and replaces them once they fail to answer, never while a
+process of their old instance is left (the one of policy `never` is FAILED then,
+and restarted). An upgrade is `llmsup down --keep-models`, then `up
+--foreground` of tests/fakes/newer_llmsup.py (this code, one state format
+ahead). The first upgrade moves the state directory a format ahead, which this
+llmsup then refuses; so from then on every daemon start and every CLI call of
+the run goes through the newer runner, and a later upgrade is newer -> newer
+(the hand-over an upgrade within one format makes).
 
 Every server prints `tick N` every 20 ms (FAKE_TICK); after the run, each log's
 ticks are read per instance (a restarted server begins again at 0): a gap in a
@@ -75,7 +77,7 @@ sys.path.insert(0, str(ROOT))
 
 from llmsup.client import call  # noqa: E402
 from llmsup.process import state_key  # noqa: E402
-from tests.supervisor_util import LLMSUP, Daemon  # noqa: E402
+from tests.supervisor_util import LLMSUP, Daemon, read_stat  # noqa: E402
 from tests.util import FAKES_DIR, free_port, wait_for  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -585,6 +587,7 @@ class Chaos:
                         "unit_instance": row.get("instance"),
                         "holds_model_port": seen["listeners"].get(p.pid),
                         "at_s": round(self.elapsed(), 1),
+                        **self.describe(p),
                     }
                     with self.lock:
                         self.orphans.append(entry)
@@ -595,6 +598,21 @@ class Chaos:
                 with contextlib.suppress(psutil.Error):
                     p.kill()
         return count
+
+    def describe(self, p: psutil.Process) -> dict[str, Any]:
+        """What tells a process apart, for the report: its command line, age, parent
+        and children, and how the lineage found it."""
+        out: dict[str, Any] = {}
+        with contextlib.suppress(psutil.Error):
+            out["cmdline"] = " ".join(p.cmdline())[:300]
+            out["age_s"] = round(time.time() - p.create_time(), 1)
+            out["ppid"] = p.ppid()
+            out["children"] = [f"{c.pid} {c.name()}" for c in p.children()][:5]
+        st = read_stat(p.pid)
+        found = self.d.lineage.seen.get((p.pid, st.start)) if st is not None else None
+        if found is not None:
+            out["found_by"] = found.how
+        return out
 
     def sample(self, index: int) -> None:
         try:
@@ -1082,13 +1100,18 @@ class Chaos:
         for m in self.models.values():
             m.set_control()
 
+        def gave_up(n: str, r: dict[str, Any]) -> bool:  # a hurt model of policy never
+            return n in hurt and self.models[n].fragile and r["state"] == "FAILED"
+
         def settled() -> bool:
-            return all(self.settled_state(n, r) for n, r in self.status().items())
+            rows = self.status()
+            return all(self.settled_state(n, r) or gave_up(n, r) for n, r in rows.items())
 
         ok = poll(settled, READY_BOUND * 2)
         done.set()
         watcher.join()
         after = self.status()
+        failed = sorted(n for n, r in after.items() if gave_up(n, r))
         current = {r["instance"] for r in after.values() if r["instance"]}
         restarted = sorted(
             n
@@ -1113,6 +1136,7 @@ class Chaos:
             "hurt_replaced": sorted(
                 n for n in hurt if n in after and after[n]["instance"] != rows[n]["instance"]
             ),
+            "hurt_failed_as_policy_never_says": failed,
             "old_processes_left": left,
             "launched_while_old_left": launched_early[:5],
         }
@@ -1133,6 +1157,10 @@ class Chaos:
         else:
             f.outcome = "not recovered"
             self.problem(f"#{f.index}: not all models back after a daemon restart: {self.status()}")
+        for n in failed:
+            self.cli("restart", n)
+            if not self.wait_new_ready(n, None):
+                self.problem(f"#{f.index}: {n} not READY after a restart: {self.row(n)}")
         self.scan_orphans(f"#{f.index} {f.kind}")
 
     def settled_state(self, name: str, r: dict[str, Any]) -> bool:
