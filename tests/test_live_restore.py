@@ -576,3 +576,24 @@ def test_a_stream_through_the_gateway_ends_when_the_daemon_dies_and_up_serves_ag
     finally:
         d.stop()
     assert not d.leftovers
+
+
+def test_a_server_hung_while_no_daemon_ran_gets_a_live_servers_patience(tmp_path: Path) -> None:
+    """A server that was READY and hangs (SIGSTOP) while no daemon runs is restarted
+    once `health.failures` intervals pass without an answer, not after the whole
+    startup_timeout (20 s here, 20 minutes by default)."""
+    d = Daemon(tmp_path, vllm("m", 0))
+    try:
+        d.start()
+        pid = ready_pids(d)["m"]
+        d.kill_daemon()
+        os.kill(pid, signal.SIGSTOP)
+        d.start()
+        row = wait_for(partial(restarted, d, "m", pid), 15)
+        assert "adopted, but not ready again within 0.6s" in row["last_exit"], row
+        assert row["restarts"] == 1
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGCONT)
+        d.stop()
+    assert not d.leftovers

@@ -742,3 +742,27 @@ def test_adoption_acts_only_on_a_server_with_no_life_yet() -> None:
         if state != State.STOPPED:
             life = life_in(state)
             assert step(life, ev.Adopted(5), 0.0, Rules(), NoJitter()) == (life, [])
+
+
+def test_an_adopted_server_that_was_ready_gets_a_live_servers_patience() -> None:
+    """Hung while no daemon ran: restarted after `failures` health intervals, not
+    after the whole startup_timeout."""
+    rules = Rules(interval=2.0, failures=3, startup_timeout=1200.0)
+    r = Replay(rules)
+    cmds = r(ev.Adopted(9, age=3600.0, was_ready=True), 0.0)
+    assert timer(cmds, "startup") == 6.0
+    cmds = r(ev.Timer("startup"), 6.0)
+    assert ev.StopTree(rules.stop_timeout) in cmds
+    assert "adopted, but not ready again within 6s" in r.life.last_exit
+
+
+def test_an_adopted_server_still_loading_gets_what_is_left_of_its_startup_timeout() -> None:
+    rules = Rules(interval=2.0, failures=3, startup_timeout=1200.0)
+    r = Replay(rules)
+    assert timer(r(ev.Adopted(9, age=1000.0), 0.0), "startup") == 200.0
+    r(ev.PortReady(0.01), 50.0)
+    assert r.state() == State.READY and "ready after 1050.0s" in r.notes()[-1]
+    late = Replay(rules)
+    assert timer(late(ev.Adopted(9, age=5000.0), 0.0), "startup") == 6.0
+    late(ev.Timer("startup"), 6.0)
+    assert "not ready within 1200s (health.startup_timeout)" in late.life.last_exit

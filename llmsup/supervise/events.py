@@ -29,6 +29,8 @@ class Adopted:
     supervise it from where it is (probe it, watch its exit), never restart it."""
 
     pid: int
+    age: float = 0.0  # seconds since it was launched
+    was_ready: bool = False  # READY (or UNHEALTHY) when the daemon before us last saw it
 
 
 @dataclass(frozen=True)
@@ -269,6 +271,10 @@ class Life:
     pid: int | None = None
     spawning: bool = False  # a Spawn is under way: its process may yet appear
     since: float = 0.0  # when the process was spawned
+    # Its startup's limit in seconds, and why, while STARTING/LOADING: the manifest's
+    # startup_timeout, or less for an adopted server (see `machine._adopted`).
+    startup_limit: float | None = None
+    startup_why: str = ""
     hint: str = ""  # what the log said about a coming exit
     ending: Ending | None = None  # while STOPPING
     restarting: bool = False  # while STOPPING: start afresh once the tree is gone

@@ -139,22 +139,36 @@ def _restart(life: Life, rules: Rules) -> Result:
     return life, [note, *_cancel_all(), Abandon(), *cmds]
 
 
-def _adopted(life: Life, pid: int, now: float, rules: Rules) -> Result:
+def _adopted(life: Life, ev: Adopted, now: float, rules: Rules) -> Result:
     """Its process runs on from a daemon before us: watch it, and probe it until it
-    answers (READY at once if it was); its earlier restarts are kept."""
+    answers; its earlier restarts are kept. Not ready again within its limit, it is
+    restarted: a server that was READY gets what a READY one would (`failures`
+    liveness intervals), one still loading what is left of its startup_timeout."""
+    live = rules.interval * rules.failures
+    if ev.was_ready:
+        limit = live
+        why = (
+            f"adopted, but not ready again within {limit:g}s "
+            "(health.interval x health.failures; it was READY before)"
+        )
+    else:
+        limit = max(rules.startup_timeout - ev.age, live)
+        why = f"not ready within {rules.startup_timeout:g}s (health.startup_timeout)"
     life = replace(
         life,
         state=State.STARTING,
-        detail=f"pid {pid} (adopted)",
-        pid=pid,
-        since=now,
+        detail=f"pid {ev.pid} (adopted)",
+        pid=ev.pid,
+        since=now if ev.was_ready else now - ev.age,  # "ready after": its load, if loading
         hint="",
         launched=True,
         fatal=False,
         starts=life.starts + 1,
+        startup_limit=limit,
+        startup_why=why,
     )
-    note = Note(f"adopted pid {pid}, still running from a daemon before this one")
-    return life, [note, WatchExit(), SetTimer("startup", rules.startup_timeout), AwaitReady()]
+    note = Note(f"adopted pid {ev.pid}, still running from a daemon before this one")
+    return life, [note, WatchExit(), SetTimer("startup", limit), AwaitReady()]
 
 
 def _launch(life: Life) -> Result:
@@ -281,6 +295,8 @@ def _ready(life: Life, now: float, rules: Rules) -> Result:
         misses=0,
         deep_misses=0,
         last_deep=now,
+        startup_limit=None,
+        startup_why="",
     )
     note = Note(f"ready after {now - life.since:.1f}s (pid {life.pid})")
     return life, [CancelTimer("startup"), note, SetTimer("health", rules.interval)]
@@ -327,8 +343,8 @@ def step(life: Life, ev: Event, now: float, rules: Rules, rand: random.Random) -
     match ev:
         case Start(reset=reset):
             return _start(life, reset)
-        case Adopted(pid=pid):
-            return _adopted(life, pid, now, rules)
+        case Adopted():
+            return _adopted(life, ev, now, rules)
         case Stop():
             if s == State.STOPPING:  # a stop asked for wins over any restart under way
                 detail = f"pid {life.pid}" if life.pid is not None else "stopping"
@@ -377,7 +393,15 @@ def step(life: Life, ev: Event, now: float, rules: Rules, rand: random.Random) -
             life = replace(life, pid=pid, spawning=False, launched=True, shortages=0)
             if s == State.STOPPING:  # stopped while it was being spawned
                 return life, [StopTree(rules.stop_timeout)]
-            life = replace(life, state=State.STARTING, detail=f"pid {pid}", since=now, hint="")
+            life = replace(
+                life,
+                state=State.STARTING,
+                detail=f"pid {pid}",
+                since=now,
+                hint="",
+                startup_limit=None,
+                startup_why="",
+            )
             return life, [SetTimer("startup", rules.startup_timeout), AwaitReady()]
         case Answering():
             return replace(life, state=State.LOADING, detail=f"pid {life.pid}"), []
@@ -410,7 +434,9 @@ def step(life: Life, ev: Event, now: float, rules: Rules, rand: random.Random) -
             if name == "gpu" and s == State.WAITING_GPU:
                 return life, [CheckGpu()]
             if name == "startup" and s in STARTUP:
-                why = f"not ready within {rules.startup_timeout:g}s (health.startup_timeout)"
+                why = life.startup_why or (
+                    f"not ready within {rules.startup_timeout:g}s (health.startup_timeout)"
+                )
                 return _end(life, Ending(True, why), rules)
             if name == "health" and s in LIVE:
                 return life, [Probe()]

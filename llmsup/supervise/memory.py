@@ -35,6 +35,7 @@ class Memory:
     total: int = 0  # restarts, all of them
     restarts: tuple[float, ...] = ()  # wall-clock times of those within the window
     streak: int = 0  # failures since it was last READY (the backoff's exponent)
+    ready: bool = False  # READY or UNHEALTHY: adopted, it gets a live server's patience
 
     @classmethod
     def of(cls, unit: str, fingerprint: str, life: Life, now: float, wall: float) -> Memory:
@@ -50,6 +51,7 @@ class Memory:
             life.total,
             tuple(round(wall - (now - t), 3) for t in life.restarts),
             life.streak,
+            life.state in (State.READY, State.UNHEALTHY),
         )
 
     def life(self, now: float, wall: float) -> Life:

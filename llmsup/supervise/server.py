@@ -156,9 +156,12 @@ class Server:
         """Supervise a server a daemon before us started, from where it is."""
         self.child = child
         self.started_at = child.record.create_time
+        age = max(0.0, time.time() - child.record.create_time)
+        was_ready = self._remembered is not None and self._remembered.ready
         self.set_state(State.STARTING, f"pid {child.pid} (adopted)")
         self.task = asyncio.create_task(
-            self.runner.run(events.Adopted(child.pid)), name=f"server:{self.launch.unit}"
+            self.runner.run(events.Adopted(child.pid, age, was_ready)),
+            name=f"server:{self.launch.unit}",
         )
 
     async def detach(self) -> None:
