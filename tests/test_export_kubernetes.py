@@ -712,3 +712,47 @@ def test_warnings_and_notes_say_what_the_cluster_changes(exported: dict[str, Exp
     out = exported["kubernetes"].stdout
     assert "kubectl create secret generic llmsup-secrets --namespace llm" in out
     assert "Then: kubectl apply -k " in out
+
+
+def test_secrets_need_not_be_set_where_the_export_runs(tmp_path: Path) -> None:
+    """The pods read secrets from the Secret: a `${VAR}` holding one may be unset on
+    the exporting machine. One whose value an object would carry is refused, located."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        textwrap.dedent("""\
+        gateway: {port: 9000, api_keys: ["${UNSET_GATEWAY_KEY}"]}
+        models:
+          a:
+            backend: vllm
+            model: org/a
+            gpus: [0]
+            api_key: ${UNSET_VLLM_KEY}
+            env: {HF_TOKEN: "${UNSET_HF_TOKEN}"}
+        """)
+    )
+    unset: dict[str, str | None] = {
+        "UNSET_GATEWAY_KEY": None,
+        "UNSET_VLLM_KEY": None,
+        "UNSET_HF_TOKEN": None,
+        "UNSET_MODEL": None,
+    }
+    out = tmp_path / "out"
+    r = run(["-f", str(manifest), "-o", str(out)], env={**ENV, **unset})
+    assert r.exit_code == 0, r.output
+    assert "note: UNSET_VLLM_KEY is not set here: the pods read it from the Secret" in r.output
+    assert not [p for p in out.glob("*") if "llmsup-unset" in p.read_text()]
+    env = {
+        e["name"]: e
+        for e in container(
+            next(o for _, o in Exported(out, "", "").objects() if o["kind"] == "Deployment")
+        )["env"]
+    }
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "HF_TOKEN"
+
+    manifest.write_text(manifest.read_text().replace("model: org/a", "model: ${UNSET_MODEL}"))
+    r = run(["-f", str(manifest), "-o", str(tmp_path / "out2")], env={**ENV, **unset})
+    assert r.exit_code == 2, r.output
+    assert f"{manifest}:5:12: models.a.model: environment variable UNSET_MODEL is not set" in (
+        r.output
+    )
+    assert not (tmp_path / "out2").exists()

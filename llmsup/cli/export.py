@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import secrets
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from llmsup.cli.common import manifest_option
+from llmsup.errors import ManifestError, Problem
+
+if TYPE_CHECKING:
+    from llmsup.manifest import LoadedManifest
 
 
 @click.group()
@@ -71,7 +81,7 @@ def kubernetes(
     from llmsup.export import names as k8s_names
     from llmsup.export import write
     from llmsup.export.images import KINDS
-    from llmsup.manifest import default_manifest_path, load_manifest
+    from llmsup.manifest import default_manifest_path
 
     if models_pvc is not None and pvc_size is not None:
         raise click.UsageError("--models-pvc and --pvc-size exclude each other")
@@ -89,7 +99,7 @@ def kubernetes(
         raise click.BadParameter(
             f"{pvc_size!r} is no Kubernetes quantity (e.g. 500Gi, 2Ti)", param_hint="--pvc-size"
         )
-    loaded = load_manifest(manifest_file or default_manifest_path())
+    loaded, unset = _load(manifest_file or default_manifest_path())
     chosen = _images(images)
     allowed = [*KINDS, *loaded.manifest.models]
     unknown = [n for n in chosen if n not in allowed]
@@ -106,6 +116,7 @@ def kubernetes(
         always_on=always_on,
     )
     result = k8s.export(loaded, names, options)
+    _check_unset(loaded, unset, result.files)
     for p in result.problems:
         click.echo(str(p), err=True)
     for note in result.notes:
@@ -116,3 +127,43 @@ def kubernetes(
         click.echo("Create the Secret the pods read (your values in place of each <...>):")
         click.echo(f"  {result.secret_command}")
     click.echo(f"Then: kubectl apply -k {shlex.quote(str(out))}")
+
+
+_UNSET = re.compile(r"environment variable (\w+) is not set")
+
+
+def _load(path: Path) -> tuple[LoadedManifest, dict[str, tuple[str, list[Problem]]]]:
+    """The manifest, and its variables that are not set here: exporting needs no
+    secret's value (the pods read the Secret), so each stands for a token, and
+    `_check_unset` refuses one that reaches an object (not a secret, then)."""
+    from llmsup.manifest import load_manifest
+
+    try:
+        return load_manifest(path), {}
+    except ManifestError as e:
+        found = [(m[1], p) for p in e.problems if (m := _UNSET.search(p.message))]
+        if not found or len(found) != len(e.problems):
+            raise
+    unset: dict[str, tuple[str, list[Problem]]] = {}
+    for name, problem in found:
+        token = unset.get(name, (f"llmsup-unset-{name}-{secrets.token_hex(6)}", []))
+        token[1].append(problem)
+        unset[name] = token
+    env = {**os.environ, **{name: token for name, (token, _) in unset.items()}}
+    return load_manifest(path, env), unset
+
+
+def _check_unset(
+    loaded: LoadedManifest,
+    unset: dict[str, tuple[str, list[Problem]]],
+    files: Mapping[str, list[Any]],
+) -> None:
+    """ManifestError for each unset variable whose value an object would carry."""
+    if not unset:
+        return
+    text = json.dumps(files, default=str)
+    leaked = [p for token, problems in unset.values() if token in text for p in problems]
+    if leaked:
+        raise ManifestError(leaked)
+    for name in unset:
+        click.echo(f"note: {name} is not set here: the pods read it from the Secret", err=True)
