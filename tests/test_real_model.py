@@ -84,6 +84,8 @@ def servers_on(port: int) -> list[psutil.Process]:
     out = []
     for p in psutil.process_iter(["cmdline"]):
         argv = p.info["cmdline"] or []
+        if "llmsup.shim" in argv:  # its log shim names its argv too
+            continue
         if str(llamacpp.SERVER) in argv and str(port) in argv:
             out.append(p)
     return out

@@ -106,6 +106,7 @@ class Child:
         self._on_line = on_line
         self._output = output
         self._gone = asyncio.Event()
+        self._fd = _pidfd(record.pid, record.create_time)  # None: gone already, or polled
         self.pump = asyncio.create_task(self._pump(output) if output else self._follow(follow))
         self._watch = asyncio.create_task(self._wait_exit())
 
@@ -181,10 +182,16 @@ class Child:
 
     async def _wait_exit(self) -> None:
         try:
-            await _until_gone(self.record.pid, self.record.create_time)
+            await _until_gone(self.record.pid, self.record.create_time, self._fd)
             self.code = await self._exit_code()
         finally:
             self._gone.set()
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     async def _exit_code(self) -> int:
         """What the shim wrote of the exit; EXIT_UNKNOWN if it was gone and could not."""
@@ -254,41 +261,49 @@ def _rotated(path: Path, f: IO[bytes]) -> bool:
 
 
 def _alive(pid: int | None, created: float) -> bool:
-    """Whether `pid` is still the process that started at `created`."""
+    """Whether `pid` is still the process that started at `created` (True when it
+    cannot be told: out of descriptors, /proc cannot be read)."""
     if not pid:
         return False
     try:
         p = psutil.Process(pid)
         return p.status() != psutil.STATUS_ZOMBIE and abs(p.create_time() - created) < SAME_START
-    except psutil.Error:
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
+    except (psutil.Error, OSError):
+        return True
 
 
-async def _until_gone(pid: int, created: float) -> None:
-    """Return once the process `pid` that started at `created` has exited: a pidfd
-    tells us at once (opened, then checked to be that very process); without
-    pidfds (Linux < 5.3), poll every 50 ms."""
-    fd = None
-    with contextlib.suppress(AttributeError, OSError):
+def _pidfd(pid: int, created: float) -> int | None:
+    """A pidfd of the process `pid` that started at `created`, held for its whole
+    life: its exit is then seen even when the daemon is out of descriptors. None
+    without pidfds (Linux < 5.3), or when it is not that process (any more)."""
+    try:
         fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+    if not _alive(pid, created):  # opened, then checked: the pid was not reused meanwhile
+        os.close(fd)
+        return None
+    return fd
+
+
+async def _until_gone(pid: int, created: float, fd: int | None) -> None:
+    """Return once the process `pid` that started at `created` has exited: its pidfd
+    `fd` tells us at once; without one, poll every 50 ms."""
     if fd is not None:
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+
+        def on_exit() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        loop.add_reader(fd, on_exit)
         try:
-            if not _alive(pid, created):
-                return
-            gone = asyncio.get_running_loop().create_future()
-
-            def on_exit() -> None:
-                if not gone.done():
-                    gone.set_result(None)
-
-            loop = asyncio.get_running_loop()
-            loop.add_reader(fd, on_exit)
-            try:
-                await gone
-            finally:
-                loop.remove_reader(fd)
+            await gone
         finally:
-            os.close(fd)
+            loop.remove_reader(fd)
         return
     while _alive(pid, created):
         await asyncio.sleep(0.05)
