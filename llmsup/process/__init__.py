@@ -35,29 +35,8 @@ come back to it; `reap_loop` waits for them, never for a server itself.
 """
 
 from llmsup.process import cgroup, litter
-from llmsup.process.child import (
-    NOT_RUNNING,
-    SCRUBBED_ENV,
-    TRACK_INTERVAL,
-    Child,
-    LogSpec,
-    append_line,
-    child_env,
-    exit_code_of,
-    exit_status,
-    find_executable,
-    port_holder,
-    port_in_use,
-    reap_loop,
-    save,
-    spawn,
-    spawn_helper,
-    stop,
-    strays,
-    terminate,
-    track,
-    verify,
-)
+from llmsup.process.child import NOT_RUNNING, Child, exit_code_of, verify
+from llmsup.process.ports import port_holder, port_in_use
 from llmsup.process.records import (
     Record,
     drop_record,
@@ -65,6 +44,17 @@ from llmsup.process.records import (
     save_record,
     state_key,
 )
+from llmsup.process.spawn import (
+    SCRUBBED_ENV,
+    LogSpec,
+    append_line,
+    child_env,
+    exit_status,
+    find_executable,
+    spawn,
+    spawn_helper,
+)
+from llmsup.process.stop import TRACK_INTERVAL, reap_loop, save, stop, strays, terminate, track
 from llmsup.process.tracking import (
     MARKER,
     TABLE,
