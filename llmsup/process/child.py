@@ -270,22 +270,27 @@ def _pidfd(pid: int, created: float) -> int | None:
     return fd
 
 
+async def readable(fd: int) -> None:
+    """Return once `fd` (a pidfd: its process exited) polls readable."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def on_ready() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, on_ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
 async def _until_gone(pid: int, created: float, fd: int | None) -> None:
     """Return once the process `pid` that started at `created` has exited: its pidfd
     `fd` tells us at once; without one, poll every 50 ms."""
     if fd is not None:
-        loop = asyncio.get_running_loop()
-        gone = loop.create_future()
-
-        def on_exit() -> None:
-            if not gone.done():
-                gone.set_result(None)
-
-        loop.add_reader(fd, on_exit)
-        try:
-            await gone
-        finally:
-            loop.remove_reader(fd)
+        await readable(fd)
         return
     while _alive(pid, created):
         await asyncio.sleep(0.05)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llmsup.process import cgroup, litter, tracking
-from llmsup.process.child import Child, ShimFiles
+from llmsup.process.child import Child, ShimFiles, readable
 from llmsup.process.records import Record
 from llmsup.process.stop import clean
 from llmsup.process.tracking import MARKER
@@ -45,23 +45,14 @@ SHIM_START = 30.0  # seconds a shim may take to start its server (a loaded host)
 async def exit_status(proc: subprocess.Popen[bytes]) -> int:
     """`proc`'s exit status, as soon as it exits: a pidfd tells us at once; without
     pidfds (Linux < 5.3), poll every 50 ms."""
-    loop = asyncio.get_running_loop()
     fd = None
     if proc.poll() is None:
         with contextlib.suppress(AttributeError, OSError):
             fd = os.pidfd_open(proc.pid)
     if fd is not None:
-        gone: asyncio.Future[None] = loop.create_future()
-
-        def on_exit() -> None:
-            if not gone.done():
-                gone.set_result(None)
-
-        loop.add_reader(fd, on_exit)
         try:
-            await gone
+            await readable(fd)
         finally:
-            loop.remove_reader(fd)
             os.close(fd)
     while (code := proc.poll()) is None:
         await asyncio.sleep(0.05)
