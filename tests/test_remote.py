@@ -926,6 +926,10 @@ def test_a_routes_to_b_and_c_and_says_so_in_status_and_models(hosts: Hosts) -> N
     assert a.status()["models"] == []  # no process of its own
     text = a.cli("status").stdout
     assert "qwen  remote   READY" in text and f"  {b.url}  up" in text, text
+    logs = a.daemon.cli("logs", "--file", str(a.daemon.manifest), "qwen")
+    assert logs.returncode != 0
+    assert "'qwen' is a remote model: no server of it runs here" in logs.stderr, logs.stderr
+    assert b.url in logs.stderr and c.url in logs.stderr
     req = urllib.request.Request(a.url + "/v1/models", headers={"Authorization": f"Bearer {A_KEY}"})
     with urllib.request.urlopen(req, timeout=10) as r:
         [card] = json.loads(r.read())["data"]

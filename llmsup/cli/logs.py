@@ -35,6 +35,14 @@ def logs(manifest_file: Path | None, follow: bool, lines: int, name: str) -> Non
     try:
         _, data = call(there.state.socket, "GET", "/v1/status", timeout=5.0)
         row = next((r for r in data["models"] if name in (r["name"], r["unit"])), None)
+        remote = next((r for r in data.get("remotes", []) if r["name"] == name), None)
+        if row is None and remote is not None:
+            urls = ", ".join(u["url"] for u in remote["upstreams"])
+            raise DaemonError(
+                f"{name!r} is a remote model: no server of it runs here, its logs are on "
+                f"the hosts that serve it ({urls}); `llmsup status {name}` shows each "
+                "upstream's state and last error"
+            )
         if row is None:
             known = ", ".join(r["name"] for r in data["models"]) or "none"
             raise UnknownModel(f"no model named {name!r} (known: {known})")
