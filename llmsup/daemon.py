@@ -326,9 +326,10 @@ class Daemon:
             if self.stopping.is_set():
                 grace = max([self.loaded.manifest.stop_timeout(u) for u in self.servers] or [0])
                 self.notifier.send(f"EXTEND_TIMEOUT_USEC={int((grace + 15) * 1e6)}")
-            elif self._status_dirty and self.servers:
+            elif self._status_dirty and (self.servers or self.plan.remotes):
                 self._status_dirty = False
                 rows = [(u, s.state.value, s.progress) for u, s in self.servers.items()]
+                rows += [(r["name"], r["state"], "") for r in self.gateway.remotes()]
                 self.notifier.send(f"STATUS={status_line(rows)}")
             if interval and now - last_ping >= interval:
                 last_ping = now
