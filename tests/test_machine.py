@@ -766,3 +766,23 @@ def test_an_adopted_server_still_loading_gets_what_is_left_of_its_startup_timeou
     assert timer(late(ev.Adopted(9, age=5000.0), 0.0), "startup") == 6.0
     late(ev.Timer("startup"), 6.0)
     assert "not ready within 1200s (health.startup_timeout)" in late.life.last_exit
+
+
+def test_an_adopted_server_that_was_ready_does_not_pull_and_preload_again() -> None:
+    """Its models were pulled and loaded for this very process (an offline host could
+    not pull again); the liveness probe loads one again if a runner died."""
+    rules = Rules(post_start=True)
+    adopted = Replay(rules)
+    adopted(ev.Adopted(9, age=60.0, was_ready=True), 0.0)
+    assert ev.RunPostStart() not in adopted(ev.PortReady(0.01), 0.1)
+    assert adopted.state() == State.READY
+    loading = Replay(rules)
+    loading(ev.Adopted(9, age=60.0), 0.0)
+    assert loading(ev.PortReady(0.01), 0.1) == [ev.RunPostStart()]
+    adopted.crash(5.0)  # a fresh process of its own: the steps run again
+    adopted(ev.Timer("backoff"), 10.0)
+    adopted(ev.PredecessorsDone(), 10.0)
+    adopted(ev.Prepared(), 10.0)
+    adopted(ev.GpuFree(), 10.0)
+    adopted(ev.Started(10), 10.0)
+    assert adopted(ev.PortReady(0.01), 10.1) == [ev.RunPostStart()]

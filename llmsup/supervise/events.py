@@ -275,6 +275,9 @@ class Life:
     # startup_timeout, or less for an adopted server (see `machine._adopted`).
     startup_limit: float | None = None
     startup_why: str = ""
+    # Its post-start steps (Ollama: pull, preload) ran for this process already: an
+    # adopted server that was READY (its liveness probe loads a model again if needed).
+    post_started: bool = False
     hint: str = ""  # what the log said about a coming exit
     ending: Ending | None = None  # while STOPPING
     restarting: bool = False  # while STOPPING: start afresh once the tree is gone

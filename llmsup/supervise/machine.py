@@ -166,6 +166,7 @@ def _adopted(life: Life, ev: Adopted, now: float, rules: Rules) -> Result:
         starts=life.starts + 1,
         startup_limit=limit,
         startup_why=why,
+        post_started=ev.was_ready,
     )
     note = Note(f"adopted pid {ev.pid}, still running from a daemon before this one")
     return life, [note, WatchExit(), SetTimer("startup", limit), AwaitReady()]
@@ -401,13 +402,14 @@ def step(life: Life, ev: Event, now: float, rules: Rules, rand: random.Random) -
                 hint="",
                 startup_limit=None,
                 startup_why="",
+                post_started=False,
             )
             return life, [SetTimer("startup", rules.startup_timeout), AwaitReady()]
         case Answering():
             return replace(life, state=State.LOADING, detail=f"pid {life.pid}"), []
         case PortReady(latency=latency):
             life = replace(life, latency=latency)
-            if rules.post_start:
+            if rules.post_start and not life.post_started:
                 return replace(life, state=State.LOADING, detail=f"pid {life.pid}"), [
                     RunPostStart()
                 ]
