@@ -322,6 +322,37 @@ def test_a_failed_ollama_pull_is_why_the_steps_failed(
     asyncio.run(main())
 
 
+def test_a_model_on_disk_is_not_pulled_again(
+    fake_ollama: Callable[..., subprocess.Popen[bytes]],
+) -> None:
+    """As `ollama run`: a host that cannot reach the registry (every pull fails here)
+    still serves the models it has; one it lacks is pulled, and that pull's error
+    is why the steps failed."""
+    port = free_port()
+    spec = OllamaModel(backend="ollama", model="llama3.2:1b", port=port)
+    launch = build(["a"], [spec], "127.0.0.1", noprune=False)
+    server = fake_ollama(port)
+
+    async def main(pull_fails: bool) -> str | None:
+        async with aiohttp.ClientSession() as session:
+            http = Http(session, f"http://127.0.0.1:{port}")
+            await _answering(http)
+            said: list[str] = []
+            why = await REGISTRY["ollama"].post_start(launch, http, said.append, 30.0)
+            assert pull_fails or any(x.startswith("pulling llama3.2:1b") for x in said), said
+            return why
+
+    assert asyncio.run(main(pull_fails=False)) is None  # pulled: now on disk
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=5)
+    fake_ollama(port, FAKE_PULL_FAIL="1")  # the same models directory, no registry
+    assert asyncio.run(main(pull_fails=True)) is None
+    other = OllamaModel(backend="ollama", model="qwen2.5:0.5b", port=port)
+    launch = build(["b"], [other], "127.0.0.1", noprune=False)
+    why = asyncio.run(main(pull_fails=True))
+    assert why is not None and why.startswith("pull qwen2.5:0.5b: "), why
+
+
 def test_backends_without_steps_have_nothing_to_do_after_the_start() -> None:
     loaded = parse_manifest("models:\n  a: {backend: vllm, model: org/a}\n", "m.yaml", {})
     [launch] = make_plan(loaded).launches

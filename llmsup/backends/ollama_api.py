@@ -22,13 +22,17 @@ PS_TIMEOUT = 10.0  # the check of /api/ps after the preloads
 async def post_start(
     launch: Launch, http: Http, report: Callable[[str], None], timeout: float
 ) -> str | None:
-    """Pull and preload each model, then check that /api/ps lists each; None when
-    done, else why not. `timeout`: what one preload may take."""
-    step = ""
+    """Pull each model the server does not have (as `ollama run` does: a host that
+    cannot reach the registry still serves what it has), preload each, then check
+    that /api/ps lists each; None when done, else why not. `timeout`: what one
+    preload may take."""
+    step = "/api/tags"
     try:
+        on_disk = await tags(http, PS_TIMEOUT)
         for load in launch.ollama_loads:
-            step = f"pull {load.model}"
-            await pull(http, load.model, report)
+            if tagged(load.model) not in on_disk:
+                step = f"pull {load.model}"
+                await pull(http, load.model, report)
             report(f"loading {load.model}")
             step = f"preload {load.model}"
             await preload(http, load.model, load.keep_alive, timeout)
@@ -96,6 +100,23 @@ async def preload(http: Http, model: str, keep_alive: int | str, timeout: float)
         text = await r.text()
         if r.status != 200:
             raise StepError(f"preload {model}: HTTP {r.status}: {text[:200]}")
+
+
+def tagged(model: str) -> str:
+    """A model's name as /api/tags lists it: `:latest` where no tag is given."""
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
+
+
+async def tags(http: Http, timeout: float) -> set[str]:
+    """The models on the server's disk (`/api/tags`), by name and by model."""
+    async with http.session.get(
+        f"{http.base}/api/tags", timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as r:
+        if r.status != 200:
+            raise StepError(f"/api/tags: HTTP {r.status}")
+        data = await r.json()
+    models = data.get("models", [])
+    return {str(m.get("name")) for m in models} | {str(m.get("model")) for m in models}
 
 
 async def loaded(http: Http, timeout: float) -> set[str]:
