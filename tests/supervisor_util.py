@@ -121,14 +121,33 @@ class Daemon:
         try:
             return wait_for(reached, timeout)
         except AssertionError:
-            raise AssertionError(f"{name} never {state}: {last}") from None
+            raise AssertionError(f"{name} never {state}: {last}\n{self.diagnosis()}") from None
 
     def wait_all_ready(self, timeout: float = 30) -> dict[str, dict[str, Any]]:
         def ready() -> dict[str, dict[str, Any]] | None:
             rows = self.status()
             return rows if all(r["state"] == "READY" for r in rows.values()) else None
 
-        return wait_for(ready, timeout, message=f"not all READY: {self.log()[-3000:]}")
+        try:
+            return wait_for(ready, timeout)
+        except AssertionError:
+            raise AssertionError(f"not all READY:\n{self.diagnosis()}") from None
+
+    def diagnosis(self) -> str:
+        """What a wait that timed out needs said, as it is now: each model's state and
+        the tail of its server log, the records' files, the daemon's log."""
+        out = []
+        with contextlib.suppress(Exception):
+            for name, row in self.status().items():
+                out.append(f"{name}: {row['state']} {row['detail']!r} pid {row['pid']}")
+        logs = self.state / "logs"
+        for log in sorted(logs.glob("*.log")) if logs.exists() else []:
+            tail = log.read_text(errors="replace").splitlines()[-8:]
+            out.append(f"--- {log.name}:\n" + "\n".join(tail))
+        procs = self.state / "procs"
+        out.append(f"procs: {sorted(p.name for p in procs.iterdir()) if procs.exists() else []}")
+        out.append(f"--- daemon log:\n{self.log()[-3000:]}")
+        return "\n".join(out)
 
     def processes(self, unit: str | None = None) -> list[psutil.Process]:
         """Live processes of this daemon's servers (of one unit, or all), as the
