@@ -457,19 +457,8 @@ class Chaos:
         return self.status()[name]
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """The CLI of the llmsup now in use (`Daemon.cli` runs this one's alone)."""
-        argv = [*self.runner, *args, "-f", str(self.d.manifest)]
-        with subprocess.Popen(
-            argv, env=self.d.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        ) as proc:
-            self.d.lineage.anchor(proc.pid)
-            try:
-                out, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                raise
-        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        """The CLI of the llmsup now in use."""
+        return self.d.cli(*args, "-f", str(self.d.manifest), timeout=timeout, runner=self.runner)
 
     def start_daemon(self) -> None:
         """`up --foreground` of the llmsup now in use, once its control socket answers."""

@@ -10,9 +10,33 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    WithJsonSchema,
+)
 
 # ---------------------------------------------------------------- value types
+
+
+def _some_names(v: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(v, list) and not v:
+        raise ValueError("must not be an empty list")
+    return v
+
+
+def _no_empty_key(v: Any) -> Any:
+    return None if v == "" else v  # `${VLLM_API_KEY:-}`: no key
+
+
+# A server's names for its model (`served_name`): one, or a list that is not empty.
+ServedName = Annotated[str | list[str] | None, AfterValidator(_some_names)]
+# A key a model is reached with (`api_key`); empty (an unset `${VAR:-}`) is none.
+ApiKey = Annotated[SecretStr | None, BeforeValidator(_no_empty_key)]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

@@ -10,7 +10,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,9 +88,12 @@ class Daemon:
     def log(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run the CLI; what it launches (`up -d`'s daemon) is remembered as ours."""
-        argv = [*LLMSUP, *args]
+    def cli(
+        self, *args: str, timeout: float = 60, runner: Sequence[str] = LLMSUP
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the CLI (`runner`: another llmsup's); what it launches (`up -d`'s daemon)
+        is remembered as ours."""
+        argv = [*runner, *args]
         with subprocess.Popen(
             argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         ) as proc:

@@ -109,23 +109,20 @@ def tagged(model: str) -> str:
 
 async def tags(http: Http, timeout: float) -> set[str]:
     """The models on the server's disk (`/api/tags`), by name and by model."""
-    async with http.session.get(
-        f"{http.base}/api/tags", timeout=aiohttp.ClientTimeout(total=timeout)
-    ) as r:
-        if r.status != 200:
-            raise StepError(f"/api/tags: HTTP {r.status}")
-        data = await r.json()
-    models = data.get("models", [])
-    return {str(m.get("name")) for m in models} | {str(m.get("model")) for m in models}
+    return await _models(http, "/api/tags", timeout)
 
 
 async def loaded(http: Http, timeout: float) -> set[str]:
     """The models loaded now (`/api/ps`), by name and by model."""
+    return await _models(http, "/api/ps", timeout)
+
+
+async def _models(http: Http, path: str, timeout: float) -> set[str]:
     async with http.session.get(
-        f"{http.base}/api/ps", timeout=aiohttp.ClientTimeout(total=timeout)
+        f"{http.base}{path}", timeout=aiohttp.ClientTimeout(total=timeout)
     ) as r:
         if r.status != 200:
-            raise StepError(f"/api/ps: HTTP {r.status}")
+            raise StepError(f"{path}: HTTP {r.status}")
         data = await r.json()
     models = data.get("models", [])
     return {str(m.get("name")) for m in models} | {str(m.get("model")) for m in models}

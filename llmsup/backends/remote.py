@@ -14,15 +14,15 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from llmsup.backends.base import Backend, Context, Locator
 from llmsup.backends.launch import Launch, SecretRef
 from llmsup.errors import Problem
-from llmsup.fields import Duration, ModelBase
+from llmsup.fields import ApiKey, Duration, ModelBase, ServedName
 
 NAME = "remote"
 DEFAULT_READ_TIMEOUT = 300.0  # s, as the gateway allows a local server between two chunks
@@ -69,13 +69,11 @@ class RemoteModel(ModelBase):
         description="OpenAI-compatible base URLs of its upstreams (http://gpu-b:9000); "
         "requests go to the healthy ones",
     )
-    served_name: str | list[str] | None = Field(
+    served_name: ServedName = Field(
         None, description="the name(s) the upstreams serve it as, which clients ask for "
         "(default: the model's key)"
     )  # fmt: skip
-    api_key: SecretStr | None = Field(
-        None, description="sent to the upstreams as `Authorization: Bearer`"
-    )
+    api_key: ApiKey = Field(None, description="sent to the upstreams as `Authorization: Bearer`")
     api_key_file: str | None = Field(None, description="file holding that key (instead of api_key)")
     read_timeout: Duration | None = Field(
         None,
@@ -86,18 +84,6 @@ class RemoteModel(ModelBase):
 
     # Set, these are errors (`Remote.check`); not offered by "unknown key" hints.
     inapplicable: ClassVar[frozenset[str]] = frozenset(NOT_HERE)
-
-    @field_validator("served_name")
-    @classmethod
-    def _names(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and not v:
-            raise ValueError("must not be an empty list")
-        return v
-
-    @field_validator("api_key", mode="before")
-    @classmethod
-    def _empty_key(cls, v: Any) -> Any:
-        return None if v == "" else v  # `${UPSTREAM_KEY:-}`: no key
 
     @model_validator(mode="after")
     def _one_key_source(self) -> RemoteModel:

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmsup.backends.base import Backend, Context, GpuClaim, Locator
 from llmsup.backends.launch import Launch, SecretRef, cuda_devices
 from llmsup.backends.vllm_flags import FlagTable
 from llmsup.errors import Problem
-from llmsup.fields import ModelBase, ModelLen, Port
+from llmsup.fields import ApiKey, ModelBase, ModelLen, Port, ServedName
 from llmsup.yamlsrc import KeyPath
 
 # The flags and values of each vLLM version: llmsup/data/, read by vllm_flags.py.
@@ -59,7 +59,7 @@ SECRET_FLAGS = {"--api-key": "api_key", "--hf-token": "env: {HF_TOKEN: ...}"}
 class VllmModel(ModelBase):
     backend: Literal["vllm"] = Field(description="`vllm serve`")
     model: str = Field(min_length=1, description="HF id, ModelScope id or local path")
-    served_name: str | list[str] | None = Field(
+    served_name: ServedName = Field(
         None, description="name(s) clients ask for (--served-model-name; default: model)"
     )
     port: Port = Field(8000, description="--port")
@@ -94,7 +94,7 @@ class VllmModel(ModelBase):
     tool_call_parser: str | None = Field(
         None, description="--tool-call-parser (hermes, ...); adds --enable-auto-tool-choice"
     )
-    api_key: SecretStr | None = Field(
+    api_key: ApiKey = Field(
         None, description="key clients must send; reaches vLLM as VLLM_API_KEY, never argv"
     )
     api_key_file: str | None = Field(None, description="file holding the key (instead of api_key)")
@@ -111,18 +111,6 @@ class VllmModel(ModelBase):
         if v is not None and not 0 < v <= 1:
             raise ValueError(f"must be in (0, 1], got {v}")
         return v
-
-    @field_validator("served_name")
-    @classmethod
-    def _names(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and not v:
-            raise ValueError("must not be an empty list")
-        return v
-
-    @field_validator("api_key", mode="before")
-    @classmethod
-    def _empty_key(cls, v: Any) -> Any:
-        return None if v == "" else v  # `${VLLM_API_KEY:-}`: no key
 
     @model_validator(mode="after")
     def _one_key_source(self) -> VllmModel:

@@ -192,8 +192,9 @@ async def spawn(
         started.add_done_callback(lambda f: _kill_unwanted(f, files, cg, tmpdir))
         raise
     except OSError:
-        if started.done() and not started.exception():
-            started.result().stdout.close()  # type: ignore[union-attr]
+        shim_proc = started.result() if started.done() and not started.exception() else None
+        if shim_proc is not None and shim_proc.stdout is not None:
+            shim_proc.stdout.close()  # the shim itself is gone: the orphan reaper waits for it
         files.remove()
         clean(cg, tmpdir, set())
         raise
